@@ -1,0 +1,27 @@
+"""E2: CLIP plus selection tokens, fusion blocks and regional heads for expressive fashion embeddings.
+
+Example:
+    >>> import e2_core
+    >>> model, _, preprocess = e2_core.create_e2_and_transforms("ViT-B-32", pretrained="openai")  # doctest: +SKIP
+    >>> tokenizer = e2_core.get_tokenizer("ViT-B-32")                                             # doctest: +SKIP
+    >>> image_features = model.encode_image(preprocess(image)[None], normalize=True)             # doctest: +SKIP
+"""
+from .checkpoint import CheckpointError, save_pretrained
+from .config import E2Config, FASHIONGEN_ENTITIES
+from .factory import (create_e2, create_e2_and_transforms, get_tokenizer, import_reference_checkpoint,
+                      list_models)
+from .fusion import FusionBlock, SelectionTokens, TemperatureSchedule
+from .heads import RegionalHeads
+from .loss import RegionalContrastiveLoss, contrastive_loss
+from .model import E2Model, E2VisionOutput, E2VisionTransformer
+from .texts import AMAZON_FASHION, FASHIONGEN, TextSpec, build_texts, entity_labels, tokenize_entities
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMAZON_FASHION", "CheckpointError", "E2Config", "E2Model", "E2VisionOutput", "E2VisionTransformer",
+    "FASHIONGEN", "FASHIONGEN_ENTITIES", "FusionBlock", "RegionalContrastiveLoss", "RegionalHeads",
+    "SelectionTokens", "TemperatureSchedule", "TextSpec", "build_texts", "contrastive_loss", "create_e2",
+    "create_e2_and_transforms", "entity_labels", "get_tokenizer", "import_reference_checkpoint", "list_models",
+    "save_pretrained", "tokenize_entities",
+]

@@ -1,0 +1,91 @@
+"""Selection tokens and the fusion block: E2's hard choice of one image patch per token."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelectionTokens(nn.Module):
+    """Learnable query tokens, ``tokens_per_entity`` per tag entity, grouped entity by entity.
+
+    They join the ViT sequence after the positional embedding (they have no position).
+    """
+
+    def __init__(self, num_tokens: int, width: int):
+        super().__init__()
+        self.tokens = nn.Parameter(width ** -0.5 * torch.randn(num_tokens, width))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.tokens.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def hard_select(logits: torch.Tensor, tau: float, stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One-hot choice over the last dim; straight-through Gumbel-softmax when ``stochastic``.
+
+    Returns ``(weights, index)``: ``weights`` is one-hot in the forward pass and carries the
+    soft (temperature ``tau``) gradient when stochastic; ``index`` is the chosen position.
+    """
+    if not stochastic:
+        index = logits.argmax(dim=-1)
+        return F.one_hot(index, logits.shape[-1]).to(logits.dtype), index
+    weights = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=-1).to(logits.dtype)
+    return weights, weights.detach().argmax(dim=-1)
+
+
+class FusionBlock(nn.Module):
+    """Hard attention from selection tokens (queries) to patch tokens (keys/values).
+
+    Each token picks one patch, ``v = Wv·patch``, and becomes ``(v + token) / 2``.
+    """
+
+    def __init__(self, width: int, query_init_scale: float = 1.0, value_init: str = "random",
+                 logit_scale: float | None = None):
+        super().__init__()
+        self.q = nn.Linear(width, width, bias=False)
+        self.k = nn.Linear(width, width, bias=False)
+        self.v = nn.Linear(width, width, bias=False)
+        std = width ** -0.5
+        nn.init.normal_(self.q.weight, std=std * query_init_scale)
+        nn.init.normal_(self.k.weight, std=std)
+        if value_init == "identity":
+            nn.init.eye_(self.v.weight)
+        else:
+            nn.init.normal_(self.v.weight, std=std)
+        self.logit_scale = logit_scale if logit_scale is not None else 1.0 / math.sqrt(width)
+        self.tau = 1.0
+        self.stochastic_eval = False
+
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T)."""
+        logits = self.q(tokens) @ self.k(patches).transpose(1, 2) * self.logit_scale
+        stochastic = self.training or self.stochastic_eval
+        weights, index = hard_select(logits, self.tau, stochastic)
+        if stochastic and torch.is_grad_enabled():
+            selected = weights @ self.v(patches)
+        else:  # same values as the one-hot product, without projecting every patch
+            picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            selected = self.v(picked)
+        return (selected + tokens) / 2, index
+
+
+class TemperatureSchedule:
+    """Cosine anneal of the Gumbel temperature from ``start`` to ``end`` over ``total_steps``.
+
+    Example:
+        >>> s = TemperatureSchedule(2.0, 0.5, total_steps=100)
+        >>> s(0), s(100)
+        (2.0, 0.5)
+    """
+
+    def __init__(self, start: float, end: float, total_steps: int):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.start, self.end, self.total_steps = float(start), float(end), int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        progress = min(max(step, 0), self.total_steps) / self.total_steps
+        return self.end + 0.5 * (self.start - self.end) * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,82 @@
+"""E2's objective: a global and a regional (one per tag entity) symmetric InfoNCE sharing one
+``logit_scale``. Total = ``global_weight * L_global + (1 - global_weight) * weighted mean_k L_k``."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                     labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Symmetric InfoNCE with in-batch negatives over L2-normalised features.
+
+    With ``labels`` (B,), items sharing a label are positives of each other (targets spread
+    evenly over them); without, only the diagonal is positive.
+    """
+    logits = logit_scale * image_features @ text_features.t()
+    if labels is None:
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    same = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    target = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class RegionalContrastiveLoss(nn.Module):
+    """The E2 loss. Takes the dict ``E2Model.forward`` returns (with ``entity_text``).
+
+    Args:
+        entities: the model's entity names, in order.
+        global_weight: weight of the global term (the reference uses 0.5).
+        entity_weights: per-entity weights of the regional mean (default all 1); an entity the
+            images cannot show can be weighted 0.
+        multi_positive: items of a batch that share an entity value are positives of each other
+            for that entity (the reference treats them as negatives).
+
+    Example:
+        >>> loss_fn = RegionalContrastiveLoss(model.entities, multi_positive=True)      # doctest: +SKIP
+        >>> losses = loss_fn(**model(images, texts, entity_text), entity_labels=labels)  # doctest: +SKIP
+        >>> losses["loss"].backward()                                                    # doctest: +SKIP
+    """
+
+    def __init__(self, entities: Sequence[str], global_weight: float = 0.5,
+                 entity_weights: Optional[Mapping[str, float]] = None, multi_positive: bool = False):
+        super().__init__()
+        self.entities = tuple(entities)
+        unknown = sorted(set(entity_weights or {}) - set(self.entities))
+        if unknown:
+            raise ValueError(f"entity_weights names unknown entities {unknown}; the entities are {list(self.entities)}")
+        if not 0.0 <= global_weight <= 1.0:
+            raise ValueError(f"global_weight must be in [0, 1], got {global_weight}")
+        self.global_weight = global_weight
+        weights = [float((entity_weights or {}).get(e, 1.0)) for e in self.entities]
+        if sum(weights) <= 0 and global_weight < 1:
+            raise ValueError("entity_weights are all zero; raise one or set global_weight=1")
+        self.register_buffer("entity_weights", torch.tensor(weights), persistent=False)
+        self.multi_positive = multi_positive
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                image_regional_features: torch.Tensor, entity_text_features: torch.Tensor,
+                entity_labels: Optional[torch.Tensor] = None, **unused) -> Dict[str, torch.Tensor]:
+        """Returns ``{"loss", "loss_global", "loss_<entity>"...}``."""
+        batch, k = image_regional_features.shape[:2]
+        if k != len(self.entities) or entity_text_features.shape[:2] != (batch, k):
+            raise ValueError(f"regional features {tuple(image_regional_features.shape)} / entity text features "
+                             f"{tuple(entity_text_features.shape)} do not match batch {batch} x entities "
+                             f"{list(self.entities)}")
+        if self.multi_positive and entity_labels is None:
+            raise ValueError("multi_positive=True needs entity_labels (see e2_core.texts.entity_labels)")
+        out = {"loss_global": contrastive_loss(image_features, text_features, logit_scale)}
+        regional = []
+        for i, name in enumerate(self.entities):
+            labels = entity_labels[:, i] if self.multi_positive else None
+            out[f"loss_{name}"] = contrastive_loss(image_regional_features[:, i], entity_text_features[:, i],
+                                                   logit_scale, labels)
+            regional.append(out[f"loss_{name}"])
+        weights = self.entity_weights.to(logit_scale.device)
+        regional_loss = (torch.stack(regional) * weights).sum() / weights.sum().clamp_min(1e-12)
+        out["loss"] = self.global_weight * out["loss_global"] + (1 - self.global_weight) * regional_loss
+        return out

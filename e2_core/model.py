@@ -1,0 +1,234 @@
+"""The E2 encoder: an open_clip CLIP whose image tower gains selection tokens, two fusion blocks
+and regional heads. Read top to bottom, ``E2VisionTransformer.forward_features`` follows the
+paper's figure."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import E2Config
+from .fusion import FusionBlock, SelectionTokens
+from .heads import RegionalHeads
+
+# The reference implementation divides selection logits by sqrt(768) whatever the width.
+_REFERENCE_LOGIT_SCALE = 768 ** -0.5
+
+
+@dataclass
+class E2VisionOutput:
+    """What the E2 image tower computes for a batch of images."""
+
+    image_features: torch.Tensor  # (B, D) global embedding (CLS -> ln_post -> proj_cls)
+    regional_features: torch.Tensor  # (B, K, D) one embedding per tag entity
+    selected_patches: torch.Tensor  # (B, 2, T) patch index each selection token picked, per fusion block
+
+
+class E2VisionTransformer(nn.Module):
+    """Wraps an open_clip ``VisionTransformer`` (kept as ``trunk``) with E2's additions."""
+
+    def __init__(self, trunk: VisionTransformer, config: E2Config):
+        super().__init__()
+        _check_supported_trunk(trunk)
+        self.config = config
+        self.trunk = trunk
+        width = trunk.conv1.out_channels
+        self.fusion_layers = config.resolve_fusion_layers(len(trunk.transformer.resblocks))
+        self.selection_tokens = SelectionTokens(config.num_tokens, width)
+        logit_scale = _REFERENCE_LOGIT_SCALE if config.compat == "reference" else None
+        self.fusion = nn.ModuleList(
+            FusionBlock(width, config.query_init_scale, config.value_init, logit_scale) for _ in range(2))
+        # Global head: a new projection that starts as CLIP's (which it replaces), so the
+        # global embedding is in CLIP's joint space from step 0.
+        self.proj_cls = nn.Parameter(trunk.proj.detach().clone())
+        self.regional_heads = RegionalHeads(len(config.entities), config.tokens_per_entity,
+                                            trunk.ln_post, trunk.proj, config.compat)
+        trunk.proj = None
+        self.set_gumbel_temperature(config.gumbel_tau)
+        self.set_stochastic_eval(config.stochastic_eval)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return tuple(self.trunk.image_size)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return tuple(self.trunk.grid_size)
+
+    @property
+    def preprocess_cfg(self) -> Dict[str, Any]:
+        """open_clip's preprocessing config of the backbone (mean, std, size, interpolation...)."""
+        return getattr(self.trunk, "preprocess_cfg", {})
+
+    def set_gumbel_temperature(self, tau: float) -> None:
+        for block in self.fusion:
+            block.tau = float(tau)
+
+    def set_stochastic_eval(self, enabled: bool) -> None:
+        for block in self.fusion:
+            block.stochastic_eval = bool(enabled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self):
+        return {"trunk.positional_embedding", "trunk.class_embedding", "selection_tokens.tokens"}
+
+    def _run_layers(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        transformer = self.trunk.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in transformer.resblocks[start:stop]:
+            if transformer.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, None, None, None, use_reentrant=False)
+            else:
+                x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
+    def forward_features(self, image: torch.Tensor) -> E2VisionOutput:
+        self._check_image(image)
+        num_tokens = self.config.num_tokens
+        first, second = self.fusion_layers
+
+        x = self.trunk._embeds(image)  # [CLS, patches] + positions, after ln_pre
+        tokens = self.trunk.ln_pre(self.selection_tokens(x.shape[0]).to(x.dtype))
+        x = torch.cat([tokens, x], dim=1)  # [selection tokens, CLS, patches]
+
+        x = self._run_layers(x, 0, first)
+        tokens, picked_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
+        x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
+
+        x = self._run_layers(x, first, second)
+        tokens, picked_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
+        x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
+
+        x = self._run_layers(x, second, None)  # CLS now sees only the selected regions
+        image_features = self.trunk.ln_post(x[:, num_tokens]) @ self.proj_cls.to(x.dtype)
+        regional_features = self.regional_heads(x[:, :num_tokens])
+        return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(image).image_features
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        expected = (3, *self.image_size)
+        if image.ndim != 4 or tuple(image.shape[1:]) != expected:
+            raise ValueError(
+                f"E2 image tower expects images of shape (B, {', '.join(map(str, expected))}), got "
+                f"{tuple(image.shape)}; preprocess with the transforms from create_e2_and_transforms()")
+
+
+def _check_supported_trunk(trunk: nn.Module) -> None:
+    if not isinstance(trunk, VisionTransformer):
+        raise TypeError(f"E2 extends open_clip ViT image towers; got {type(trunk).__name__} "
+                        "(ResNet and timm towers are not supported)")
+    if trunk.attn_pool is not None or trunk.pool_type != "tok":
+        raise TypeError("E2 needs a class-token ViT (pool_type='tok', no attentional pooler); "
+                        f"got pool_type={trunk.pool_type!r}, attentional pool={trunk.attn_pool is not None}")
+    if trunk.proj is None:
+        raise TypeError("E2 needs the image tower's projection (visual.proj) to initialise its heads")
+
+
+# open_clip's CLIP keeps its text tower as these attributes; E2 adopts them unchanged.
+_TEXT_MODULES = ("transformer", "token_embedding", "ln_final")
+_TEXT_PARAMETERS = ("positional_embedding", "text_projection", "logit_scale", "logit_bias")
+_TEXT_ATTRIBUTES = ("context_length", "vocab_size", "text_pool_type", "text_eos_id")
+
+
+class E2Model(CLIP):
+    """An open_clip ``CLIP`` whose image tower is E2's; the text tower is CLIP's, unchanged.
+
+    It is built around an existing CLIP (so every way open_clip loads weights keeps working)
+    and keeps CLIP's attributes, so code that reaches into the text tower (token embedding,
+    positional embedding, transformer, ``ln_final``, ``text_projection``) works as with CLIP.
+    ``encode_image`` returns the global embedding only, as downstream systems expect.
+
+    Example:
+        >>> model = create_e2("ViT-B-32")  # doctest: +SKIP
+        >>> out = model(images, texts, entity_text)  # dict with global and regional features
+    """
+
+    output_dict = True
+
+    def __init__(self, clip: CLIP, config: E2Config, clip_model: str, clip_config: Mapping[str, Any]):
+        nn.Module.__init__(self)
+        if type(clip) is not CLIP:
+            raise TypeError(f"E2 extends open_clip's CLIP with its native text tower; got {type(clip).__name__}")
+        self.config = config
+        self.clip_model = clip_model  # open_clip architecture name, and its config, for checkpoints
+        self.clip_config = dict(clip_config)
+        for name in _TEXT_MODULES + _TEXT_PARAMETERS + _TEXT_ATTRIBUTES:
+            setattr(self, name, getattr(clip, name))
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.visual = E2VisionTransformer(clip.visual, config)
+
+    @property
+    def entities(self) -> Tuple[str, ...]:
+        return self.config.entities
+
+    def set_gumbel_temperature(self, tau: float) -> None:
+        self.visual.set_gumbel_temperature(tau)
+
+    def encode_image_regions(self, image: torch.Tensor, normalize: bool = False) -> E2VisionOutput:
+        """Global and per-entity image embeddings, and the patches each selection token picked."""
+        out = self.visual.forward_features(image)
+        if normalize:
+            out.image_features = F.normalize(out.image_features, dim=-1)
+            out.regional_features = F.normalize(out.regional_features, dim=-1)
+        return out
+
+    def encode_entity_text(self, entity_text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids (B, K, L) of each item's K entity strings -> embeddings (B, K, D).
+
+        Entity strings repeat across a batch (brands, seasons), so each distinct one is encoded once.
+        """
+        if entity_text.ndim != 3 or entity_text.shape[1] != len(self.entities):
+            raise ValueError(f"entity_text must have shape (B, {len(self.entities)}, context_length) for "
+                             f"entities {list(self.entities)}; got {tuple(entity_text.shape)}")
+        flat = entity_text.flatten(0, 1)
+        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        features = self.encode_text(unique, normalize=normalize)[inverse]
+        return features.view(*entity_text.shape[:2], -1)
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
+                entity_text: Optional[torch.Tensor] = None):
+        """Normalised features and ``logit_scale``, as open_clip's CLIP, plus E2's regional features.
+
+        Returns a dict with ``image_features``, ``text_features``, ``logit_scale`` (and ``logit_bias``
+        when the CLIP has one), ``image_regional_features`` (B, K, D) and ``entity_text_features``
+        (B, K, D) when ``entity_text`` is given. With ``output_dict=False`` it returns the CLIP tuple
+        ``(image_features, text_features, logit_scale)``.
+        """
+        out: Dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        if image is not None:
+            vision = self.encode_image_regions(image, normalize=True)
+            out["image_features"] = vision.image_features
+            out["image_regional_features"] = vision.regional_features
+        if text is not None:
+            out["text_features"] = self.encode_text(text, normalize=True)
+        if entity_text is not None:
+            if image is not None and entity_text.shape[0] != image.shape[0]:
+                raise ValueError(f"entity_text has {entity_text.shape[0]} items but the image batch has "
+                                 f"{image.shape[0]}: give one row of entity strings per image")
+            out["entity_text_features"] = self.encode_entity_text(entity_text, normalize=True)
+        if self.output_dict:
+            return out
+        return out.get("image_features"), out.get("text_features"), out["logit_scale"]
+
+    def e2_parameters(self):
+        """The parameters E2 adds to CLIP (trained alone in stage 1)."""
+        return [p for name, p in self.named_parameters() if is_e2_parameter(name)]
+
+
+def is_e2_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to E2's additions rather than to the CLIP it extends."""
+    return name.startswith(("visual.selection_tokens.", "visual.fusion.", "visual.proj_cls",
+                            "visual.regional_heads."))
