@@ -61,7 +61,7 @@ def _resolve_config(base: Optional[E2Config], config: Union[E2Config, Mapping, N
 
 
 def create_e2(
-        model_name: Optional[str] = "ViT-B-32",
+        model_name: Optional[str] = None,
         pretrained: Optional[PathLike] = None,
         *,
         config: Union[E2Config, Mapping, None] = None,
@@ -72,8 +72,8 @@ def create_e2(
     """Build an E2 encoder on an open_clip architecture.
 
     Args:
-        model_name: open_clip architecture (see ``list_models()``); ``None`` takes it from an
-            E2 checkpoint given as ``pretrained``.
+        model_name: open_clip architecture (see ``list_models()``); ``None``: the architecture of
+            the E2 checkpoint given as ``pretrained``, else ViT-B-32.
         pretrained: where the weights come from (module docstring).
         config: E2Config or dict of fields; ``overrides`` are E2Config fields too.
         device: where to put the model.
@@ -89,8 +89,7 @@ def create_e2(
         model = load_e2_checkpoint(pretrained, e2_config)
         return model.to(device)
 
-    if model_name is None:
-        raise ValueError("model_name=None is only valid with an E2 checkpoint directory as `pretrained`")
+    model_name = model_name or "ViT-B-32"
     e2_config = _resolve_config(None, config, overrides)
     if pretrained is not None and is_reference_checkpoint(pretrained):
         return _import_reference(model_name, pretrained, e2_config).to(device)
@@ -160,7 +159,7 @@ def import_reference_checkpoint(path: PathLike, model_name: str = "ViT-B-32", **
     return _import_reference(model_name, path, _resolve_config(None, None, overrides))
 
 
-def create_e2_and_transforms(model_name: Optional[str] = "ViT-B-32", pretrained: Optional[PathLike] = None,
+def create_e2_and_transforms(model_name: Optional[str] = None, pretrained: Optional[PathLike] = None,
                              **kwargs) -> Tuple[E2Model, Any, Any]:
     """``(model, preprocess_train, preprocess_val)``, the transforms of the backbone's pretrained config."""
     model = create_e2(model_name, pretrained, **kwargs)
@@ -169,10 +168,15 @@ def create_e2_and_transforms(model_name: Optional[str] = "ViT-B-32", pretrained:
             open_clip.image_transform_v2(preprocess_cfg, is_train=False))
 
 
-def get_tokenizer(model_name_or_checkpoint: PathLike = "ViT-B-32"):
-    """open_clip's tokenizer for an architecture name or an E2 checkpoint directory."""
-    if is_e2_checkpoint(model_name_or_checkpoint):
-        saved = read_checkpoint_config(model_name_or_checkpoint)
-        context_length = saved["clip_config"].get("text_cfg", {}).get("context_length", 77)
-        return open_clip.SimpleTokenizer(context_length=context_length)
-    return open_clip.get_tokenizer(str(model_name_or_checkpoint))
+def get_tokenizer(model: Union[E2Model, PathLike] = "ViT-B-32"):
+    """open_clip's tokenizer for an E2Model, an architecture name, or an E2 checkpoint directory."""
+    if isinstance(model, E2Model):
+        name, context_length = model.clip_model, model.context_length
+    elif is_e2_checkpoint(model):
+        saved = read_checkpoint_config(model)
+        name, context_length = saved["clip_model"], saved["clip_config"].get("text_cfg", {}).get("context_length")
+    else:
+        return open_clip.get_tokenizer(str(model))
+    if open_clip.get_model_config(name) is not None:
+        return open_clip.get_tokenizer(name, context_length=context_length)
+    return open_clip.SimpleTokenizer(context_length=context_length or 77)

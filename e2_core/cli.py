@@ -1,0 +1,145 @@
+"""The ``e2-plugins`` command line: ``list``, ``info MODEL``, ``run TASK [options]``.
+
+Only this module parses arguments: a task's options come from its ``run`` function's signature.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import registry
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="e2-plugins", description="E2 fashion representations and the "
+                                     "downstream tasks that use them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("list", help="installed tasks and adapters, with the distribution providing each")
+    info = sub.add_parser("info", help="parameters per component of an E2 model and its overhead over CLIP")
+    info.add_argument("model", nargs="?", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
+    info.add_argument("--pretrained", default=None, help="tag, CLIP checkpoint, or E2 checkpoint directory")
+    run = sub.add_parser("run", help="run a task: e2-plugins run TASK [options] (TASK --help for its options)",
+                         add_help=False)
+    run.add_argument("task", nargs="?", help="task name (see `e2-plugins list`)")
+    args, rest = parser.parse_known_args(argv)
+
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "info":
+            _reject_extra(parser, rest)
+            return _info(args.model, args.pretrained)
+        if args.command == "run":
+            return _run(args.task, rest)
+    except (KeyError, ValueError, TypeError, FileNotFoundError, registry.PluginLoadError) as err:
+        print(f"e2-plugins: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    _reject_extra(parser, rest)
+    parser.print_help()
+    return 0
+
+
+def _reject_extra(parser: argparse.ArgumentParser, rest: List[str]) -> None:
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+
+def _list() -> int:
+    for title, group in (("tasks", registry.TASK_GROUP), ("adapters", registry.ADAPTER_GROUP)):
+        plugins = registry.discover(group)
+        print(f"{title} ({group}):")
+        if not plugins:
+            print("  (none installed)")
+        for plugin in plugins:
+            try:
+                obj = plugin.load()
+                summary = obj.summary if isinstance(obj, registry.Task) else (inspect.getdoc(obj) or "").split("\n")[0]
+                print(f"  {plugin.name:<14} {plugin.distribution:<22} {summary}")
+            except registry.PluginLoadError:
+                print(f"  {plugin.name:<14} {plugin.distribution:<22} FAILED TO LOAD: {plugin.error}")
+    return 0
+
+
+def _info(model_name: str, pretrained: Optional[str]) -> int:
+    from .factory import create_e2
+    from .summary import parameter_summary
+
+    model = create_e2(model_name, pretrained)
+    rows, totals = parameter_summary(model)
+    width = max(len(name) for name, _ in rows)
+    print(f"E2 on {model.clip_model}: entities {list(model.entities)}, "
+          f"{model.config.tokens_per_entity} tokens each, fusion after layers {model.visual.fusion_layers}")
+    for name, count in rows:
+        print(f"  {name:<{width}} {count:>13,}")
+    print(f"  {'CLIP total':<{width}} {totals['clip']:>13,}")
+    print(f"  {'E2 total':<{width}} {totals['e2']:>13,}")
+    print(f"E2 adds {totals['added']:,} parameters = {totals['overhead_percent']:.2f}% of CLIP "
+          f"(fusion blocks alone {100 * totals['added_fusion_only'] / totals['clip']:.2f}%; the paper reports 1.9% "
+          "for ViT-B/32)")
+    return 0
+
+
+def _run(task_name: Optional[str], argv: List[str]) -> int:
+    if not task_name or task_name in ("-h", "--help"):
+        names = ", ".join(p.name for p in registry.discover(registry.TASK_GROUP)) or "none installed"
+        print(f"usage: e2-plugins run TASK [options]\ninstalled tasks: {names}")
+        return 0 if task_name else 2
+    task = registry.get_task(task_name)
+    options = vars(task_parser(task).parse_args(argv))
+    result = task.run(**options)
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def task_parser(task: registry.Task) -> argparse.ArgumentParser:
+    """An argparse parser built from ``task.run``'s keyword parameters, annotations and docstring."""
+    doc = inspect.getdoc(task.run) or ""
+    parser = argparse.ArgumentParser(prog=f"e2-plugins run {task.name}", description=task.summary)
+    helps = _param_docs(doc)
+    hints = typing.get_type_hints(task.run)
+    for name, param in inspect.signature(task.run).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind, choices = _unwrap(hints.get(name, str))
+        kwargs: Dict[str, Any] = {"dest": name, "help": helps.get(name)}
+        if param.default is inspect.Parameter.empty:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = param.default
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if choices:
+                kwargs["choices"] = choices
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _unwrap(hint: Any):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return type(args[0]), list(args)
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _unwrap(args[0])
+    if hint in (int, float, str, bool, Path):
+        return hint, None
+    return str, None
+
+
+def _param_docs(doc: str) -> Dict[str, str]:
+    """``name: text`` lines of a Google-style ``Args:`` section."""
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):\s*(.+)$", section, re.M)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

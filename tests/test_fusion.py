@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from e2_core.fusion import FusionBlock, TemperatureSchedule, hard_select
+
+
+def test_hard_select_is_one_hot_with_straight_through_gradient():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    weights, index = hard_select(logits, tau=1.0, stochastic=True)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3))
+    assert ((weights > 0.5).sum(-1) == 1).all()
+    assert torch.equal(weights.argmax(-1), index)
+    (weights * torch.randn(7)).sum().backward()
+    assert logits.grad.abs().sum() > 0  # gradient passes the hard choice
+
+
+def test_argmax_selection_when_deterministic():
+    logits = torch.tensor([[[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]]])
+    weights, index = hard_select(logits, tau=1.0, stochastic=False)
+    assert index.tolist() == [[1, 0]]
+    assert torch.equal(weights, torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]))
+
+
+def test_eval_fusion_gathers_the_chosen_patch():
+    torch.manual_seed(0)
+    block = FusionBlock(8, value_init="random").eval()
+    tokens, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    fused, index = block(tokens, patches)
+    chosen = patches[torch.arange(2)[:, None], index]
+    assert torch.allclose(fused, (block.v(chosen) + tokens) / 2, atol=1e-6)
+
+
+def test_trained_token_selects_the_odd_patch():
+    """Each image has one patch carrying a feature the objective rewards, at a random position.
+    A few dozen straight-through steps teach the token to pick it (chance: 1 in 16)."""
+    torch.manual_seed(0)
+    width, patches_per_image, batch = 32, 16, 64
+    feature = torch.nn.functional.normalize(torch.randn(width), dim=0)
+    block = FusionBlock(width, query_init_scale=0.1, value_init="identity")
+    block.v.weight.requires_grad_(False)
+    token = torch.nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+    optimizer = torch.optim.Adam([token, block.q.weight, block.k.weight], lr=3e-2)
+
+    def sample():
+        patches = torch.randn(batch, patches_per_image, width)
+        where = torch.randint(patches_per_image, (batch,))
+        patches[torch.arange(batch), where] += 4 * feature
+        return patches, where
+
+    block.eval()
+    patches, where = sample()
+    before = (block(token.expand(batch, -1, -1), patches)[1][:, 0] == where).float().mean()
+    block.train()
+    for _ in range(60):
+        patches, _ = sample()
+        fused, _ = block(token.expand(batch, -1, -1), patches)
+        loss = -(fused[:, 0] @ feature).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    block.eval()
+    patches, where = sample()
+    after = (block(token.expand(batch, -1, -1), patches)[1][:, 0] == where).float().mean()
+    assert before < 0.3
+    assert after > 0.9, f"selected the odd patch in {after:.0%} of images"
+
+
+def test_temperature_schedule():
+    schedule = TemperatureSchedule(2.0, 0.5, total_steps=10)
+    values = [schedule(step) for step in range(12)]
+    assert values[0] == 2.0 and math.isclose(values[10], 0.5) and values[11] == values[10]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError):
+        TemperatureSchedule(1, 1, 0)

@@ -1,0 +1,160 @@
+import pytest
+import torch
+import open_clip
+
+import e2_core
+from e2_core import E2Config
+from e2_core.model import is_e2_parameter
+from conftest import TINY, make_batch
+
+
+@pytest.mark.parametrize("entities,tokens", [(("brand",), 1), (("brand", "season", "composition"), 3),
+                                             (e2_core.FASHIONGEN_ENTITIES, 2)])
+def test_output_shapes(tokenizer, entities, tokens):
+    model = e2_core.create_e2(TINY, entities=entities, tokens_per_entity=tokens)
+    images, text, _ = make_batch(tokenizer, batch=3)
+    entity_text = e2_core.tokenize_entities(tokenizer, [[f"{e} {i}" for e in entities] for i in range(3)])
+    out = model(images, text, entity_text)
+    k, d = len(entities), 64
+    assert out["image_features"].shape == (3, d)
+    assert out["text_features"].shape == (3, d)
+    assert out["image_regional_features"].shape == (3, k, d)
+    assert out["entity_text_features"].shape == (3, k, d)
+    assert out["logit_scale"].ndim == 0
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    regions = model.encode_image_regions(images)
+    assert regions.selected_patches.shape == (3, 2, k * tokens)
+    assert int(regions.selected_patches.max()) < 16
+    assert model.encode_image(images).shape == (3, d)
+    assert model.encode_text(text, normalize=True).shape == (3, d)
+
+
+def test_clip_tuple_output(tiny_model, tokenizer):
+    images, text, _ = make_batch(tokenizer)
+    tiny_model.output_dict = False
+    image_features, text_features, logit_scale = tiny_model(images, text)
+    assert image_features.shape == text_features.shape == (4, 64)
+    assert logit_scale.ndim == 0
+
+
+def test_eval_is_deterministic_and_training_is_stochastic(tiny_model, tokenizer):
+    images, _, _ = make_batch(tokenizer)
+    tiny_model.eval()
+    a, b = tiny_model.encode_image_regions(images), tiny_model.encode_image_regions(images)
+    assert torch.equal(a.image_features, b.image_features)
+    assert torch.equal(a.selected_patches, b.selected_patches)
+    tiny_model.train()
+    torch.manual_seed(1)
+    picks = {tuple(tiny_model.encode_image_regions(images).selected_patches.flatten().tolist()) for _ in range(3)}
+    assert len(picks) > 1, "Gumbel sampling should vary the selection in training mode"
+
+
+def test_stochastic_eval_option(tokenizer):
+    model = e2_core.create_e2(TINY, stochastic_eval=True).eval()
+    images, _, _ = make_batch(tokenizer)
+    torch.manual_seed(0)
+    picks = {tuple(model.encode_image_regions(images).selected_patches.flatten().tolist()) for _ in range(3)}
+    assert len(picks) > 1
+
+
+def test_gradients_reach_selection_tokens_and_fusion(tiny_model, tokenizer):
+    images, text, entity_text = make_batch(tokenizer)
+    tiny_model.train()
+    loss_fn = e2_core.RegionalContrastiveLoss(tiny_model.entities)
+    loss_fn(**tiny_model(images, text, entity_text))["loss"].backward()
+    visual = tiny_model.visual
+    for name, param in [("selection tokens", visual.selection_tokens.tokens),
+                        *[(f"fusion {i} {p}", getattr(visual.fusion[i], p).weight) for i in range(2) for p in "qkv"],
+                        ("proj_cls", visual.proj_cls), ("regional proj", visual.regional_heads.proj)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_text_tower_is_clips_unchanged(tokenizer):
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY)
+    reference = clip.encode_text(tokenizer(["a red shirt", "Raf Simons"]))
+    model = e2_core.E2Model(clip, E2Config(), TINY, open_clip.get_model_config(TINY))
+    assert torch.equal(model.encode_text(tokenizer(["a red shirt", "Raf Simons"])), reference)
+    assert model.token_embedding is clip.token_embedding and model.transformer is clip.transformer
+
+
+def test_new_parts_start_from_clip(tokenizer):
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY)
+    proj = clip.visual.proj.detach().clone()
+    model = e2_core.E2Model(clip, E2Config(), TINY, open_clip.get_model_config(TINY))
+    visual = model.visual
+    assert torch.equal(visual.proj_cls, proj)
+    assert all(torch.equal(p, proj) for p in visual.regional_heads.proj)
+    assert torch.equal(visual.fusion[0].v.weight, torch.eye(64))
+    # near-uniform first selection: queries start 10x smaller than keys
+    ratio = visual.fusion[0].q.weight.std() / visual.fusion[0].k.weight.std()
+    assert 0.05 < ratio < 0.2
+
+
+def test_e2_parameters_are_exactly_the_additions(tiny_model):
+    names = {n for n, _ in tiny_model.named_parameters() if is_e2_parameter(n)}
+    assert names == {"visual.selection_tokens.tokens", "visual.proj_cls", "visual.regional_heads.proj",
+                     *{f"visual.fusion.{i}.{p}.weight" for i in range(2) for p in "qkv"},
+                     *{f"visual.regional_heads.norms.{k}.{w}" for k in range(5) for w in ("weight", "bias")}}
+    assert len(tiny_model.e2_parameters()) == len(names)
+
+
+@pytest.mark.parametrize("shape,match", [((2, 3, 32, 32), r"\(B, 3, 64, 64\)"), ((2, 1, 64, 64), "shape"),
+                                         ((3, 64, 64), "shape")])
+def test_wrong_image_shape_is_a_clear_error(tiny_model, shape, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.encode_image(torch.randn(*shape))
+
+
+def test_entity_text_mismatch_is_a_clear_error(tiny_model, tokenizer):
+    images, text, entity_text = make_batch(tokenizer)
+    with pytest.raises(ValueError, match="one row of entity strings per image"):
+        tiny_model(images, text, entity_text[:2])
+    with pytest.raises(ValueError, match="entities"):
+        tiny_model(images, text, entity_text[:, :3])
+
+
+def test_fusion_layers_scale_with_depth():
+    cfg = E2Config()
+    assert cfg.resolve_fusion_layers(12) == (8, 11)  # the reference placement
+    assert cfg.resolve_fusion_layers(24) == (16, 23)
+    assert cfg.resolve_fusion_layers(6) == (4, 5)
+    assert cfg.resolve_fusion_layers(4) == (2, 3)
+    with pytest.raises(ValueError):
+        E2Config(fusion_layers=(5, 5)).resolve_fusion_layers(12)
+
+
+@pytest.mark.parametrize("name", e2_core.list_models())
+def test_every_supported_architecture_builds(name):
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):  # shapes and wiring only, no memory
+        model = e2_core.E2Model(open_clip.CLIP(**cfg), E2Config(), name, cfg)
+    depth = len(model.visual.trunk.transformer.resblocks)
+    assert model.visual.fusion_layers == E2Config().resolve_fusion_layers(depth)
+    assert model.visual.selection_tokens.tokens.shape[0] == 10
+
+
+def test_vit_b16_forward():
+    model = e2_core.create_e2("ViT-B-16").eval()
+    with torch.no_grad():
+        out = model.encode_image_regions(torch.randn(1, 3, 224, 224))
+    assert out.image_features.shape == (1, 512) and out.selected_patches.max() < 196
+
+
+def test_unsupported_architectures_are_refused():
+    with pytest.raises(ValueError, match="E2 can extend|which E2 extends"):
+        e2_core.create_e2("RN50")
+    with pytest.raises(ValueError, match="not an open_clip architecture"):
+        e2_core.create_e2("ViT-Nope")
+
+
+def test_config_round_trip_and_validation():
+    cfg = E2Config(entities=("brand", "season"), tokens_per_entity=3, fusion_layers=(2, 3))
+    assert E2Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown E2Config field"):
+        E2Config.from_dict({"entitys": ["brand"]})
+    with pytest.raises(ValueError, match="duplicates"):
+        E2Config(entities=("brand", "brand"))
+    with pytest.raises(ValueError, match="reference"):
+        E2Config(entities=("brand",), compat="reference")
