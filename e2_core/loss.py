@@ -33,8 +33,11 @@ class RegionalContrastiveLoss(nn.Module):
         global_weight: weight of the global term (the reference uses 0.5).
         entity_weights: per-entity weights of the regional mean (default all 1); an entity the
             images cannot show can be weighted 0.
-        multi_positive: items of a batch that share an entity value are positives of each other
-            for that entity (the reference treats them as negatives).
+        multi_positive: items of a batch that share an entity label are positives of each other
+            for that entity (the reference treats them as negatives). When the shared values are the
+            same string, their text embeddings are identical and the gradients equal single-positive
+            InfoNCE's (the targets differ by a constant); it changes training when labels group
+            different strings (e.g. brand ids over spellings of a brand).
 
     Example:
         >>> loss_fn = RegionalContrastiveLoss(model.entities, multi_positive=True)      # doctest: +SKIP

@@ -44,6 +44,8 @@ def entity_labels(entity_text: torch.Tensor) -> torch.Tensor:
     """Token ids (B, K, L) -> ids (B, K) equal where two items share an entity's string.
 
     These feed the loss's multi-positive targets: the same brand twice in a batch is a positive pair.
+    Exact-string labels leave the gradients as single-positive InfoNCE's (see
+    ``RegionalContrastiveLoss``); labels from a normalised tag vocabulary group different spellings.
     """
     labels = [torch.unique(entity_text[:, k], dim=0, return_inverse=True)[1] for k in range(entity_text.shape[1])]
     return torch.stack(labels, dim=1)
