@@ -89,8 +89,9 @@ def load_e2_checkpoint(path: PathLike, config: E2Config) -> E2Model:
     """Build the architecture a checkpoint directory describes and load its weights exactly."""
     saved = read_checkpoint_config(path)
     clip = CLIP(**saved["clip_config"], output_dict=True)
-    if saved.get("preprocess_cfg"):
-        set_model_preprocess_cfg(clip, saved["preprocess_cfg"])
+    if saved.get("preprocess_cfg"):  # JSON turned its tuples (mean, std, size) into lists
+        set_model_preprocess_cfg(clip, {k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in saved["preprocess_cfg"].items()})
     model = E2Model(clip, config, saved["clip_model"], saved["clip_config"])
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():

@@ -18,12 +18,14 @@ checkpoints), then ``config``, then keyword ``overrides``.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import open_clip
 import torch
 from open_clip.model import CLIP
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU
 
 from .checkpoint import (CheckpointError, is_e2_checkpoint, is_reference_checkpoint, load_e2_checkpoint,
@@ -113,7 +115,7 @@ def _create_clip(model_name: str, pretrained: Optional[PathLike], **kwargs) -> C
     try:
         return open_clip.create_model(model_name, pretrained=None if pretrained is None else str(pretrained),
                                       output_dict=True, **kwargs)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
         hint = ("download failed; on an offline machine pass a local CLIP checkpoint file instead"
                 if not os.path.exists(str(pretrained)) else "is it a CLIP checkpoint of this architecture?")
         raise CheckpointError(f"could not load CLIP weights {pretrained!r} for {model_name}: {err} ({hint})") from err
@@ -163,9 +165,9 @@ def create_e2_and_transforms(model_name: Optional[str] = None, pretrained: Optio
                              **kwargs) -> Tuple[E2Model, Any, Any]:
     """``(model, preprocess_train, preprocess_val)``, the transforms of the backbone's pretrained config."""
     model = create_e2(model_name, pretrained, **kwargs)
-    preprocess_cfg = open_clip.PreprocessCfg(**model.visual.trunk.preprocess_cfg)
-    return (model, open_clip.image_transform_v2(preprocess_cfg, is_train=True),
-            open_clip.image_transform_v2(preprocess_cfg, is_train=False))
+    preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
+    return (model, image_transform_v2(preprocess_cfg, is_train=True),
+            image_transform_v2(preprocess_cfg, is_train=False))
 
 
 def get_tokenizer(model: Union[E2Model, PathLike] = "ViT-B-32"):

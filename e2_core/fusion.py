@@ -61,15 +61,11 @@ class FusionBlock(nn.Module):
 
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T)."""
-        logits = self.q(tokens) @ self.k(patches).transpose(1, 2) * self.logit_scale
-        stochastic = self.training or self.stochastic_eval
-        weights, index = hard_select(logits, self.tau, stochastic)
-        if stochastic and torch.is_grad_enabled():
-            selected = weights @ self.v(patches)
-        else:  # same values as the one-hot product, without projecting every patch
-            picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-            selected = self.v(picked)
-        return (selected + tokens) / 2, index
+        # q·(Wk p) = (q Wk)·p and (one-hot @ P) Wv = one-hot @ (P Wv): fold the key projection into
+        # the T queries and project only the chosen patches, never all N of them.
+        logits = (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
+        weights, index = hard_select(logits, self.tau, self.training or self.stochastic_eval)
+        return (self.v(weights @ patches) + tokens) / 2, index
 
 
 class TemperatureSchedule:

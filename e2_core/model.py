@@ -26,7 +26,7 @@ class E2VisionOutput:
     """What the E2 image tower computes for a batch of images."""
 
     image_features: torch.Tensor  # (B, D) global embedding (CLS -> ln_post -> proj_cls)
-    regional_features: torch.Tensor  # (B, K, D) one embedding per tag entity
+    regional_features: Optional[torch.Tensor]  # (B, K, D) one embedding per tag entity
     selected_patches: torch.Tensor  # (B, 2, T) patch index each selection token picked, per fusion block
 
 
@@ -91,7 +91,7 @@ class E2VisionTransformer(nn.Module):
                 x = block(x)
         return x if transformer.batch_first else x.transpose(0, 1)
 
-    def forward_features(self, image: torch.Tensor) -> E2VisionOutput:
+    def forward_features(self, image: torch.Tensor, regional: bool = True) -> E2VisionOutput:
         self._check_image(image)
         num_tokens = self.config.num_tokens
         first, second = self.fusion_layers
@@ -110,11 +110,11 @@ class E2VisionTransformer(nn.Module):
 
         x = self._run_layers(x, second, None)  # CLS now sees only the selected regions
         image_features = self.trunk.ln_post(x[:, num_tokens]) @ self.proj_cls.to(x.dtype)
-        regional_features = self.regional_heads(x[:, :num_tokens])
+        regional_features = self.regional_heads(x[:, :num_tokens]) if regional else None
         return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(image).image_features
+        return self.forward_features(image, regional=False).image_features
 
     def _check_image(self, image: torch.Tensor) -> None:
         expected = (3, *self.image_size)

@@ -1,0 +1,153 @@
+import json
+import re
+
+import open_clip
+import pytest
+import torch
+
+import e2_core
+from e2_core import CheckpointError, save_pretrained
+from e2_core.checkpoint import convert_reference_state_dict, is_reference_checkpoint
+from conftest import TINY, make_batch
+
+
+def test_round_trip_is_bit_exact(tiny_model, tokenizer, tmp_path):
+    tiny_model.eval()
+    save_pretrained(tiny_model, tmp_path / "ckpt")
+    loaded = e2_core.create_e2(None, pretrained=tmp_path / "ckpt").eval()
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    images, text, entity_text = make_batch(tokenizer)
+    a, b = tiny_model(images, text, entity_text), loaded(images, text, entity_text)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config == tiny_model.config
+    assert loaded.visual.preprocess_cfg == tiny_model.visual.preprocess_cfg
+    assert e2_core.get_tokenizer(tmp_path / "ckpt")(["x"]).shape == (1, 32)
+
+
+def test_checkpoint_config_overrides(tiny_model, tmp_path):
+    save_pretrained(tiny_model, tmp_path / "ckpt")
+    loaded = e2_core.create_e2(TINY, pretrained=tmp_path / "ckpt", stochastic_eval=True)
+    assert loaded.config.stochastic_eval and loaded.visual.fusion[0].stochastic_eval
+
+
+def test_wrong_architecture_names_both(tiny_model, tmp_path):
+    save_pretrained(tiny_model, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"ViT-Ti-16-64.*ViT-B-32.*was requested"):
+        e2_core.create_e2("ViT-B-32", pretrained=tmp_path / "ckpt")
+
+
+def test_weights_of_another_e2_shape_are_refused(tmp_path):
+    save_pretrained(e2_core.create_e2(TINY, entities=("brand",)), tmp_path / "one")
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    config["e2_config"]["entities"] = ["brand", "season"]
+    (tmp_path / "one" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit E2Model\(ViT-Ti-16-64, 2 entities\)"):
+        e2_core.create_e2(None, pretrained=tmp_path / "one")
+
+
+def test_not_a_checkpoint_is_a_clear_error(tiny_model, tmp_path):
+    save_pretrained(tiny_model, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"format_version"', '"format_version" 1,', 1))
+    with pytest.raises(CheckpointError, match=r"config\.json: malformed JSON at line 3"):
+        e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+    config.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(CheckpointError, match="not an E2 checkpoint config"):
+        e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+    config.write_text(text)
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="neither a file"):
+        e2_core.create_e2(TINY, pretrained=tmp_path / "nothing-here")
+
+
+def test_local_clip_checkpoint_is_loaded(tmp_path):
+    torch.manual_seed(3)
+    clip = open_clip.create_model(TINY)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    model = e2_core.create_e2(TINY, pretrained=str(tmp_path / "clip.pt"))
+    assert torch.equal(model.visual.trunk.conv1.weight, clip.visual.conv1.weight)
+    assert torch.equal(model.visual.proj_cls, clip.visual.proj)
+    assert torch.equal(model.token_embedding.weight, clip.token_embedding.weight)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not load CLIP weights"):
+        e2_core.create_e2(TINY, pretrained=str(tmp_path / "garbage.pt"))
+
+
+def test_unreachable_pretrained_tag_fails_fast_offline():
+    with pytest.raises(CheckpointError, match="local CLIP checkpoint"):
+        e2_core.create_e2("ViT-B-32", pretrained="laion2b_s34b_b79k")
+
+
+# --- reference checkpoints -----------------------------------------------------------------------
+
+def to_reference_layout(model):
+    """Inverse of the importer, written independently here: our state dict in the authors' key layout."""
+    state, out = model.state_dict(), {}
+    n = model.config.num_tokens
+    for key, value in state.items():
+        if key == "visual.selection_tokens.tokens":
+            for j in range(n):
+                out[f"visual.token_{n - j}_embedding"] = value[j]
+        elif m := re.fullmatch(r"visual\.fusion\.(\d)\.([qkv])\.weight", key):
+            out[f"visual.proj_{m.group(2)}{'2' if m.group(1) == '1' else ''}"] = value.t()
+        elif m := re.fullmatch(r"visual\.regional_heads\.norms\.(\d)\.(\w+)", key):
+            out[f"visual.ln_s{int(m.group(1)) + 1}.{m.group(2)}"] = value
+        elif key == "visual.regional_heads.proj":
+            for k in range(value.shape[0]):
+                out[f"visual.proj_s{k + 1}"] = value[k]
+        elif key.startswith("visual.trunk."):
+            out["visual." + key.removeprefix("visual.trunk.")] = value
+        else:
+            out[key] = value
+    width = state["visual.proj_cls"].shape[0]
+    out["visual.proj"] = torch.randn_like(state["visual.proj_cls"])  # defined but unused by the reference
+    out["visual.proj_cls_mid"] = torch.randn_like(state["visual.proj_cls"])
+    out["visual.ln_selection.weight"], out["visual.ln_selection.bias"] = torch.ones(width), torch.zeros(width)
+    return out
+
+
+def test_reference_checkpoint_import_round_trip(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY, force_quick_gelu=True)  # the reference is OpenAI's CLIP
+    model = e2_core.E2Model(clip, e2_core.E2Config(compat="reference"), TINY, {}).eval()
+    torch.save({"state_dict": {"module." + k: v for k, v in to_reference_layout(model).items()}},
+               tmp_path / "best.pth")
+    assert is_reference_checkpoint(tmp_path / "best.pth")
+    imported = e2_core.create_e2(TINY, pretrained=tmp_path / "best.pth").eval()
+    assert imported.config.compat == "reference"
+    images, _, _ = make_batch(tokenizer)
+    a, b = model.encode_image_regions(images), imported.encode_image_regions(images)
+    assert torch.equal(a.image_features, b.image_features)
+    assert torch.equal(a.regional_features, b.regional_features)
+    assert torch.equal(a.selected_patches, b.selected_patches)
+
+
+def test_reference_token_order_and_quirks():
+    torch.manual_seed(0)
+    model = e2_core.create_e2(TINY, compat="reference")
+    ref = to_reference_layout(model)
+    for i in range(1, 11):
+        ref[f"visual.token_{i}_embedding"] = torch.full((64,), float(i))
+    converted = convert_reference_state_dict(ref, 10)
+    # the reference prepends token_1 first, so its sequence starts with token_10
+    assert converted["visual.selection_tokens.tokens"][:, 0].tolist() == [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+    heads = model.visual.regional_heads
+    assert [list(g) for g in heads.groups] == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]  # last token dropped
+    assert heads.norm_index == [0, 1, 2, 3, 3]  # group 5 reuses group 4's norm
+
+
+def test_training_state_pickles_are_refused(tmp_path):
+    import argparse
+    torch.save({"state_dict": {"visual.token_1_embedding": torch.zeros(2)}, "args": argparse.Namespace(lr=1)},
+               tmp_path / "ckpt.pth.tar")
+    with pytest.raises(CheckpointError, match="tensors only"):
+        e2_core.import_reference_checkpoint(tmp_path / "ckpt.pth.tar", TINY)
+    torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, tmp_path / "other.pth")
+    assert not is_reference_checkpoint(tmp_path / "other.pth")

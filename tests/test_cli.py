@@ -1,0 +1,109 @@
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+import e2_core
+from e2_core import registry
+from e2_core.cli import main, task_parser
+from conftest import TINY
+
+
+def test_project_plugins_are_discovered_through_entry_points():
+    tasks = {p.name: p for p in registry.discover(registry.TASK_GROUP)}
+    assert "embed" in tasks
+    assert tasks["embed"].distribution.startswith("e2-plugins")
+    assert isinstance(tasks["embed"].load(), registry.Task)
+
+
+def fake_entry_points(monkeypatch, *eps):
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
+
+
+def test_broken_plugin_is_listed_with_its_error(monkeypatch, capsys):
+    fake_entry_points(monkeypatch,
+                      EntryPoint("broken", "no_such_module_xyz:task", registry.TASK_GROUP),
+                      EntryPoint("embed", "e2_embed:task", registry.TASK_GROUP),
+                      EntryPoint("diffusers", "no_such_adapter:adapter", registry.ADAPTER_GROUP))
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "broken" in out and "FAILED TO LOAD: ModuleNotFoundError" in out
+    assert "embed" in out and "Encode images" in out
+    assert "diffusers" in out
+    assert main(["run", "broken"]) == 2
+    assert 'failed to load plugin "broken"' in capsys.readouterr().err
+
+
+def test_function_entry_points_become_tasks(monkeypatch):
+    fake_entry_points(monkeypatch, EntryPoint("hello", "tests_plugin_hello:run", registry.TASK_GROUP))
+
+    def run(name: str = "world", times: int = 1, loud: bool = False):
+        """Say hello.
+
+        Args:
+            name: who to greet
+        """
+        return {"greeting": ("HELLO " if loud else "hello ") * times + name}
+
+    monkeypatch.setitem(__import__("sys").modules, "tests_plugin_hello", type("M", (), {"run": staticmethod(run)}))
+    task = registry.get_task("hello")
+    parser = task_parser(task)
+    assert vars(parser.parse_args(["--times", "2", "--loud"])) == {"name": "world", "times": 2, "loud": True}
+    assert "who to greet" in parser.format_help()
+
+
+def test_unknown_task_is_a_clear_error(capsys):
+    assert main(["run", "no-such-task"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'no-such-task'" in err and "embed" in err
+
+
+def test_help_and_info(capsys):
+    assert main([]) == 0
+    assert "run" in capsys.readouterr().out
+    assert main(["info", TINY]) == 0
+    out = capsys.readouterr().out
+    assert "selection tokens (10 x width)" in out and "fusion block 2" in out and "% of CLIP" in out
+    assert main(["run"]) == 2
+
+
+def test_parameter_overhead_of_vit_b32_matches_hand_count():
+    from e2_core.summary import parameter_summary
+    _, totals = parameter_summary(e2_core.create_e2("ViT-B-32"))
+    width, dim = 768, 512
+    hand = 10 * width + 2 * 3 * width * width + 5 * (2 * width + width * dim)
+    assert totals["added"] == hand
+    assert totals["clip"] == 151_277_313  # open_clip ViT-B-32
+
+
+def write_images(folder: Path, n: int):
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (80, 70), (i * 40, 100, 200)).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+
+
+def test_embed_task_reports_unreadable_images(tmp_path, capsys):
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "texts.txt").write_text("a red shirt\nblue jeans\n")
+    out = tmp_path / "emb.safetensors"
+    code = main(["run", "embed", "--images", str(tmp_path / "imgs"), "--texts", str(tmp_path / "texts.txt"),
+                 "--model", TINY, "--out", str(out), "--device", "cpu", "--regions", "--batch-size", "2"])
+    assert code == 0
+    report = capsys.readouterr().out
+    assert '"images": 3' in report and "broken.jpg" in report
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("image_features").shape == (3, 64)
+        assert f.get_tensor("image_regional_features").shape == (3, 5, 64)
+        assert f.get_tensor("text_features").shape == (2, 64)
+        assert "broken.jpg" not in f.metadata()["images"]
+    assert main(["run", "embed", "--images", str(tmp_path / "imgs"), "--model", TINY, "--strict",
+                 "--out", str(out), "--device", "cpu"]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_embed_task_needs_input():
+    with pytest.raises(ValueError, match="--images, --texts"):
+        registry.get_task("embed").run()
