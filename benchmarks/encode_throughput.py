@@ -50,7 +50,9 @@ def main() -> None:
     size = clip.visual.image_size
     images = torch.randn(args.batch_size, 3, *size, device=device)
     tokenizer = e2_core.get_tokenizer(args.model)
-    texts = tokenizer([f"100% cotton. SHIRTS. Brand {i}. FW2016. Long sleeve shirt with a small logo."
+    # Descriptions that fill the context, so E2's padding trimming does not apply and both
+    # towers do the same work (E2's text tower is CLIP's).
+    texts = tokenizer([f"100% cotton. SHIRTS. Brand {i}. FW2016. " + "Long sleeve shirt with a small logo. " * 12
                        for i in range(args.batch_size)]).to(device)
 
     jobs = {("image", "CLIP"): lambda: clip.encode_image(images), ("image", "E2"): lambda: e2.encode_image(images),

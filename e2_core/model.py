@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -175,6 +175,10 @@ class E2Model(CLIP):
     def set_gumbel_temperature(self, tau: float) -> None:
         self.visual.set_gumbel_temperature(tau)
 
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """CLIP's text tower, run only up to the batch's last end-of-text token (see ``encode_text_trimmed``)."""
+        return encode_text_trimmed(self, text, normalize)
+
     def encode_image_regions(self, image: torch.Tensor, normalize: bool = False) -> E2VisionOutput:
         """Global and per-entity image embeddings, and the patches each selection token picked."""
         out = self.visual.forward_features(image)
@@ -226,6 +230,26 @@ class E2Model(CLIP):
     def e2_parameters(self):
         """The parameters E2 adds to CLIP (trained alone in stage 1)."""
         return [p for name, p in self.named_parameters() if is_e2_parameter(name)]
+
+
+def encode_text_trimmed(clip: CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``clip.encode_text`` on the tokens up to the batch's last end-of-text token.
+
+    With the causal mask and end-token (argmax) pooling of CLIP's text tower, the padding after
+    the longest text cannot change the result, so it is cut before the transformer: short
+    strings (brands, seasons) then cost a fraction of the full context. Works on any open_clip
+    ``CLIP``; other text towers fall back to ``CLIP.encode_text``.
+    """
+    if clip.attn_mask is None or clip.text_pool_type != "argmax":
+        return CLIP.encode_text(clip, text, normalize=normalize)
+    length = int(text.argmax(dim=-1).max()) + 1  # the end token has the largest id
+    text = text[:, :length]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+    x = text_global_pool(x, text, clip.text_pool_type)
+    x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
 
 
 def is_e2_parameter(name: str) -> bool:

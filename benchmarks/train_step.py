@@ -1,0 +1,85 @@
+"""Training-step time of E2 (global + 5 regional losses) vs CLIP fine-tuning, same backbone and batch.
+
+Each repeat times one CLIP-FT step then one E2 step (forward, loss, backward, Adam), side by side.
+
+    python benchmarks/train_step.py --model ViT-B-32 --batch-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+
+import open_clip
+import torch
+
+import e2_core
+from e2_core.model import encode_text_trimmed
+from e2_core.runtime import autocast, resolve_device
+
+from encode_throughput import timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="amp", choices=["amp", "amp_fp16", "fp32"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(args.model, output_dict=True).to(device).train()
+    e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model,
+                         open_clip.get_model_config(args.model)).to(device).train()
+    b = args.batch_size
+    images = torch.randn(b, 3, *clip.visual.image_size, device=device)
+    tokenizer = e2_core.get_tokenizer(args.model)
+    tags = [dict(subcategory=["SHIRTS", "JEANS", "DRESSES"][i % 3], brand=f"Brand {i % 17}",
+                 description=f"Long sleeve shirt number {i} with a small embroidered logo at the chest.",
+                 season=["FW2016", "SS2017"][i % 2], composition=["100% cotton", "wool blend"][i % 2])
+            for i in range(b)]
+    texts = [e2_core.build_texts(t) for t in tags]
+    text = tokenizer([g for g, _ in texts]).to(device)
+    entity_text = e2_core.tokenize_entities(tokenizer, [e for _, e in texts]).to(device)
+
+    clip_loss = open_clip.ClipLoss()
+    e2_loss = e2_core.RegionalContrastiveLoss(e2.entities)
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-6) for name, m in (("CLIP-FT", clip), ("E2", e2))}
+
+    def step(name):
+        with autocast(device, args.precision):
+            if name == "CLIP-FT":  # same padding-trimmed text path as E2, for a like-for-like ratio
+                loss = clip_loss(clip.encode_image(images, normalize=True),
+                                 encode_text_trimmed(clip, text, normalize=True), clip.logit_scale.exp())
+            else:
+                loss = e2_loss(**e2(images, text, entity_text))["loss"]
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    seconds = {"CLIP-FT": [], "E2": []}
+    for repeat in range(args.warmup + args.repeats):
+        for name in seconds:
+            elapsed = timed(lambda: step(name), device)
+            if repeat >= args.warmup:
+                seconds[name].append(elapsed)
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    precision = args.precision if device.type == "cuda" else "fp32"
+    ratio = median["E2"] / median["CLIP-FT"]
+    print(f"{args.model}, batch {b}, {where}, {precision}: step CLIP-FT {1000 * median['CLIP-FT']:.1f} ms, "
+          f"E2 {1000 * median['E2']:.1f} ms, E2 / CLIP-FT = {ratio:.3f} (median of {args.repeats})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "batch_size": b, "device": where, "precision": precision,
+                       "clip_ft_s": median["CLIP-FT"], "e2_s": median["E2"], "ratio": ratio}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
