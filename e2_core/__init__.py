@@ -14,14 +14,14 @@ from .fusion import FusionBlock, SelectionTokens, TemperatureSchedule
 from .heads import RegionalHeads
 from .loss import RegionalContrastiveLoss, contrastive_loss
 from .model import E2Model, E2VisionOutput, E2VisionTransformer
-from .texts import AMAZON_FASHION, FASHIONGEN, TextSpec, build_texts, entity_labels, tokenize_entities
+from .texts import AMAZON_FASHION, FASHIONGEN, EntityTokens, TextSpec, build_texts, tokenize_entities, trim_padding
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AMAZON_FASHION", "CheckpointError", "E2Config", "E2Model", "E2VisionOutput", "E2VisionTransformer",
+    "AMAZON_FASHION", "CheckpointError", "E2Config", "EntityTokens", "E2Model", "E2VisionOutput", "E2VisionTransformer",
     "FASHIONGEN", "FASHIONGEN_ENTITIES", "FusionBlock", "RegionalContrastiveLoss", "RegionalHeads",
     "SelectionTokens", "TemperatureSchedule", "TextSpec", "build_texts", "contrastive_loss", "create_e2",
-    "create_e2_and_transforms", "entity_labels", "get_tokenizer", "import_reference_checkpoint", "list_models",
-    "save_pretrained", "tokenize_entities",
+    "create_e2_and_transforms", "get_tokenizer", "import_reference_checkpoint", "list_models",
+    "save_pretrained", "tokenize_entities", "trim_padding",
 ]

@@ -23,19 +23,6 @@ class SelectionTokens(nn.Module):
         return self.tokens.unsqueeze(0).expand(batch_size, -1, -1)
 
 
-def hard_select(logits: torch.Tensor, tau: float, stochastic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One-hot choice over the last dim; straight-through Gumbel-softmax when ``stochastic``.
-
-    Returns ``(weights, index)``: ``weights`` is one-hot in the forward pass and carries the
-    soft (temperature ``tau``) gradient when stochastic; ``index`` is the chosen position.
-    """
-    if not stochastic:
-        index = logits.argmax(dim=-1)
-        return F.one_hot(index, logits.shape[-1]).to(logits.dtype), index
-    weights = F.gumbel_softmax(logits.float(), tau=tau, hard=True, dim=-1).to(logits.dtype)
-    return weights, weights.detach().argmax(dim=-1)
-
-
 class FusionBlock(nn.Module):
     """Hard attention from selection tokens (queries) to patch tokens (keys/values).
 
@@ -64,8 +51,14 @@ class FusionBlock(nn.Module):
         # q·(Wk p) = (q Wk)·p and (one-hot @ P) Wv = one-hot @ (P Wv): fold the key projection into
         # the T queries and project only the chosen patches, never all N of them.
         logits = (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
-        weights, index = hard_select(logits, self.tau, self.training or self.stochastic_eval)
-        return (self.v(weights @ patches) + tokens) / 2, index
+        if self.training or self.stochastic_eval:
+            # straight-through Gumbel-softmax: one-hot forward, soft (temperature tau) gradient
+            weights = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True).to(patches.dtype)
+            index, picked = weights.detach().argmax(dim=-1), weights @ patches
+        else:
+            index = logits.argmax(dim=-1)
+            picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return (self.v(picked) + tokens) / 2, index
 
 
 class TemperatureSchedule:

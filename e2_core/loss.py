@@ -41,7 +41,8 @@ class RegionalContrastiveLoss(nn.Module):
 
     Example:
         >>> loss_fn = RegionalContrastiveLoss(model.entities, multi_positive=True)      # doctest: +SKIP
-        >>> losses = loss_fn(**model(images, texts, entity_text), entity_labels=labels)  # doctest: +SKIP
+        >>> out = model(images, texts, entity_text)                                     # doctest: +SKIP
+        >>> losses = loss_fn(**out, entity_labels=entity_text.index)                     # doctest: +SKIP
         >>> losses["loss"].backward()                                                    # doctest: +SKIP
     """
 
@@ -71,7 +72,7 @@ class RegionalContrastiveLoss(nn.Module):
                              f"{tuple(entity_text_features.shape)} do not match batch {batch} x entities "
                              f"{list(self.entities)}")
         if self.multi_positive and entity_labels is None:
-            raise ValueError("multi_positive=True needs entity_labels (see e2_core.texts.entity_labels)")
+            raise ValueError("multi_positive=True needs entity_labels, e.g. EntityTokens.index")
         out = {"loss_global": contrastive_loss(image_features, text_features, logit_scale)}
         regional = []
         for i, name in enumerate(self.entities):

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import E2Config
 from .fusion import FusionBlock, SelectionTokens
 from .heads import RegionalHeads
+from .texts import EntityTokens
 
 # The reference implementation divides selection logits by sqrt(768) whatever the width.
 _REFERENCE_LOGIT_SCALE = 768 ** -0.5
@@ -176,8 +177,8 @@ class E2Model(CLIP):
         self.visual.set_gumbel_temperature(tau)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """CLIP's text tower, run only up to the batch's last end-of-text token (see ``encode_text_trimmed``)."""
-        return encode_text_trimmed(self, text, normalize)
+        """CLIP's text tower; token batches shorter than the context are welcome (see ``trim_padding``)."""
+        return encode_text_any_length(self, text, normalize)
 
     def encode_image_regions(self, image: torch.Tensor, normalize: bool = False) -> E2VisionOutput:
         """Global and per-entity image embeddings, and the patches each selection token picked."""
@@ -187,21 +188,20 @@ class E2Model(CLIP):
             out.regional_features = F.normalize(out.regional_features, dim=-1)
         return out
 
-    def encode_entity_text(self, entity_text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Token ids (B, K, L) of each item's K entity strings -> embeddings (B, K, D).
+    def encode_entity_text(self, entity_text: EntityTokens, normalize: bool = False) -> torch.Tensor:
+        """Each item's entity strings (:func:`tokenize_entities`) -> embeddings (B, K, D).
 
-        Entity strings repeat across a batch (brands, seasons), so each distinct one is encoded once.
+        Every distinct string is encoded once: brands and seasons repeat across a batch.
         """
-        if entity_text.ndim != 3 or entity_text.shape[1] != len(self.entities):
-            raise ValueError(f"entity_text must have shape (B, {len(self.entities)}, context_length) for "
-                             f"entities {list(self.entities)}; got {tuple(entity_text.shape)}")
-        flat = entity_text.flatten(0, 1)
-        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
-        features = self.encode_text(unique, normalize=normalize)[inverse]
-        return features.view(*entity_text.shape[:2], -1)
+        if not isinstance(entity_text, EntityTokens):
+            raise TypeError(f"entity_text must be EntityTokens from e2_core.tokenize_entities, got {type(entity_text).__name__}")
+        if entity_text.index.ndim != 2 or entity_text.index.shape[1] != len(self.entities):
+            raise ValueError(f"entity_text holds {tuple(entity_text.index.shape)} (items, entities) but the model's "
+                             f"entities are {list(self.entities)}: give one string per entity, in that order")
+        return self.encode_text(entity_text.tokens, normalize=normalize)[entity_text.index]
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
-                entity_text: Optional[torch.Tensor] = None):
+                entity_text: Optional[EntityTokens] = None):
         """Normalised features and ``logit_scale``, as open_clip's CLIP, plus E2's regional features.
 
         Returns a dict with ``image_features``, ``text_features``, ``logit_scale`` (and ``logit_bias``
@@ -219,10 +219,10 @@ class E2Model(CLIP):
         if text is not None:
             out["text_features"] = self.encode_text(text, normalize=True)
         if entity_text is not None:
-            if image is not None and entity_text.shape[0] != image.shape[0]:
-                raise ValueError(f"entity_text has {entity_text.shape[0]} items but the image batch has "
-                                 f"{image.shape[0]}: give one row of entity strings per image")
             out["entity_text_features"] = self.encode_entity_text(entity_text, normalize=True)
+            if image is not None and len(entity_text) != image.shape[0]:
+                raise ValueError(f"entity_text has {len(entity_text)} items but the image batch has "
+                                 f"{image.shape[0]}: give one row of entity strings per image")
         if self.output_dict:
             return out
         return out.get("image_features"), out.get("text_features"), out["logit_scale"]
@@ -232,18 +232,18 @@ class E2Model(CLIP):
         return [p for name, p in self.named_parameters() if is_e2_parameter(name)]
 
 
-def encode_text_trimmed(clip: CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """``clip.encode_text`` on the tokens up to the batch's last end-of-text token.
+def encode_text_any_length(clip: CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``clip.encode_text`` for token ids (B, L) with any ``L`` up to the context length.
 
-    With the causal mask and end-token (argmax) pooling of CLIP's text tower, the padding after
-    the longest text cannot change the result, so it is cut before the transformer: short
-    strings (brands, seasons) then cost a fraction of the full context. Works on any open_clip
-    ``CLIP``; other text towers fall back to ``CLIP.encode_text``.
+    Under the causal mask and end-token (argmax) pooling of CLIP's text tower, a batch cut after
+    its longest text (:func:`e2_core.texts.trim_padding`) gives CLIP's own result, so short
+    strings (brands, seasons) cost a fraction of the full context. Works on any open_clip CLIP.
     """
-    if clip.attn_mask is None or clip.text_pool_type != "argmax":
+    length = text.shape[1]
+    if length == clip.context_length or clip.attn_mask is None or clip.text_pool_type != "argmax":
         return CLIP.encode_text(clip, text, normalize=normalize)
-    length = int(text.argmax(dim=-1).max()) + 1  # the end token has the largest id
-    text = text[:, :length]
+    if length > clip.context_length:
+        raise ValueError(f"text has {length} tokens, more than the context length {clip.context_length}")
     cast_dtype = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
     x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))

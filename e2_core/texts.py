@@ -40,24 +40,49 @@ def build_texts(tags: Mapping[str, str], spec: TextSpec = FASHIONGEN) -> Tuple[s
     return global_text, [values[e] for e in spec.entities]
 
 
-def entity_labels(entity_text: torch.Tensor) -> torch.Tensor:
-    """Token ids (B, K, L) -> ids (B, K) equal where two items share an entity's string.
+def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Cut the columns after the last non-padding token of any row (do it on the CPU, where tokens are made).
 
-    These feed the loss's multi-positive targets: the same brand twice in a batch is a positive pair.
-    Exact-string labels leave the gradients as single-positive InfoNCE's (see
-    ``RegionalContrastiveLoss``); labels from a normalised tag vocabulary group different spellings.
+    CLIP's text tower gives the same embeddings for the trimmed batch (causal mask, end-token
+    pooling) at a fraction of the cost for short strings.
     """
-    labels = [torch.unique(entity_text[:, k], dim=0, return_inverse=True)[1] for k in range(entity_text.shape[1])]
-    return torch.stack(labels, dim=1)
+    used = (tokens != pad_id).reshape(-1, tokens.shape[-1]).any(dim=0).nonzero()
+    return tokens[..., : int(used.max()) + 1 if len(used) else 1]
 
 
-def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]]) -> torch.Tensor:
-    """Per-item lists of K entity strings -> token ids (B, K, L)."""
+@dataclass
+class EntityTokens:
+    """Each item's K entity strings, tokenized once per distinct string.
+
+    ``tokens`` (U, L): the distinct strings, padding trimmed; ``index`` (B, K): which row of
+    ``tokens`` is item b's entity k. Items with the same ``index[:, k]`` share entity k's value,
+    so ``index`` doubles as the labels of the loss's multi-positive targets.
+    """
+
+    tokens: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def to(self, device) -> "EntityTokens":
+        return EntityTokens(self.tokens.to(device, non_blocking=True), self.index.to(device, non_blocking=True))
+
+
+def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]]) -> EntityTokens:
+    """Per-item lists of K entity strings -> :class:`EntityTokens`.
+
+    Example:
+        >>> et = tokenize_entities(get_tokenizer("ViT-B-32"), [["SHIRTS", "Acne"], ["SHIRTS", "Prada"]])  # doctest: +SKIP
+        >>> et.index.tolist()  # doctest: +SKIP
+        [[0, 1], [0, 2]]
+    """
     if not entity_strings:
         raise ValueError("no entity strings given")
     k = len(entity_strings[0])
     bad = [i for i, row in enumerate(entity_strings) if len(row) != k]
     if bad:
         raise ValueError(f"items {bad[:5]} have a different number of entity strings than item 0 ({k})")
-    tokens = tokenizer([s for row in entity_strings for s in row])
-    return tokens.view(len(entity_strings), k, -1)
+    distinct = {}
+    index = [[distinct.setdefault(s, len(distinct)) for s in row] for row in entity_strings]
+    return EntityTokens(trim_padding(tokenizer(list(distinct))), torch.tensor(index))

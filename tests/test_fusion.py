@@ -3,24 +3,26 @@ import math
 import pytest
 import torch
 
-from e2_core.fusion import FusionBlock, TemperatureSchedule, hard_select
+from e2_core.fusion import FusionBlock, TemperatureSchedule
 
 
-def test_hard_select_is_one_hot_with_straight_through_gradient():
-    logits = torch.randn(2, 3, 7, requires_grad=True)
-    weights, index = hard_select(logits, tau=1.0, stochastic=True)
-    assert torch.allclose(weights.sum(-1), torch.ones(2, 3))
-    assert ((weights > 0.5).sum(-1) == 1).all()
-    assert torch.equal(weights.argmax(-1), index)
-    (weights * torch.randn(7)).sum().backward()
-    assert logits.grad.abs().sum() > 0  # gradient passes the hard choice
+def test_training_selection_is_one_hot_with_straight_through_gradient():
+    torch.manual_seed(0)
+    block = FusionBlock(8, value_init="identity").train()
+    tokens, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8, requires_grad=True)
+    fused, index = block(tokens, patches)
+    chosen = patches[torch.arange(2)[:, None], index]
+    assert torch.allclose(fused, (chosen + tokens) / 2, atol=1e-6)  # exactly one patch each
+    fused.sum().backward()
+    assert block.q.weight.grad.abs().sum() > 0 and block.k.weight.grad.abs().sum() > 0  # through the hard choice
 
 
-def test_argmax_selection_when_deterministic():
-    logits = torch.tensor([[[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]]])
-    weights, index = hard_select(logits, tau=1.0, stochastic=False)
-    assert index.tolist() == [[1, 0]]
-    assert torch.equal(weights, torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]))
+def test_eval_selection_is_the_argmax():
+    torch.manual_seed(0)
+    block = FusionBlock(8, value_init="random").eval()
+    tokens, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    logits = (block.q(tokens) @ block.k.weight) @ patches.transpose(1, 2)
+    assert torch.equal(block(tokens, patches)[1], logits.argmax(-1))
 
 
 def test_eval_fusion_gathers_the_chosen_patch():

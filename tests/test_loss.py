@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2_core import RegionalContrastiveLoss, contrastive_loss, entity_labels
+from e2_core import RegionalContrastiveLoss, contrastive_loss
 
 
 def reference_infonce(a, b, scale, labels=None):
@@ -87,13 +87,6 @@ def test_identical_texts_give_multi_positive_the_same_gradient():
 def test_multi_positive_needs_labels():
     with pytest.raises(ValueError, match="entity_labels"):
         RegionalContrastiveLoss(["brand", "season"], multi_positive=True)(**features())
-
-
-def test_entity_labels_from_tokens():
-    tokens = torch.tensor([[[1, 2], [5, 0]], [[1, 2], [6, 0]], [[3, 0], [5, 0]]])
-    labels = entity_labels(tokens)
-    assert labels[0, 0] == labels[1, 0] != labels[2, 0]
-    assert labels[0, 1] == labels[2, 1] != labels[1, 1]
 
 
 def test_bad_inputs_are_clear_errors():

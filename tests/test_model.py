@@ -75,7 +75,9 @@ def test_text_tower_is_clips_unchanged(tokenizer, texts):
     clip = open_clip.create_model(TINY)
     reference = clip.encode_text(tokenizer(texts))
     model = e2_core.E2Model(clip, E2Config(), TINY, open_clip.get_model_config(TINY))
-    assert torch.allclose(model.encode_text(tokenizer(texts)), reference, atol=1e-5)
+    assert torch.equal(model.encode_text(tokenizer(texts)), reference)
+    trimmed = e2_core.trim_padding(tokenizer(texts))
+    assert torch.allclose(model.encode_text(trimmed), reference, atol=1e-5)  # padding cannot matter
     assert model.token_embedding is clip.token_embedding and model.transformer is clip.transformer
 
 
@@ -111,9 +113,11 @@ def test_wrong_image_shape_is_a_clear_error(tiny_model, shape, match):
 def test_entity_text_mismatch_is_a_clear_error(tiny_model, tokenizer):
     images, text, entity_text = make_batch(tokenizer)
     with pytest.raises(ValueError, match="one row of entity strings per image"):
-        tiny_model(images, text, entity_text[:2])
-    with pytest.raises(ValueError, match="entities"):
-        tiny_model(images, text, entity_text[:, :3])
+        tiny_model(images, text, e2_core.EntityTokens(entity_text.tokens, entity_text.index[:2]))
+    with pytest.raises(ValueError, match="entities are"):
+        tiny_model(images, text, e2_core.EntityTokens(entity_text.tokens, entity_text.index[:, :3]))
+    with pytest.raises(TypeError, match="EntityTokens"):
+        tiny_model(images, text, entity_text.tokens)
 
 
 def test_fusion_layers_scale_with_depth():

@@ -1,6 +1,8 @@
 import pytest
 
-from e2_core import AMAZON_FASHION, FASHIONGEN, build_texts, tokenize_entities, get_tokenizer
+import torch
+
+from e2_core import AMAZON_FASHION, FASHIONGEN, build_texts, get_tokenizer, tokenize_entities, trim_padding
 from conftest import TINY
 
 TAGS = {"subcategory": "SHIRTS", "brand": "Raf Simons", "description": "Long sleeve cotton shirt.",
@@ -19,8 +21,19 @@ def test_amazon_texts_and_missing_field():
         build_texts({"brand": "Levi's"}, AMAZON_FASHION)
 
 
-def test_tokenize_entities_shape_and_ragged_rows():
+def test_tokenize_entities_dedupes_and_trims():
     tok = get_tokenizer(TINY)
-    assert tokenize_entities(tok, [["a", "b"], ["c", "d"], ["e", "f"]]).shape == (3, 2, 32)
+    et = tokenize_entities(tok, [["SHIRTS", "Acne Studios"], ["SHIRTS", "Prada"], ["JEANS", "Acne Studios"]])
+    assert et.index.tolist() == [[0, 1], [0, 2], [3, 1]]  # the index doubles as multi-positive labels
+    assert et.tokens.shape[0] == 4 and et.tokens.shape[1] < 32
+    assert torch.equal(et.tokens, trim_padding(tok(["SHIRTS", "Acne Studios", "Prada", "JEANS"])))
     with pytest.raises(ValueError, match="different number"):
         tokenize_entities(tok, [["a", "b"], ["c"]])
+
+
+def test_trim_padding_keeps_every_real_token():
+    tok = get_tokenizer(TINY)
+    tokens = tok(["a", "a much longer text with more words"])
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape[1] == int((tokens != 0).sum(1).max())
+    assert torch.equal(trimmed, tokens[:, :trimmed.shape[1]]) and (tokens[:, trimmed.shape[1]:] == 0).all()
