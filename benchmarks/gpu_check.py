@@ -54,7 +54,7 @@ def main() -> int:
     gpu_model.train()
     loss_fn = e2_core.RegionalContrastiveLoss(gpu_model.entities)
     with autocast(torch.device("cuda"), "amp"):
-        losses = loss_fn(**gpu_model(images.cuda(), text.cuda(), entity_text.cuda()))
+        losses = loss_fn(**gpu_model(images.cuda(), text.cuda(), entity_text.to('cuda')))
     losses["loss"].backward()
     visual = gpu_model.visual
     grads = {"selection_tokens": visual.selection_tokens.tokens.grad,

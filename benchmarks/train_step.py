@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of one step per model here")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -50,7 +51,9 @@ def main() -> None:
 
     clip_loss = open_clip.ClipLoss()
     e2_loss = e2_core.RegionalContrastiveLoss(e2.entities)
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-6) for name, m in (("CLIP-FT", clip), ("E2", e2))}
+    fused = device.type == "cuda"
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-6, fused=fused)
+                  for name, m in (("CLIP-FT", clip), ("E2", e2))}
 
     def step(name):
         with autocast(device, args.precision):
@@ -70,6 +73,15 @@ def main() -> None:
             if repeat >= args.warmup:
                 seconds[name].append(elapsed)
     median = {name: statistics.median(v) for name, v in seconds.items()}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(args.profile, "w") as f:
+            for name in seconds:
+                with profile(activities=activities) as prof:
+                    timed(lambda: step(name), device)
+                f.write(f"== {name}\n{prof.key_averages().table(sort_by=sort, row_limit=25)}\n")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = args.precision if device.type == "cuda" else "fp32"
     ratio = median["E2"] / median["CLIP-FT"]

@@ -56,10 +56,9 @@ class RegionalContrastiveLoss(nn.Module):
         if not 0.0 <= global_weight <= 1.0:
             raise ValueError(f"global_weight must be in [0, 1], got {global_weight}")
         self.global_weight = global_weight
-        weights = [float((entity_weights or {}).get(e, 1.0)) for e in self.entities]
-        if sum(weights) <= 0 and global_weight < 1:
+        self.entity_weights = [float((entity_weights or {}).get(e, 1.0)) for e in self.entities]
+        if sum(self.entity_weights) <= 0 and global_weight < 1:
             raise ValueError("entity_weights are all zero; raise one or set global_weight=1")
-        self.register_buffer("entity_weights", torch.tensor(weights), persistent=False)
         self.multi_positive = multi_positive
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -74,13 +73,12 @@ class RegionalContrastiveLoss(nn.Module):
         if self.multi_positive and entity_labels is None:
             raise ValueError("multi_positive=True needs entity_labels, e.g. EntityTokens.index")
         out = {"loss_global": contrastive_loss(image_features, text_features, logit_scale)}
-        regional = []
-        for i, name in enumerate(self.entities):
+        regional_loss = 0.0
+        for i, (name, weight) in enumerate(zip(self.entities, self.entity_weights)):
             labels = entity_labels[:, i] if self.multi_positive else None
             out[f"loss_{name}"] = contrastive_loss(image_regional_features[:, i], entity_text_features[:, i],
                                                    logit_scale, labels)
-            regional.append(out[f"loss_{name}"])
-        weights = self.entity_weights.to(logit_scale.device)
-        regional_loss = (torch.stack(regional) * weights).sum() / weights.sum().clamp_min(1e-12)
+            regional_loss = regional_loss + weight * out[f"loss_{name}"]
+        regional_loss = regional_loss / max(sum(self.entity_weights), 1e-12)
         out["loss"] = self.global_weight * out["loss_global"] + (1 - self.global_weight) * regional_loss
         return out

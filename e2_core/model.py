@@ -4,6 +4,7 @@ paper's figure."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -85,7 +86,7 @@ class E2VisionTransformer(nn.Module):
         transformer = self.trunk.transformer
         if not transformer.batch_first:
             x = x.transpose(0, 1)
-        for block in transformer.resblocks[start:stop]:
+        for block in islice(transformer.resblocks, start, stop):  # slicing would build a ModuleList
             if transformer.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, None, None, None, use_reentrant=False)
             else:
