@@ -68,6 +68,12 @@ class E2VisionTransformer(nn.Module):
         """open_clip's preprocessing config of the backbone (mean, std, size, interpolation...)."""
         return getattr(self.trunk, "preprocess_cfg", {})
 
+    def patch_boxes(self, selected_patches: torch.Tensor) -> torch.Tensor:
+        """Patch indices (any shape) -> pixel boxes ``(x0, y0, x1, y1)`` in the model's input image."""
+        (ph, pw), (_, cols) = self.trunk.patch_size, self.grid_size
+        row, col = selected_patches.div(cols, rounding_mode="floor"), selected_patches.remainder(cols)
+        return torch.stack([col * pw, row * ph, (col + 1) * pw, (row + 1) * ph], dim=-1)
+
     def set_gumbel_temperature(self, tau: float) -> None:
         for block in self.fusion:
             block.tau = float(tau)

@@ -163,3 +163,8 @@ def test_config_round_trip_and_validation():
         E2Config(entities=("brand", "brand"))
     with pytest.raises(ValueError, match="reference"):
         E2Config(entities=("brand",), compat="reference")
+
+
+def test_patch_boxes_locate_selected_patches(tiny_model):
+    boxes = tiny_model.visual.patch_boxes(torch.tensor([0, 5, 15]))  # 4x4 grid of 16-px patches
+    assert boxes.tolist() == [[0, 0, 16, 16], [16, 16, 32, 32], [48, 48, 64, 64]]
