@@ -1,0 +1,115 @@
+"""One reader interface for every fashion dataset, and the collate step that turns products into
+E2's inputs (images, global texts, per-entity strings).
+
+A reader is a :class:`ProductDataset`: products with tag fields and one or more views. Indexing
+it gives a :class:`Sample`; an image that cannot be read gives a sample with ``error`` set
+(path and reason) instead of crashing a worker, and :class:`E2Collate` counts and reports it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..texts import TextSpec, build_texts, tokenize_entities, trim_padding
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file, field or line."""
+
+
+@dataclass
+class Sample:
+    index: int
+    product_id: str
+    tags: Dict[str, str]
+    image: Optional[object] = None  # PIL image, or a tensor once transformed
+    error: Optional[str] = None  # "where: why" when the image could not be read
+
+
+class ProductDataset(Dataset):
+    """Products with tag fields and one or more views each.
+
+    Subclasses implement ``__len__``, :meth:`product` (tags without touching pixels),
+    :meth:`num_views` and :meth:`load_image`. In training a random view is drawn, in evaluation
+    the first; the draw depends only on ``(seed, epoch, index)``, so a resumed run sees the
+    same views.
+    """
+
+    spec: TextSpec
+
+    def __init__(self, train: bool = False, transform: Optional[Callable] = None, seed: int = 0,
+                 strict: bool = False):
+        self.train, self.transform, self.seed, self.strict = train, transform, seed, strict
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def product(self, index: int) -> Sample:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def num_views(self, index: int) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def load_image(self, index: int, view: int) -> Image.Image:  # pragma: no cover - interface
+        """The view's image; raise ``DataError("<where>: <why>")`` when it cannot be read."""
+        raise NotImplementedError
+
+    def view_for(self, index: int) -> int:
+        if not self.train:
+            return 0
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").randrange(self.num_views(index))
+
+    def groups(self, field_name: str) -> List[str]:
+        """Every product's value of one tag field (e.g. sub-category, for sample-100 negatives)."""
+        return [self.product(i).tags.get(field_name, "") for i in range(len(self))]
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.product(index)
+        try:
+            image = self.load_image(index, self.view_for(index)).convert("RGB")
+            sample.image = self.transform(image) if self.transform is not None else image
+        except (DataError, OSError) as err:
+            if self.strict:
+                raise DataError(f"{err} (run without --strict to skip and report unreadable images)") from err
+            sample.error = str(err)
+        return sample
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W)
+    text: torch.Tensor  # (B, L) global texts, padding trimmed
+    entity_text: object  # EntityTokens
+    indices: List[int]
+    skipped: List[str] = field(default_factory=list)  # "where: why" of samples dropped from this batch
+
+    def to(self, device) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=True), self.text.to(device, non_blocking=True),
+                     self.entity_text.to(device), self.indices, self.skipped)
+
+
+class E2Collate:
+    """DataLoader ``collate_fn``: transformed samples -> :class:`Batch`, unreadable samples dropped and listed."""
+
+    def __init__(self, tokenizer, spec: TextSpec):
+        self.tokenizer, self.spec = tokenizer, spec
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        good = [s for s in samples if s.error is None]
+        skipped = [s.error for s in samples if s.error is not None]
+        if not good:
+            return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), None, [], skipped)
+        texts = [build_texts(s.tags, self.spec) for s in good]
+        return Batch(
+            images=torch.stack([s.image for s in good]),
+            text=trim_padding(self.tokenizer([t for t, _ in texts])),
+            entity_text=tokenize_entities(self.tokenizer, [e for _, e in texts]),
+            indices=[s.index for s in good],
+            skipped=skipped,
+        )

@@ -1,0 +1,109 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import e2_core
+from e2_core.data import DataError, E2Collate, FashionGen
+from e2_core.data.synthetic import render, catalog, write_fashiongen, write_fashioniq
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_fashiongen(root, {"train": 12, "validation": 8}, seed=0)
+    return root
+
+
+def test_reader_groups_views_by_product(synthetic):
+    data = FashionGen(synthetic, split="train")
+    with h5py.File(synthetic / "fashiongen_256_256_train.h5") as f:
+        ids = f["input_productID"][:, 0]
+        brands = f["input_brand"][:, 0]
+    assert len(data) == len(set(ids.tolist())) == 12
+    for i in range(len(data)):
+        rows = data.views[i]
+        assert (ids[rows] == ids[rows[0]]).all() and data.num_views(i) == len(rows)
+        assert data.product(i).tags["brand"] == brands[rows[0]].decode("latin-1")
+    assert sum(data.num_views(i) for i in range(len(data))) == len(ids)
+
+
+def test_first_view_in_eval_random_view_in_training(synthetic):
+    evaluation = FashionGen(synthetic, split="train")
+    multi = next(i for i in range(len(evaluation)) if evaluation.num_views(i) > 1)
+    first = np.asarray(evaluation.load_image(multi, 0))
+    assert np.array_equal(np.asarray(evaluation[multi].image), first)
+    training = FashionGen(synthetic, split="train", train=True, seed=3)
+    views = []
+    for epoch in range(8):
+        training.set_epoch(epoch)
+        views.append(training.view_for(multi))
+        assert training.view_for(multi) == views[-1]  # the same for the same (seed, epoch, index)
+    assert len(set(views)) > 1
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_fashiongen(a, {"train": 4}, seed=7)
+    write_fashiongen(b, {"train": 4}, seed=7)
+    with h5py.File(a / "fashiongen_256_256_train.h5") as fa, h5py.File(b / "fashiongen_256_256_train.h5") as fb:
+        for key in fa:
+            assert np.array_equal(fa[key][:], fb[key][:]), key
+    assert not np.array_equal(np.asarray(render(catalog(7)[0], 0, 7)), np.asarray(render(catalog(8)[0], 0, 8)))
+
+
+def test_splits_hold_disjoint_products(synthetic):
+    train = set(FashionGen(synthetic, split="train").product_ids)
+    validation = set(FashionGen(synthetic, split="validation").product_ids)
+    assert train and validation and not train & validation
+
+
+def test_details_decide_identity():
+    """Products that share sub-category and colour are told apart by brand mark, fabric or tag."""
+    products = catalog(0)[:2000]
+    coarse = {}
+    for p in products:
+        coarse.setdefault((p.subcategory, p.colour), []).append(p)
+    assert max(len(v) for v in coarse.values()) >= 20
+    a, b = next(v for v in coarse.values() if len(v) > 1)[:2]
+    assert a != b and (a.subcategory, a.colour) == (b.subcategory, b.colour)
+    assert not np.array_equal(np.asarray(render(a, 0)), np.asarray(render(b, 0)))
+
+
+def test_collate_builds_e2_inputs(synthetic):
+    model, _, preprocess = e2_core.create_e2_and_transforms(TINY)
+    tokenizer = e2_core.get_tokenizer(model)
+    data = FashionGen(synthetic, split="validation", transform=preprocess)
+    batch = E2Collate(tokenizer, data.spec)([data[i] for i in range(4)])
+    assert batch.images.shape == (4, 3, 64, 64)
+    assert batch.text.shape[0] == 4 and batch.entity_text.index.shape == (4, 5)
+    out = model(batch.images, batch.text, batch.entity_text)
+    assert out["image_regional_features"].shape == (4, 5, 64)
+
+
+def test_missing_field_is_named(tmp_path, synthetic):
+    broken = tmp_path / "fashiongen_256_256_train.h5"
+    with h5py.File(synthetic / "fashiongen_256_256_train.h5") as src, h5py.File(broken, "w") as dst:
+        for key in src:
+            if key != "input_season":
+                src.copy(key, dst)
+    with pytest.raises(DataError, match="input_season"):
+        FashionGen(broken)
+    with pytest.raises(DataError, match="no such FashionGen file"):
+        FashionGen(tmp_path / "nope.h5")
+
+
+def test_fashioniq_layout(tmp_path):
+    import json
+    counts = write_fashioniq(tmp_path, triplets_per_category=3)
+    assert counts == {"dress": 3, "shirt": 3, "toptee": 3}
+    for category in counts:
+        triplets = json.loads((tmp_path / "captions" / f"cap.{category}.val.json").read_text())
+        gallery = set(json.loads((tmp_path / "image_splits" / f"split.{category}.val.json").read_text()))
+        for t in triplets:
+            assert {t["candidate"], t["target"]} <= gallery and t["candidate"] != t["target"]
+            assert len(t["captions"]) == 2
+        assert all((tmp_path / "images" / f"{name}.png").is_file() for name in gallery)
+    references = json.loads((tmp_path / "caption_references.json").read_text())
+    assert len(references) >= 9 and all(len(v) == 3 for v in references.values())
