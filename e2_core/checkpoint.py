@@ -8,7 +8,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from open_clip.model import CLIP, set_model_preprocess_cfg
@@ -30,8 +30,9 @@ class CheckpointError(ValueError):
     """A file that is not the checkpoint it was expected to be."""
 
 
-def save_pretrained(model: E2Model, path: PathLike) -> Path:
-    """Write ``model`` to directory ``path`` (created if needed); files are replaced atomically.
+def save_pretrained(model: Union[E2Model, CLIP], path: PathLike) -> Path:
+    """Write an E2 model, or a CLIP from :func:`create_clip` (the CLIP-FT baseline), to directory
+    ``path`` (created if needed); files are replaced atomically.
 
     Example:
         >>> save_pretrained(model, "runs/e2-demo")            # doctest: +SKIP
@@ -39,14 +40,19 @@ def save_pretrained(model: E2Model, path: PathLike) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    is_e2 = isinstance(model, E2Model)
+    if not is_e2 and not hasattr(model, "clip_config"):
+        raise TypeError("save_pretrained takes an E2Model or a CLIP made by e2_core.create_clip")
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "model_type": "e2" if is_e2 else "clip",
         "clip_model": model.clip_model,
         "clip_config": model.clip_config,
-        "preprocess_cfg": dict(model.visual.preprocess_cfg),
-        "e2_config": model.config.to_dict(),
+        "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {})),
     }
+    if is_e2:
+        config["e2_config"] = model.config.to_dict()
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     _atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT}))
     _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
@@ -79,20 +85,29 @@ def read_checkpoint_config(path: PathLike) -> Dict[str, Any]:
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{file} has format_version {config['format_version']}, newer than this "
                               f"e2-plugins reads ({FORMAT_VERSION}); upgrade e2-plugins")
-    for key in ("clip_model", "clip_config", "e2_config"):
+    for key in ("clip_model", "clip_config") + (("e2_config",) if config.get("model_type", "e2") == "e2" else ()):
         if key not in config:
             raise CheckpointError(f"{file} lacks the field {key!r}; the checkpoint is incomplete")
     return config
 
 
-def load_e2_checkpoint(path: PathLike, config: E2Config) -> E2Model:
-    """Build the architecture a checkpoint directory describes and load its weights exactly."""
+def load_checkpoint(path: PathLike, config: Optional[E2Config] = None) -> Union[E2Model, CLIP]:
+    """Build the architecture a checkpoint directory describes and load its weights exactly.
+
+    An E2 checkpoint gives an ``E2Model`` (with ``config`` overriding the saved one when given);
+    a CLIP checkpoint gives the open_clip ``CLIP``.
+    """
     saved = read_checkpoint_config(path)
     clip = CLIP(**saved["clip_config"], output_dict=True)
     if saved.get("preprocess_cfg"):  # JSON turned its tuples (mean, std, size) into lists
         set_model_preprocess_cfg(clip, {k: tuple(v) if isinstance(v, list) else v
                                         for k, v in saved["preprocess_cfg"].items()})
-    model = E2Model(clip, config, saved["clip_model"], saved["clip_config"])
+    clip.clip_model, clip.clip_config = saved["clip_model"], dict(saved["clip_config"])
+    if checkpoint_type(saved) == "e2":
+        model = E2Model(clip, config or E2Config.from_dict(saved["e2_config"]), saved["clip_model"],
+                        saved["clip_config"])
+    else:
+        model = clip
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing: the checkpoint directory {path} has a config but no weights")
@@ -103,6 +118,10 @@ def load_e2_checkpoint(path: PathLike, config: E2Config) -> E2Model:
                               "was the save interrupted? Use an earlier checkpoint") from err
     load_state_dict_checked(model, state_dict, source=str(weights))
     return model
+
+
+def checkpoint_type(saved: Mapping[str, Any]) -> str:
+    return saved.get("model_type", "e2")
 
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

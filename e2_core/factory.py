@@ -28,8 +28,8 @@ from open_clip.model import CLIP
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU
 
-from .checkpoint import (CheckpointError, is_e2_checkpoint, is_reference_checkpoint, load_e2_checkpoint,
-                         load_reference_state_dict, load_state_dict_checked, read_checkpoint_config)
+from .checkpoint import (CheckpointError, checkpoint_type, is_e2_checkpoint, is_reference_checkpoint,
+                         load_checkpoint, load_reference_state_dict, load_state_dict_checked, read_checkpoint_config)
 from .config import E2Config
 from .model import E2Model
 
@@ -87,9 +87,12 @@ def create_e2(
     if pretrained is not None and is_e2_checkpoint(pretrained):
         saved = read_checkpoint_config(pretrained)
         _check_same_architecture(model_name, saved, pretrained)
+        if checkpoint_type(saved) == "clip":  # e.g. a CLIP-FT checkpoint: extend it with new E2 parts
+            clip = load_checkpoint(pretrained)
+            return E2Model(clip, _resolve_config(None, config, overrides), saved["clip_model"],
+                           saved["clip_config"]).to(device)
         e2_config = _resolve_config(E2Config.from_dict(saved["e2_config"]), config, overrides)
-        model = load_e2_checkpoint(pretrained, e2_config)
-        return model.to(device)
+        return load_checkpoint(pretrained, e2_config).to(device)
 
     model_name = model_name or "ViT-B-32"
     e2_config = _resolve_config(None, config, overrides)
@@ -98,6 +101,31 @@ def create_e2(
 
     clip = _create_clip(model_name, pretrained, cache_dir=cache_dir)
     return E2Model(clip, e2_config, model_name, _clip_config(model_name, clip)).to(device)
+
+
+def create_clip(model_name: Optional[str] = None, pretrained: Optional[PathLike] = None, *,
+                device: Union[str, torch.device] = "cpu") -> CLIP:
+    """open_clip's CLIP (the CLIP-FT baseline), from the same sources as :func:`create_e2`
+    (a tag, a CLIP file, or a CLIP checkpoint directory written by ``save_pretrained``)."""
+    if pretrained is not None and is_e2_checkpoint(pretrained):
+        saved = read_checkpoint_config(pretrained)
+        _check_same_architecture(model_name, saved, pretrained)
+        if checkpoint_type(saved) != "clip":
+            raise CheckpointError(f"{pretrained} holds an E2 model; load it with create_e2")
+        return load_checkpoint(pretrained).to(device)
+    model_name = model_name or "ViT-B-32"
+    clip = _create_clip(model_name, pretrained)
+    clip.clip_model, clip.clip_config = model_name, _clip_config(model_name, clip)
+    return clip.to(device)
+
+
+def load_encoder(model_name: Optional[str] = None, pretrained: Optional[PathLike] = None, *,
+                 device: Union[str, torch.device] = "cpu"):
+    """Whatever a checkpoint directory holds (E2 or CLIP), else an E2 model as :func:`create_e2` builds it."""
+    if pretrained is not None and is_e2_checkpoint(pretrained) and \
+            checkpoint_type(read_checkpoint_config(pretrained)) == "clip":
+        return create_clip(model_name, pretrained, device=device)
+    return create_e2(model_name, pretrained, device=device)
 
 
 def _create_clip(model_name: str, pretrained: Optional[PathLike], **kwargs) -> CLIP:
@@ -165,14 +193,18 @@ def create_e2_and_transforms(model_name: Optional[str] = None, pretrained: Optio
                              **kwargs) -> Tuple[E2Model, Any, Any]:
     """``(model, preprocess_train, preprocess_val)``, the transforms of the backbone's pretrained config."""
     model = create_e2(model_name, pretrained, **kwargs)
+    return (model, *image_transforms(model))
+
+
+def image_transforms(model) -> Tuple[Any, Any]:
+    """``(preprocess_train, preprocess_val)`` of an E2 model or CLIP, from its preprocessing config."""
     preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
-    return (model, image_transform_v2(preprocess_cfg, is_train=True),
-            image_transform_v2(preprocess_cfg, is_train=False))
+    return image_transform_v2(preprocess_cfg, is_train=True), image_transform_v2(preprocess_cfg, is_train=False)
 
 
-def get_tokenizer(model: Union[E2Model, PathLike] = "ViT-B-32"):
-    """open_clip's tokenizer for an E2Model, an architecture name, or an E2 checkpoint directory."""
-    if isinstance(model, E2Model):
+def get_tokenizer(model: Union[CLIP, PathLike] = "ViT-B-32"):
+    """open_clip's tokenizer for a model of this package, an architecture name, or a checkpoint directory."""
+    if isinstance(model, CLIP) and hasattr(model, "clip_model"):
         name, context_length = model.clip_model, model.context_length
     elif is_e2_checkpoint(model):
         saved = read_checkpoint_config(model)

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 import e2_core
 from e2_core import registry
-from e2_core.cli import main, task_parser
+from e2_plugins.cli import main, task_parser
 from conftest import TINY
 
 

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import registry
+from e2_core import registry
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -67,8 +67,8 @@ def _list() -> int:
 
 
 def _info(model_name: str, pretrained: Optional[str]) -> int:
-    from .factory import create_e2
-    from .summary import parameter_summary
+    from e2_core import create_e2
+    from e2_core.summary import parameter_summary
 
     model = create_e2(model_name, pretrained)
     rows, totals = parameter_summary(model)
