@@ -1,0 +1,193 @@
+"""A user's own products, read from one JSONL or CSV file.
+
+Each row is one view: an image path, the product's text and its entity columns. Rows that share
+an id are views of one product; the product's tags come from its first row, so later rows need
+only the id and the image. The file's columns are the CSV header, or the keys of the first JSON
+record.
+
+Example (``products.csv``)::
+
+    id,image,text,brand,category
+    p1,img/p1_front.jpg,Black wool coat,Acne Studios,COATS
+    p1,img/p1_back.jpg,,,
+    p2,img/p2.jpg,Slim jeans,Levi's,JEANS
+
+``Catalog("products.csv")`` gives two products, entities ``("brand", "category")``, global text
+``text``; relative image paths resolve against the file's folder.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from PIL import Image, UnidentifiedImageError
+
+from ..texts import TextSpec
+from .base import DataError, ProductDataset, Sample
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CSV_SUFFIXES = (".csv",)
+
+
+def open_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Decode one image file completely; ``DataError("<path>: <why>")`` for a missing or unreadable one."""
+    try:
+        with open(path, "rb") as f:  # our own handle: closed here, the decoded image stays usable
+            image = Image.open(f)
+            image.load()  # decode now, so a truncated file fails here and not in a transform
+        return image
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image file") from None
+    except UnidentifiedImageError as err:  # an OSError subclass: not an image format PIL knows
+        raise DataError(f"{path}: not a readable image (unknown format or corrupt header)") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: unreadable image ({err})") from err
+
+
+def json_error(path: Union[str, os.PathLike], err: json.JSONDecodeError, line: Optional[int] = None) -> DataError:
+    """``DataError("<file>:<line>:<column>: malformed JSON (<why>)")``; ``line`` for a JSON-lines record."""
+    return DataError(f"{path}:{line if line is not None else err.lineno}:{err.colno}: malformed JSON ({err.msg})")
+
+
+class Catalog(ProductDataset):
+    """Products from a JSONL (``.jsonl``, ``.json``, ``.ndjson``: one object per line) or CSV file.
+
+    Args:
+        path: the file.
+        image_column, text_column: the columns holding a view's image path and the product's text
+            (the global text, ``spec.global_fields``).
+        id_column: the product id; rows with the same id are views of one product. ``None``:
+            ``"id"`` when the file has that column, else each row is its own product, numbered
+            from 1 in file order. A column named explicitly must be in every row.
+        entities: the tag columns that are E2 entities, in order. ``None``: every column other
+            than the image, text and id columns, in file order.
+        image_root: the folder relative image paths resolve against; default the file's folder.
+        **kwargs: ``train``, ``transform``, ``seed``, ``strict`` (see :class:`ProductDataset`).
+
+    ``spec`` is ``TextSpec(entities=tuple(entities), global_fields=(text_column,))``.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], image_column: str = "image", text_column: str = "text",
+                 id_column: Optional[str] = None, entities: Optional[Sequence[str]] = None,
+                 image_root: Optional[Union[str, os.PathLike]] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such catalog file")
+        suffix = self.path.suffix.lower()
+        if suffix in JSON_SUFFIXES:
+            columns, rows = _read_jsonl(self.path)
+        elif suffix in CSV_SUFFIXES:
+            columns, rows = _read_csv(self.path)
+        else:
+            raise DataError(f"{self.path}: unknown catalog format {suffix!r}; use one of "
+                            f"{JSON_SUFFIXES + CSV_SUFFIXES} (JSON lines or CSV with a header)")
+        if not rows:
+            raise DataError(f"{self.path}: empty file, no products")
+        if id_column is None:
+            id_column = "id" if "id" in columns else None
+        self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
+        if entities is None:
+            entities = [c for c in columns if c not in (image_column, text_column, id_column)]
+        self.entities = tuple(entities)
+        self.spec = TextSpec(entities=self.entities, global_fields=(text_column,))
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+
+        tag_columns = list(dict.fromkeys(self.spec.global_fields + self.entities))
+        first_of: Dict[str, int] = {}
+        self.product_ids: List[str] = []
+        self.tags: List[Dict[str, str]] = []
+        self.views: List[List[Path]] = []
+        for number, (where, row) in enumerate(rows, start=1):
+            image = _required(row, image_column, where, columns)
+            if not image:
+                raise DataError(f"{where}: column {image_column!r} (the image path) is empty")
+            if id_column is None:
+                pid = str(number)
+            else:
+                pid = _required(row, id_column, where, columns)
+                if not pid:
+                    raise DataError(f"{where}: column {id_column!r} (the product id) is empty")
+            if pid not in first_of:
+                tags = {name: _required(row, name, where, columns) for name in tag_columns}
+                first_of[pid] = len(self.product_ids)
+                self.product_ids.append(pid)
+                self.tags.append(tags)
+                self.views.append([])
+            self.views[first_of[pid]].append(self._resolve(image))
+
+    def _resolve(self, image: str) -> Path:
+        p = Path(image).expanduser()
+        return p if p.is_absolute() else self.image_root / p
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+    def num_views(self, index: int) -> int:
+        return len(self.views[index])
+
+    def product(self, index: int) -> Sample:
+        return Sample(index=index, product_id=self.product_ids[index], tags=dict(self.tags[index]))
+
+    def load_image(self, index: int, view: int) -> Image.Image:
+        return open_image(self.views[index][view])
+
+
+Row = Dict[str, object]
+
+
+def _read_jsonl(path: Path) -> Tuple[List[str], List[Tuple[str, Row]]]:
+    rows: List[Tuple[str, Row]] = []
+    with open(path, "r", encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise json_error(path, err, line_no) from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_no}: expected one JSON object per line, got {type(record).__name__}")
+            rows.append((f"{path}:{line_no}", record))
+    return (list(rows[0][1]) if rows else []), rows
+
+
+def _read_csv(path: Path) -> Tuple[List[str], List[Tuple[str, Row]]]:
+    rows: List[Tuple[str, Row]] = []
+    with open(path, "r", encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheet exports start with a BOM
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return [], []
+            header = [h.strip() for h in header]
+            duplicated = sorted({h for h in header if header.count(h) > 1})
+            if duplicated:
+                raise DataError(f"{path}:1: column(s) {duplicated} appear more than once in the header")
+            for values in _nonblank(reader):
+                row = dict(zip(header, values))  # a short row lacks its last columns
+                rows.append((f"{path}:{reader.line_num}", row))
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
+    return header, rows
+
+
+def _nonblank(reader) -> Iterator[List[str]]:
+    for values in reader:
+        if any(v.strip() for v in values):
+            yield values
+
+
+def _required(row: Row, column: str, where: str, columns: Sequence[str]) -> str:
+    if column not in row:
+        raise DataError(f"{where}: column {column!r} missing; this row has {sorted(row)} "
+                        f"(the file's columns: {list(columns)})")
+    value = row[column]
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value).strip()
