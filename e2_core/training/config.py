@@ -23,6 +23,8 @@ class TrainConfig:
         stage2_epochs: epochs of stage 2 (everything; the only stage of clip-ft)
         stage1_lr: peak learning rate of stage 1
         stage2_lr: peak learning rate of stage 2
+        stage1_steps: optimizer steps of stage 1, instead of stage1_epochs
+        stage2_steps: optimizer steps of stage 2, instead of stage2_epochs
         max_steps: cap on optimizer steps per stage (quick runs)
         batch_size: items per micro-batch per process
         accumulate: micro-batches per optimizer step
@@ -52,6 +54,8 @@ class TrainConfig:
     stage2_epochs: float = 20.0
     stage1_lr: float = 5e-4
     stage2_lr: float = 5e-5
+    stage1_steps: Optional[int] = None
+    stage2_steps: Optional[int] = None
     max_steps: Optional[int] = None
     batch_size: int = 64
     accumulate: int = 1

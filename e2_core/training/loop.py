@@ -55,13 +55,14 @@ def train(cfg: TrainConfig, evaluate: Optional[Evaluator] = None, callbacks: Lis
     train_set = open_dataset(cfg.dataset, cfg.data_root, "train", size=cfg.synthetic_size, **data)
     val_set = open_dataset(cfg.dataset, cfg.data_root, "validation", size=cfg.synthetic_size,
                            **{**data, "train": False})
-    stages = [("stage1", cfg.stage1_epochs, cfg.stage1_lr), ("stage2", cfg.stage2_epochs, cfg.stage2_lr)] \
-        if cfg.encoder == "e2" else [("finetune", cfg.stage2_epochs, cfg.stage2_lr)]
+    stages = [("stage1", cfg.stage1_epochs, cfg.stage1_steps, cfg.stage1_lr),
+              ("stage2", cfg.stage2_epochs, cfg.stage2_steps, cfg.stage2_lr)] \
+        if cfg.encoder == "e2" else [("finetune", cfg.stage2_epochs, cfg.stage2_steps, cfg.stage2_lr)]
     results = {}
-    for name, epochs, lr in stages:
-        if epochs <= 0:
+    for name, epochs, steps, lr in stages:
+        if (steps if steps is not None else epochs) <= 0:
             continue
-        results[name] = str(_run_stage(name, epochs, lr, model, cfg, ctx, train_set, val_set, tokenizer,
+        results[name] = str(_run_stage(name, epochs, steps, lr, model, cfg, ctx, train_set, val_set, tokenizer,
                                        evaluate, callbacks))
         model = load_checkpoint(results[name])  # the next stage starts from this stage's best
     return results
@@ -104,7 +105,7 @@ def _epoch_batches(n: int, cfg: TrainConfig, ctx, epoch: int) -> List[List[int]]
     return [shard[i:i + cfg.batch_size].tolist() for i in range(0, len(shard), cfg.batch_size)]
 
 
-def _run_stage(stage: str, epochs: float, lr: float, model: nn.Module, cfg: TrainConfig, ctx,
+def _run_stage(stage: str, epochs: float, steps: Optional[int], lr: float, model: nn.Module, cfg: TrainConfig, ctx,
                train_set: ProductDataset, val_set: ProductDataset, tokenizer, evaluate, callbacks) -> Path:
     folder = Path(cfg.out) / stage
     if (folder / "done.json").is_file():
@@ -120,7 +121,7 @@ def _run_stage(stage: str, epochs: float, lr: float, model: nn.Module, cfg: Trai
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_set)} training products are too few for batch {cfg.batch_size} x "
                          f"{ctx.world_size} processes x {cfg.accumulate} accumulation steps")
-    total = math.ceil(epochs * steps_per_epoch)
+    total = steps if steps is not None else math.ceil(epochs * steps_per_epoch)
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
