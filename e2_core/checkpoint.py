@@ -53,7 +53,8 @@ def save_pretrained(model: Union[E2Model, CLIP], path: PathLike) -> Path:
     }
     if is_e2:
         config["e2_config"] = model.config.to_dict()
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    from .training.lora import merged_state_dict  # LoRA deltas merged: a plain checkpoint of the base model
+    tensors = {name: t.detach().cpu().contiguous() for name, t in merged_state_dict(model).items()}
     _atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT}))
     _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
     return path

@@ -1,4 +1,4 @@
-"""The ``e2-plugins`` command line: ``list``, ``info MODEL``, ``run TASK [options]``.
+"""The ``e2-plugins`` command line: ``list``, ``info MODEL``, ``run TASK``, ``train``, ``data WHAT``.
 
 Only this module parses arguments: a task's options come from its ``run`` function's signature.
 """
@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from e2_core import registry
 
+from .commands import COMMANDS, DATA_BUILDERS
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="e2-plugins", description="E2 fashion representations and the "
@@ -27,6 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = sub.add_parser("run", help="run a task: e2-plugins run TASK [options] (TASK --help for its options)",
                          add_help=False)
     run.add_argument("task", nargs="?", help="task name (see `e2-plugins list`)")
+    sub.add_parser("train", help="train E2 or the CLIP-FT baseline (train --help for options)", add_help=False)
+    data = sub.add_parser("data", help="build a dataset: data synthetic | data amazon-fashion", add_help=False)
+    data.add_argument("what", nargs="?", help="synthetic or amazon-fashion")
     args, rest = parser.parse_known_args(argv)
 
     try:
@@ -37,6 +42,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _info(args.model, args.pretrained)
         if args.command == "run":
             return _run(args.task, rest)
+        if args.command == "train":
+            return _execute(COMMANDS["train"], rest)
+        if args.command == "data":
+            if args.what not in DATA_BUILDERS:
+                print(f"usage: e2-plugins data {{{','.join(DATA_BUILDERS)}}} [options]", file=sys.stderr)
+                return 2
+            return _execute(DATA_BUILDERS[args.what], rest)
     except (KeyError, ValueError, TypeError, FileNotFoundError, registry.PluginLoadError) as err:
         print(f"e2-plugins: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
@@ -90,7 +102,10 @@ def _run(task_name: Optional[str], argv: List[str]) -> int:
         names = ", ".join(p.name for p in registry.discover(registry.TASK_GROUP)) or "none installed"
         print(f"usage: e2-plugins run TASK [options]\ninstalled tasks: {names}")
         return 0 if task_name else 2
-    task = registry.get_task(task_name)
+    return _execute(registry.get_task(task_name), argv)
+
+
+def _execute(task: registry.Task, argv: List[str]) -> int:
     options = vars(task_parser(task).parse_args(argv))
     result = task.run(**options)
     if result is not None:
@@ -101,7 +116,7 @@ def _run(task_name: Optional[str], argv: List[str]) -> int:
 def task_parser(task: registry.Task) -> argparse.ArgumentParser:
     """An argparse parser built from ``task.run``'s keyword parameters, annotations and docstring."""
     doc = inspect.getdoc(task.run) or ""
-    parser = argparse.ArgumentParser(prog=f"e2-plugins run {task.name}", description=task.summary)
+    parser = argparse.ArgumentParser(prog=f"e2-plugins {task.name}", description=task.summary)
     helps = _param_docs(doc)
     hints = typing.get_type_hints(task.run)
     for name, param in inspect.signature(task.run).parameters.items():
@@ -110,6 +125,8 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         kind, choices = _unwrap(hints.get(name, str))
         kwargs: Dict[str, Any] = {"dest": name, "help": helps.get(name)}
+        if typing.get_origin(hints.get(name)) in (list, List):
+            kind, kwargs["nargs"] = typing.get_args(hints[name])[0], "+"
         if param.default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:

@@ -141,34 +141,60 @@ def _mark_box(place: str, subcategory: str) -> Tuple[float, float]:
             "right chest": (0.58, 0.34 if subcategory != "SKIRTS" else 0.46), "hem": (0.5, low)}[place]
 
 
-def render(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
-    """One view: background, garment, texture, brand mark, season tag; views differ by a small shift and scale."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a view puts things, in pixels: the garment placement, the brand mark and the season tag."""
+
+    shift: Tuple[float, float]
+    scale: float
+    tone: Tuple[int, int, int]
+    size: int
+    mark_box: Tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    tag_box: Tuple[float, float, float, float]
+
+    def to_px(self, u: float, v: float) -> Tuple[float, float]:
+        return ((0.5 + (u - 0.5) * self.scale + self.shift[0]) * self.size,
+                (0.5 + (v - 0.5) * self.scale + self.shift[1]) * self.size)
+
+
+MARK_CELL = 0.047  # of the image side; 3 cells: ~14% of the side, about one patch at ViT resolution
+
+
+def layout(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -> Layout:
+    """The geometry of one view (views differ by a small shift and scale, and the background tone)."""
     rng = random.Random(f"view:{seed}:{product.product_id}:{view}")
-    shift_x, shift_y = rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04)
+    shift = (rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04))
     scale = rng.uniform(0.92, 1.04)
     tone = rng.randint(200, 250)
-    canvas = Image.new("RGB", (size, size), (tone, tone - rng.randint(0, 12), tone - rng.randint(0, 20)))
+    tone = (tone, tone - rng.randint(0, 12), tone - rng.randint(0, 20))
+    partial = Layout(shift, scale, tone, size, (0, 0, 0, 0), (0, 0, 0, 0))
+    cell = round(size * MARK_CELL)
+    cx, cy = partial.to_px(*_mark_box(product.mark_place, product.subcategory))
+    x0, y0 = round(cx - 1.5 * cell), round(cy - 1.5 * cell)
+    tx, ty = partial.to_px(0.5, 0.2 if product.subcategory != "SKIRTS" else 0.37)
+    tag = (tx - 0.035 * size, ty, tx + 0.035 * size, ty + 0.05 * size)
+    return Layout(shift, scale, tone, size, (x0, y0, x0 + 3 * cell, y0 + 3 * cell), tag)
 
-    def to_px(u: float, v: float) -> Tuple[float, float]:
-        return ((0.5 + (u - 0.5) * scale + shift_x) * size, (0.5 + (v - 0.5) * scale + shift_y) * size)
 
+def render(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
+    """One view: background, garment, texture, brand mark, season tag."""
+    geometry = layout(product, view, seed, size)
+    canvas = Image.new("RGB", (size, size), geometry.tone)
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     for polygon in _silhouette(product.subcategory):
-        draw.polygon([to_px(u, v) for u, v in polygon], fill=255)
+        draw.polygon([geometry.to_px(u, v) for u, v in polygon], fill=255)
     fabric = Image.fromarray(_texture(COMPOSITIONS[product.composition][0], size, COLOURS[product.colour]))
     canvas.paste(fabric, (0, 0), mask)
 
     cells, fg, bg = brand_glyph(product.brand, seed)
-    cell = round(size * 0.047)  # 3 cells: ~14% of the side, about one patch at ViT resolution
-    cx, cy = to_px(*_mark_box(product.mark_place, product.subcategory))
-    x0, y0 = round(cx - 1.5 * cell), round(cy - 1.5 * cell)
+    x0, y0, x1, _ = geometry.mark_box
+    cell = (x1 - x0) // 3
     draw = ImageDraw.Draw(canvas)
     for r, c in itertools.product(range(3), range(3)):
         draw.rectangle([x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell - 1, y0 + (r + 1) * cell - 1],
                        fill=fg if cells[r, c] else bg)
-    tx, ty = to_px(0.5, 0.2 if product.subcategory != "SKIRTS" else 0.37)
-    draw.rectangle([tx - 0.035 * size, ty, tx + 0.035 * size, ty + 0.05 * size], fill=SEASONS[product.season])
+    draw.rectangle(geometry.tag_box, fill=SEASONS[product.season])
     return canvas
 
 

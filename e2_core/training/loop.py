@@ -26,7 +26,7 @@ from ..data.open import open_dataset
 from ..factory import create_clip, create_e2, get_tokenizer, image_transforms, load_checkpoint
 from ..fusion import TemperatureSchedule
 from ..loss import RegionalContrastiveLoss, contrastive_loss
-from ..model import E2Model, is_e2_parameter
+from ..model import E2Model, encode_text_any_length, is_e2_parameter
 from ..runtime import autocast
 from . import distributed
 from .config import TrainConfig
@@ -135,8 +135,9 @@ def _run_stage(stage: str, epochs: float, steps: Optional[int], lr: float, model
         if is_e2 else None
     state = _load_latest(folder, model, optimizer, scheduler, scaler, ctx)
     step, best = state.get("step", 0), state.get("best", -math.inf)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else model
+    net = model if is_e2 else _ClipForward(model)
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     collate = E2Collate(tokenizer, train_set.spec)
     log = _Log(folder, ctx, total, cfg.progress, initial=step)
 
@@ -191,6 +192,19 @@ def _run_stage(stage: str, epochs: float, steps: Optional[int], lr: float, model
     return folder / "best"
 
 
+class _ClipForward(nn.Module):
+    """CLIP's forward with the padding-trimmed text path E2 uses, so the baseline gets the same speed-up."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"image_features": self.clip.encode_image(images, normalize=True),
+                "text_features": encode_text_any_length(self.clip, text, normalize=True),
+                "logit_scale": self.clip.logit_scale.exp()}
+
+
 def _losses(net: nn.Module, batch, loss_fn, ctx) -> Dict[str, torch.Tensor]:
     """Global (and regional) InfoNCE over the batch gathered from every process."""
     if loss_fn is None:  # CLIP-FT
@@ -227,6 +241,9 @@ def _save(folder: Path, model, optimizer, scheduler, scaler, step: int, best: fl
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "python_rng": random.getstate()}
+    from .lora import has_lora
+    if has_lora(model):  # the checkpoint holds merged weights; resuming needs the base weights and adapters
+        state["unmerged_model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, target / "training_state.pt.tmp")
     os.replace(target / "training_state.pt.tmp", target / "training_state.pt")
     latest = folder / "latest.json"
@@ -241,9 +258,11 @@ def _load_latest(folder: Path, model, optimizer, scheduler, scaler, ctx) -> Dict
     if not latest.is_file():
         return {}
     target = folder / "checkpoints" / json.loads(latest.read_text())["path"]
-    weights = load_checkpoint(target)
-    model.load_state_dict(weights.state_dict())
     state = torch.load(target / "training_state.pt", map_location="cpu", weights_only=True)
+    if "unmerged_model" in state:  # a LoRA run: the model already has its adapters (add_lora ran first)
+        model.load_state_dict(state.pop("unmerged_model"))
+    else:
+        model.load_state_dict(load_checkpoint(target).state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+from PIL import Image
+
+import e2_core
+from e2_core.data.synthetic import write_fashiongen
+from e2_plugins.cli import main
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval")
+    write_fashiongen(root / "data", {"train": 32, "validation": 24}, seed=0)
+    e2_core.save_pretrained(e2_core.create_e2(TINY), root / "e2")
+    e2_core.save_pretrained(e2_core.create_clip(TINY), root / "clip")
+    return root
+
+
+def test_retrieval_task_side_by_side(setup, capsys):
+    out = setup / "out"
+    args = ["run", "retrieval", "--data-root", str(setup / "data"), "--encoder", str(setup / "e2"),
+            "--baseline", str(setup / "clip"), "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "full protocol" in printed and "CLIP" in printed and "E2" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["E2"]["type"] == "E2Model" and results["CLIP"]["type"] == "CLIP"
+    full = results["E2"]["full"]
+    assert set(full["i2t"]) == {"1", "5", "10"} and full["sumr"] == pytest.approx(
+        sum(full["i2t"].values()) + sum(full["t2i"].values()))
+    assert "error" in results["E2"]["sample-100"]  # 24 products: too few for 100 same-sub-category negatives
+    assert Image.open(out / "top5.png").size[0] > 0 and Image.open(out / "selection.png").size[0] > 0
+    cached = sorted((out / "embeddings").glob("*.safetensors"))
+    assert len(cached) == 2
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert main(args) == 0  # second run reads the cached embeddings
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert json.loads((out / "results.json").read_text())["E2"]["full"] == full
+
+
+def test_train_command_keeps_the_best_by_validation_sumr(setup, capsys):
+    out = setup / "run"
+    assert main(["train", "--out", str(out), "--model", TINY, "--dataset", "synthetic", "--data-root",
+                 str(setup / "data"), "--batch-size", "8", "--stage1-steps", "1", "--stage2-steps", "2",
+                 "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    evals = [json.loads(line) for line in open(out / "stage2" / "metrics.jsonl") if "eval_step" in line]
+    assert evals and all(0 <= e["sumr"] <= 600 for e in evals)
+    assert e2_core.load_encoder(pretrained=str(out / "stage2" / "best")).config.entities == e2_core.FASHIONGEN_ENTITIES
