@@ -26,7 +26,7 @@ import e2_core
 from e2_core.data.open import default_synthetic_root, open_dataset
 from e2_core.data.synthetic import catalog, layout
 from e2_core.loss import contrastive_loss
-from e2_core.training.demo import DEMO, finetune, pretrain_clip
+from e2_core.training.demo import DEMO, demo_root, pretrain_clip, recipe_run
 from e2_eval.harness import embed_dataset
 from e2_eval.retrieval import cross_modal_retrieval
 
@@ -97,7 +97,7 @@ def mean_se(values):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--out", default=None, help="default: the demo encoders' folder, whose seed-0 runs it shares")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default=DEMO.model)
     parser.add_argument("--pretrain-steps", type=int, default=DEMO.pretrain_steps)
@@ -107,10 +107,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    out = Path(args.out)
     device = str(e2_core.runtime.resolve_device(args.device))
     recipe = replace(DEMO, model=args.model, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
                      batch_size=args.batch_size)
+    out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
@@ -123,12 +123,12 @@ def main() -> None:
         step0 = retrieval_r1(initial, val, device)
         for seed in args.seeds:
             key = f"{kind}/seed{seed}"
-            result_file = out / kind / f"seed{seed}.json"
+            result_file = out / kind / f"seed{seed}-results.json"
             if result_file.is_file():
                 results["runs"][key] = json.loads(result_file.read_text())
                 continue
             run = out / kind / f"seed{seed}"
-            best = finetune(kind, replace(recipe, seed=seed), start, run, data_root, **common)
+            best = recipe_run(kind, recipe, out, seed, **common)
             model = e2_core.load_encoder(pretrained=str(best))
             record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run)}
             if kind == "e2":

@@ -1,7 +1,6 @@
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import e2_core
 from e2_core.data import DataError, E2Collate, FashionGen

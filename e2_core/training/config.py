@@ -84,4 +84,4 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     # settings that must match for a run folder to be resumed
-    RESUME_KEYS = ("encoder", "model", "dataset", "batch_size", "accumulate", "seed")
+    RESUME_KEYS = ("encoder", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank")

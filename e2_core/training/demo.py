@@ -8,7 +8,7 @@ data, for the same number of steps, with the same seed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -68,25 +68,25 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
     return Path(train(cfg, evaluate, callbacks)["stage2"])
 
 
+def demo_root(recipe: Recipe = DEMO) -> Path:
+    return cache_root() / f"demo-{recipe.model}"
+
+
+def recipe_run(kind: str, recipe: Recipe, root: Path, seed: int, **overrides) -> Path:
+    """One fine-tuning run of the recipe under ``root`` (shared with benchmarks/e2_vs_clipft.py):
+    ``root/pretrain`` is the shared start, ``root/<kind>/seed<seed>`` the run."""
+    start = pretrain_clip(recipe, root / "pretrain", root / "synthetic-pretrain", **overrides)
+    return finetune(kind, replace(recipe, seed=seed), start, root / kind / f"seed{seed}",
+                    default_synthetic_root("small", 0), **overrides)
+
+
 def demo_encoders(recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> Dict[str, Path]:
-    """``{"clip-ft": checkpoint, "e2": checkpoint}``, trained on first use (minutes on 2 CPU cores)."""
-    root = cache_root() / f"demo-{recipe.model}-seed{recipe.seed}"
-    done = {kind: root / kind / "done" for kind in ("clip-ft", "e2")}
-    if not all(p.is_dir() for p in done.values()):
+    """``{"clip-ft": checkpoint, "e2": checkpoint}``, trained on first use (minutes on 2 CPU cores) and cached."""
+    root = demo_root(recipe)
+    if not all((root / kind / "seed0" / "done").exists() for kind in ("clip-ft", "e2")):
         log(f"training the demo encoders once into {root} (cached for every later run) ...")
-        start = pretrain_clip(recipe, root / "pretrain", cache_root() / f"synthetic-pretrain-seed{recipe.seed}")
-        for kind in ("clip-ft", "e2"):
-            if not done[kind].is_dir():
-                result = finetune(kind, recipe, start, root / kind / "run", default_synthetic_root("small", 0))
-                _publish(result, done[kind])
-    return done
-
-
-def _publish(source: Path, target: Path) -> None:
-    """Copy a finished checkpoint to its cache name atomically."""
-    import shutil
-
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    os.replace(tmp, target)
+    result = {}
+    for kind in ("clip-ft", "e2"):
+        result[kind] = recipe_run(kind, recipe, root, 0)
+        (root / kind / "seed0" / "done").touch()
+    return result

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Dict, Literal, Optional
 
-import torch
 
 from e2_core import get_tokenizer, image_transforms, load_encoder
 from e2_core.data.open import open_dataset
