@@ -17,6 +17,28 @@ import e2_core
 from e2_core.runtime import autocast
 
 
+def trainer_check() -> dict:
+    """A few steps of the real trainer under bf16 autocast and under fp16 with loss scaling."""
+    import tempfile
+    from pathlib import Path
+
+    from e2_core.data.synthetic import write_fashiongen
+    from e2_core.training import TrainConfig, train
+
+    root = Path(tempfile.mkdtemp())
+    write_fashiongen(root / "data", {"train": 64, "validation": 16})
+    results = {}
+    for precision in ("amp_bf16", "amp_fp16"):
+        cfg = TrainConfig(out=str(root / precision), model="ViT-B-32", dataset="synthetic", data_root=str(root / "data"),
+                          batch_size=32, stage1_steps=2, stage2_steps=2, precision=precision, device="cuda",
+                          workers=2, progress=False)
+        train(cfg)
+        losses = [json.loads(line)["loss"] for stage in ("stage1", "stage2")
+                  for line in open(root / precision / stage / "metrics.jsonl")]
+        results[precision] = {"losses": losses, "finite": all(map(lambda v: v == v and abs(v) < 1e4, losses))}
+    return results
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device; nothing to check")
@@ -64,6 +86,8 @@ def main() -> int:
     report["amp grads finite and nonzero"] = {k: bool(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0)
                                               for k, g in grads.items()}
     ok &= all(report["amp grads finite and nonzero"].values()) and bool(torch.isfinite(losses["loss"]))
+    report["trainer"] = trainer_check()
+    ok &= all(v["finite"] for v in report["trainer"].values())
     report["device"] = torch.cuda.get_device_name()
     report["torch"] = torch.__version__
     print(json.dumps(report, indent=2))
