@@ -31,3 +31,28 @@ def make_batch(tokenizer, batch=4, seed=0):
     text = tokenizer([g for g, _ in texts])
     entity_text = e2_core.tokenize_entities(tokenizer, [e for _, e in texts])
     return images, text, entity_text
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """Synthetic products in FashionGen's layout: 64 for training, 16 for validation."""
+    from e2_core.data.synthetic import write_fashiongen
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_fashiongen(root, {"train": 64, "validation": 16}, seed=0)
+    return str(root)
+
+
+def train_config(tmp_path, data_root, **overrides):
+    """A tiny, fast, single-stage (stage 2) training run; ``overrides`` are TrainConfig fields."""
+    from e2_core.training import TrainConfig
+
+    base = dict(out=str(tmp_path / "run"), model=TINY, dataset="synthetic", data_root=data_root, batch_size=16,
+                stage1_epochs=0, stage2_epochs=1, workers=0, checkpoint_every=1, progress=False, warmup_steps=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def logged_losses(folder):
+    import json
+
+    return [json.loads(line)["loss"] for line in open(folder / "metrics.jsonl") if '"loss"' in line]

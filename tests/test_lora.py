@@ -1,18 +1,20 @@
 """LoRA fine-tuning (stage 2 / CLIP-FT): what trains, plain merged checkpoints, exact resume."""
-import json
 import re
 
 import pytest
 import torch
 
 import e2_core
-from e2_core.data.synthetic import write_fashiongen
 from e2_core.model import is_e2_parameter
-from e2_core.training import TrainConfig, train
+from e2_core.training import train
 from e2_core.training.lora import add_lora, has_lora, merged_state_dict
-from conftest import TINY, make_batch
+from conftest import TINY, logged_losses, make_batch, train_config
 
 pytest.importorskip("peft")
+
+
+def config(tmp_path, data_root, **overrides):
+    return train_config(tmp_path, data_root, **{"lora_rank": 4, "stage2_lr": 1e-3, **overrides})
 
 LORA = {f"{layer}.lora_{ab}.default.weight" for layer in ("attn.out_proj", "mlp.c_fc", "mlp.c_proj") for ab in "AB"}
 E2_PARTS = {"visual.proj_cls", "visual.selection_tokens.tokens", "visual.regional_heads.proj",
@@ -107,22 +109,10 @@ def test_merged_state_dict_is_a_plain_model_with_the_same_function(tiny_model, t
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_fashiongen(root, {"train": 64, "validation": 16}, seed=0)
-    return str(root)
 
 
-def config(tmp_path, data_root, **overrides):
-    base = dict(out=str(tmp_path / "run"), model=TINY, dataset="synthetic", data_root=data_root, batch_size=16,
-                stage1_epochs=0, stage2_epochs=1, workers=0, checkpoint_every=1, progress=False, warmup_steps=1,
-                lora_rank=4, stage2_lr=1e-3)
-    return TrainConfig(**{**base, **overrides})
 
 
-def losses(folder):
-    return [json.loads(line)["loss"] for line in open(folder / "metrics.jsonl") if '"loss"' in line]
 
 
 def test_a_lora_run_writes_plain_checkpoints(tmp_path, data_root):
@@ -166,5 +156,5 @@ def test_resume_of_a_lora_run_equals_an_uninterrupted_run(tmp_path, data_root):
     a = e2_core.load_checkpoint(tmp_path / "a" / "run" / "stage2" / "best").state_dict()
     b = e2_core.load_checkpoint(tmp_path / "b" / "run" / "stage2" / "best").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    la, lb = losses(tmp_path / "a" / "run" / "stage2"), losses(tmp_path / "b" / "run" / "stage2")
+    la, lb = logged_losses(tmp_path / "a" / "run" / "stage2"), logged_losses(tmp_path / "b" / "run" / "stage2")
     assert len(la) == 4 and la == lb[:2] + lb[3:]  # step 3 ran twice: before the crash and after resuming

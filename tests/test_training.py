@@ -7,30 +7,18 @@ import torch
 import torch.multiprocessing as mp
 
 import e2_core
-from e2_core.data.synthetic import write_fashiongen
 from e2_core.training import TrainConfig, train
-from conftest import TINY
+from conftest import TINY, logged_losses as losses, train_config as config
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_fashiongen(root, {"train": 64, "validation": 16}, seed=0)
-    return str(root)
 
 
-def config(tmp_path, data_root, **overrides):
-    base = dict(out=str(tmp_path / "run"), model=TINY, dataset="synthetic", data_root=data_root, batch_size=16,
-                stage1_epochs=0, stage2_epochs=1, workers=0, checkpoint_every=1, progress=False, warmup_steps=1)
-    return TrainConfig(**{**base, **overrides})
 
 
 def weights(path):
     return e2_core.load_checkpoint(path).state_dict()
 
 
-def losses(folder):
-    return [json.loads(line)["loss"] for line in open(folder / "metrics.jsonl") if '"loss"' in line]
 
 
 def test_loss_decreases(tmp_path, data_root):
