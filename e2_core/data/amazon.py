@@ -37,7 +37,7 @@ from PIL import Image
 
 from ..texts import AMAZON_FASHION
 from .base import DataError, ProductDataset, Sample
-from .catalog import json_error, open_image
+from .base import json_error, open_image
 
 log = logging.getLogger(__name__)
 

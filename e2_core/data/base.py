@@ -7,12 +7,14 @@ it gives a :class:`Sample`; an image that cannot be read gives a sample with ``e
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..texts import TextSpec, build_texts, tokenize_entities, trim_padding
@@ -20,6 +22,26 @@ from ..texts import TextSpec, build_texts, tokenize_entities, trim_padding
 
 class DataError(ValueError):
     """Input data that cannot be used as it is; the message names the file, field or line."""
+
+
+def open_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Decode one image file completely; ``DataError("<path>: <why>")`` for a missing or unreadable one."""
+    try:
+        with open(path, "rb") as f:  # our own handle: closed here, the decoded image stays usable
+            image = Image.open(f)
+            image.load()  # decode now, so a truncated file fails here and not in a transform
+        return image
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image file") from None
+    except UnidentifiedImageError as err:  # an OSError subclass: not an image format PIL knows
+        raise DataError(f"{path}: not a readable image (unknown format or corrupt header)") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: unreadable image ({err})") from err
+
+
+def json_error(path: Union[str, os.PathLike], err: json.JSONDecodeError, line: Optional[int] = None) -> DataError:
+    """``DataError("<file>:<line>:<column>: malformed JSON (<why>)")``; ``line`` for a JSON-lines record."""
+    return DataError(f"{path}:{line if line is not None else err.lineno}:{err.colno}: malformed JSON ({err.msg})")
 
 
 @dataclass

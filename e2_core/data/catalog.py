@@ -23,33 +23,13 @@ import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..texts import TextSpec
-from .base import DataError, ProductDataset, Sample
+from .base import DataError, ProductDataset, Sample, json_error, open_image
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv",)
-
-
-def open_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Decode one image file completely; ``DataError("<path>: <why>")`` for a missing or unreadable one."""
-    try:
-        with open(path, "rb") as f:  # our own handle: closed here, the decoded image stays usable
-            image = Image.open(f)
-            image.load()  # decode now, so a truncated file fails here and not in a transform
-        return image
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such image file") from None
-    except UnidentifiedImageError as err:  # an OSError subclass: not an image format PIL knows
-        raise DataError(f"{path}: not a readable image (unknown format or corrupt header)") from err
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: unreadable image ({err})") from err
-
-
-def json_error(path: Union[str, os.PathLike], err: json.JSONDecodeError, line: Optional[int] = None) -> DataError:
-    """``DataError("<file>:<line>:<column>: malformed JSON (<why>)")``; ``line`` for a JSON-lines record."""
-    return DataError(f"{path}:{line if line is not None else err.lineno}:{err.colno}: malformed JSON ({err.msg})")
 
 
 class Catalog(ProductDataset):
