@@ -104,6 +104,6 @@ def test_embed_task_reports_unreadable_images(tmp_path, capsys):
     assert "broken.jpg" in capsys.readouterr().err
 
 
-def test_embed_task_needs_input():
-    with pytest.raises(ValueError, match="--images, --texts"):
-        registry.get_task("embed").run()
+def test_embed_task_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder or list file"):
+        registry.get_task("embed").run(images=tmp_path / "nowhere", model=TINY)

@@ -46,19 +46,25 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, model: Op
           device: str = "auto", regions: bool = False, strict: bool = False) -> dict:
     """Encode images and/or texts into L2-normalised embeddings saved as safetensors.
 
+    With neither --images nor --texts, the synthetic validation products (first view, global text)
+    are encoded; with neither --model nor --pretrained, the demo E2 encodes them.
+
     Args:
         images: folder of images, or a text file listing image paths
         texts: text file, one text per line
         model: open_clip architecture (default: the E2 checkpoint's, else ViT-B-32)
-        pretrained: open_clip tag, CLIP checkpoint file, or E2 checkpoint directory
+        pretrained: open_clip tag, CLIP checkpoint file, or E2 checkpoint directory (default: the demo E2)
         out: output .safetensors file (paths and texts are kept in its metadata)
         batch_size: items per forward pass
         device: auto, cpu, cuda, cuda:1, mps
         regions: also save the per-entity regional image embeddings and selected patches
         strict: fail on the first unreadable image instead of skipping and reporting it
     """
+    if model is None and pretrained is None:
+        from e2_core.training.demo import demo_encoders
+        pretrained = str(demo_encoders()["e2"])
     if images is None and texts is None:
-        raise ValueError("give --images, --texts, or both")
+        images, texts = _synthetic_inputs(out.parent / "synthetic-validation")
     dev = resolve_device(device)
     net, _, preprocess = create_e2_and_transforms(model, pretrained, device=dev)
     net.eval()
@@ -88,6 +94,23 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, model: Op
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(out),
               metadata={**metadata, "entities": json.dumps(list(net.entities))})
     return {"out": str(out), **report}
+
+
+def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:
+    """The synthetic validation products as an image folder and a text file (written once)."""
+    from e2_core.data.open import open_dataset
+    from e2_core.texts import build_texts
+
+    images, texts = folder / "images", folder / "texts.txt"
+    if not texts.is_file():
+        data = open_dataset("synthetic", None, "validation")
+        images.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(len(data)):
+            data.load_image(i, 0).save(images / f"{i:05d}.png")
+            lines.append(build_texts(data.product(i).tags, data.spec)[0])
+        texts.write_text("\n".join(lines) + "\n")
+    return images, texts
 
 
 task = Task("embed", embed)
