@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 import e2_core
@@ -48,3 +49,17 @@ def test_train_command_keeps_the_best_by_validation_sumr(setup, capsys):
     evals = [json.loads(line) for line in open(out / "stage2" / "metrics.jsonl") if "eval_step" in line]
     assert evals and all(0 <= e["sumr"] <= 600 for e in evals)
     assert e2_core.load_encoder(pretrained=str(out / "stage2" / "best")).config.entities == e2_core.FASHIONGEN_ENTITIES
+
+
+def test_harness_embeds_with_trimmed_text_for_clip_too(setup):
+    """Trimmed global texts (shorter than a 77-token context) go through CLIP's text tower as well."""
+    from e2_core.data import FashionGen
+    from e2_eval.harness import embed_dataset
+
+    clip = e2_core.create_clip("ViT-S-16-128")
+    data = FashionGen(setup / "data", split="validation", transform=e2_core.image_transforms(clip)[1])
+    images, texts, indices, skipped = embed_dataset(clip, data, e2_core.get_tokenizer(clip), batch_size=8)
+    assert images.shape == texts.shape == (24, 128) and indices == list(range(24)) and not skipped
+    reference = clip.encode_text(e2_core.get_tokenizer(clip)([e2_core.build_texts(data.product(0).tags)[0]]),
+                                 normalize=True)
+    assert torch.allclose(texts[:1], reference, atol=1e-5)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from e2_core.data import E2Collate, ProductDataset
+from e2_core.model import encode_text_any_length
 from e2_core.runtime import autocast
 
 from .retrieval import cross_modal_retrieval, sampled_retrieval
@@ -37,7 +38,7 @@ def embed_dataset(model, dataset: ProductDataset, tokenizer, batch_size: int = 1
             continue
         with autocast(device, precision):
             images.append(model.encode_image(batch.images.to(device), normalize=True).float().cpu())
-            texts.append(model.encode_text(batch.text.to(device), normalize=True).float().cpu())
+            texts.append(encode_text_any_length(model, batch.text.to(device), normalize=True).float().cpu())
         indices += batch.indices
     if not indices:
         raise ValueError(f"no readable products to embed; first problems: {skipped[:3]}")
