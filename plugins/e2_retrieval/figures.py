@@ -58,6 +58,8 @@ def save_selection_figure(model, dataset, path: Path, device, images: int = 6, s
             draw.rectangle([x0 + box[0] * scale, 6 + box[1] * scale, x0 + box[2] * scale - 1,
                             6 + box[3] * scale - 1], outline=colour, width=2)
     for k, entity in enumerate(entities):
-        draw.text((6, size + 12 + 14 * k), f"■ {entity}", fill=ENTITY_COLOURS[k % len(ENTITY_COLOURS)])
+        colour, y = ENTITY_COLOURS[k % len(ENTITY_COLOURS)], size + 12 + 14 * k
+        draw.rectangle([6, y + 2, 14, y + 10], fill=colour)
+        draw.text((20, y), entity, fill=colour)
     canvas.save(path)
     return path
