@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, Literal, Optional
 
 
-from e2_core import get_tokenizer, image_transforms, load_encoder
+from e2_core import create_clip, create_e2, get_tokenizer, image_transforms, load_encoder
 from e2_core.data.open import open_dataset
 from e2_core.model import E2Model
 from e2_core.registry import Task
@@ -43,7 +43,7 @@ def retrieval(dataset: Literal["synthetic", "fashiongen", "amazon-fashion", "cat
     out.mkdir(parents=True, exist_ok=True)
     results, embeddings, models = {}, {}, {}
     for name, source in (("CLIP", baseline), ("E2", encoder)):
-        model = _load(source, dev)
+        model = _load(source, dev, kind=name)
         _, preprocess = image_transforms(model)
         data = open_dataset(dataset, data_root, "validation", train=False, transform=preprocess, strict=strict)
         images, texts, indices, skipped = cached_embeddings(
@@ -66,11 +66,11 @@ def retrieval(dataset: Literal["synthetic", "fashiongen", "amazon-fashion", "cat
             **{name: {p: r[p].get("sumr", r[p].get("error")) for p in protocols} for name, r in results.items()}}
 
 
-def _load(source: str, device):
-    """A checkpoint directory or file, or ``MODEL:TAG`` (an open_clip architecture and pretrained tag)."""
+def _load(source: str, device, kind: str):
+    """A checkpoint directory, or ``MODEL:TAG`` (open_clip weights: a plain CLIP as the baseline)."""
     if not Path(source).exists() and ":" in source:
         model_name, tag = source.split(":", 1)
-        return load_encoder(model_name, tag, device=device)
+        return (create_clip if kind == "CLIP" else create_e2)(model_name, tag, device=device)
     return load_encoder(pretrained=source, device=device)
 
 
