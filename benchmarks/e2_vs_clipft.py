@@ -56,11 +56,12 @@ def mechanism(model, data, device, batch: int = 64) -> dict:
     scale = 256 / model.visual.image_size[0]
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
-        out = model(b.images, b.text, b.entity_text)
+        vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
+        entity_text = model.encode_entity_text(b.entity_text, normalize=True)
         for k, entity in enumerate(model.entities):
-            losses[entity].append(contrastive_loss(out["image_regional_features"][:, k],
-                                                   out["entity_text_features"][:, k], out["logit_scale"]).item())
-        picked = model.encode_image_regions(b.images).selected_patches[:, 1].cpu()
+            losses[entity].append(contrastive_loss(vision.regional_features[:, k], entity_text[:, k],
+                                                   model.logit_scale.exp()).item())
+        picked = vision.selected_patches[:, 1].cpu()
         for row, index in enumerate(b.indices):
             geometry = layout(products[int(data.product_ids[index])], 0)
             targets = {"brand": geometry.mark_box, "season": geometry.tag_box}

@@ -17,10 +17,11 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import WEIGHTS_NAME, load_state_dict_checked, save_pretrained
 from ..data import E2Collate, ProductDataset
 from ..data.open import open_dataset
 from ..factory import create_clip, create_e2, get_tokenizer, image_transforms, load_checkpoint
@@ -262,7 +263,7 @@ def _load_latest(folder: Path, model, optimizer, scheduler, scaler, ctx) -> Dict
     if "unmerged_model" in state:  # a LoRA run: the model already has its adapters (add_lora ran first)
         model.load_state_dict(state.pop("unmerged_model"))
     else:
-        model.load_state_dict(load_checkpoint(target).state_dict())
+        load_state_dict_checked(model, load_file(target / WEIGHTS_NAME), source=str(target))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
