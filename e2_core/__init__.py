@@ -2,14 +2,17 @@
 
 Example:
     >>> import e2_core
-    >>> model, _, preprocess = e2_core.create_e2_and_transforms("ViT-B-32", pretrained="openai")  # doctest: +SKIP
-    >>> tokenizer = e2_core.get_tokenizer("ViT-B-32")                                             # doctest: +SKIP
-    >>> image_features = model.encode_image(preprocess(image)[None], normalize=True)             # doctest: +SKIP
+    >>> encoder = e2_core.load_encoder("runs/e2/stage2/best")                    # doctest: +SKIP
+    >>> image_features = encoder.encode_image(encoder.preprocess(image)[None], normalize=True)  # doctest: +SKIP
+    >>> text_features = encoder.encode_text(encoder.tokenizer(["a wool coat"]), normalize=True)  # doctest: +SKIP
+    >>> model = e2_core.create_e2("ViT-B-32", pretrained="openai")  # a new E2 on CLIP, to train  # doctest: +SKIP
 """
-from .checkpoint import CheckpointError, load_checkpoint, save_pretrained
+from .architecture import list_models
+from .checkpoint import save_pretrained
 from .config import E2Config, FASHIONGEN_ENTITIES
-from .factory import (create_clip, create_e2, create_e2_and_transforms, get_tokenizer, image_transforms,
-                      import_reference_checkpoint, list_models, load_encoder)
+from .encoder import CONTRACT, Encoder, as_encoder
+from .errors import CheckpointError
+from .factory import create_e2, create_e2_and_transforms, get_tokenizer, load_encoder
 from .fusion import FusionBlock, SelectionTokens, TemperatureSchedule
 from .heads import RegionalHeads
 from .loss import RegionalContrastiveLoss, contrastive_loss
@@ -19,9 +22,9 @@ from .texts import AMAZON_FASHION, FASHIONGEN, EntityTokens, TextSpec, build_tex
 __version__ = "0.1.0"
 
 __all__ = [
-    "AMAZON_FASHION", "CheckpointError", "E2Config", "EntityTokens", "E2Model", "E2VisionOutput", "E2VisionTransformer",
-    "FASHIONGEN", "FASHIONGEN_ENTITIES", "FusionBlock", "RegionalContrastiveLoss", "RegionalHeads",
-    "SelectionTokens", "TemperatureSchedule", "TextSpec", "build_texts", "contrastive_loss", "create_clip", "create_e2",
-    "create_e2_and_transforms", "get_tokenizer", "image_transforms", "import_reference_checkpoint", "list_models",
-    "load_checkpoint", "load_encoder", "save_pretrained", "tokenize_entities", "trim_padding",
+    "AMAZON_FASHION", "CONTRACT", "CheckpointError", "E2Config", "E2Model", "E2VisionOutput", "E2VisionTransformer",
+    "Encoder", "EntityTokens", "FASHIONGEN", "FASHIONGEN_ENTITIES", "FusionBlock", "RegionalContrastiveLoss",
+    "RegionalHeads", "SelectionTokens", "TemperatureSchedule", "TextSpec", "as_encoder", "build_texts",
+    "contrastive_loss", "create_e2", "create_e2_and_transforms", "get_tokenizer", "list_models", "load_encoder",
+    "save_pretrained", "tokenize_entities", "trim_padding",
 ]

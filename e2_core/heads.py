@@ -2,45 +2,27 @@
 from __future__ import annotations
 
 import copy
-from typing import List
+from typing import Sequence
 
 import torch
 from torch import nn
 
 
-def token_groups(num_entities: int, tokens_per_entity: int, compat: str = "native") -> List[range]:
-    """Token positions pooled for each entity.
-
-    In ``compat="reference"`` the last selection token is dropped before pooling, so the last
-    group is one token short, as in the authors' code.
-    """
-    available = num_entities * tokens_per_entity - (1 if compat == "reference" else 0)
-    return [range(k * tokens_per_entity, min((k + 1) * tokens_per_entity, available))
-            for k in range(num_entities)]
-
-
-def norm_indices(num_entities: int, compat: str = "native") -> List[int]:
-    """Which LayerNorm each entity uses; in reference mode the last entity reuses the previous one's."""
-    indices = list(range(num_entities))
-    if compat == "reference" and num_entities > 1:
-        indices[-1] = num_entities - 2
-    return indices
-
-
 class RegionalHeads(nn.Module):
     """Per entity: LayerNorm each of its tokens, average them, project to the embedding space.
+
+    ``groups[k]`` are entity k's token positions, ``norm_index[k]`` the LayerNorm it uses
+    (:func:`e2_core.reference.head_layout`: one each, except in the reference mode).
 
     Every head starts as a copy of CLIP's final norm and image projection, so regional
     embeddings begin in CLIP's joint space and the regional loss is informative from step 0.
     """
 
-    def __init__(self, num_entities: int, tokens_per_entity: int, norm: nn.Module, proj: torch.Tensor,
-                 compat: str = "native"):
+    def __init__(self, groups: Sequence[range], norm_index: Sequence[int], norm: nn.Module, proj: torch.Tensor):
         super().__init__()
-        self.groups = token_groups(num_entities, tokens_per_entity, compat)
-        self.norm_index = norm_indices(num_entities, compat)
-        self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in range(num_entities))
-        self.proj = nn.Parameter(proj.detach().clone().unsqueeze(0).repeat(num_entities, 1, 1))
+        self.groups, self.norm_index = list(groups), list(norm_index)
+        self.norms = nn.ModuleList(copy.deepcopy(norm) for _ in self.groups)
+        self.proj = nn.Parameter(proj.detach().clone().unsqueeze(0).repeat(len(self.groups), 1, 1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, W) -> regional embeddings (B, num_entities, output_dim)."""

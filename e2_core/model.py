@@ -14,13 +14,12 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import reference
+from .architecture import clip_config_of
 from .config import E2Config
 from .fusion import FusionBlock, SelectionTokens
 from .heads import RegionalHeads
 from .texts import EntityTokens
-
-# The reference implementation divides selection logits by sqrt(768) whatever the width.
-_REFERENCE_LOGIT_SCALE = 768 ** -0.5
 
 
 @dataclass
@@ -43,14 +42,13 @@ class E2VisionTransformer(nn.Module):
         width = trunk.conv1.out_channels
         self.fusion_layers = config.resolve_fusion_layers(len(trunk.transformer.resblocks))
         self.selection_tokens = SelectionTokens(config.num_tokens, width)
-        logit_scale = _REFERENCE_LOGIT_SCALE if config.compat == "reference" else None
+        logit_scale = reference.selection_logit_scale(config)
         self.fusion = nn.ModuleList(
             FusionBlock(width, config.query_init_scale, config.value_init, logit_scale) for _ in range(2))
         # Global head: a new projection that starts as CLIP's (which it replaces), so the
         # global embedding is in CLIP's joint space from step 0.
         self.proj_cls = nn.Parameter(trunk.proj.detach().clone())
-        self.regional_heads = RegionalHeads(len(config.entities), config.tokens_per_entity,
-                                            trunk.ln_post, trunk.proj, config.compat)
+        self.regional_heads = RegionalHeads(*reference.head_layout(config), trunk.ln_post, trunk.proj)
         trunk.proj = None
         self.set_gumbel_temperature(config.gumbel_tau)
         self.set_stochastic_eval(config.stochastic_eval)
@@ -164,17 +162,19 @@ class E2Model(CLIP):
 
     output_dict = True
 
-    def __init__(self, clip: CLIP, config: E2Config, clip_model: str, clip_config: Mapping[str, Any]):
+    def __init__(self, clip: CLIP, config: Optional[E2Config] = None, clip_model: Optional[str] = None,
+                 clip_config: Optional[Mapping[str, Any]] = None):
         nn.Module.__init__(self)
         if type(clip) is not CLIP:
             raise TypeError(f"E2 extends open_clip's CLIP with its native text tower; got {type(clip).__name__}")
-        self.config = config
-        self.clip_model = clip_model  # open_clip architecture name, and its config, for checkpoints
-        self.clip_config = dict(clip_config)
+        self.config = config or E2Config()
+        # the CLIP it extends, by open_clip architecture name (when known) and config, for checkpoints
+        self.clip_model = clip_model
+        self.clip_config = dict(clip_config) if clip_config else clip_config_of(clip, clip_model)
         for name in _TEXT_MODULES + _TEXT_PARAMETERS + _TEXT_ATTRIBUTES:
             setattr(self, name, getattr(clip, name))
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
-        self.visual = E2VisionTransformer(clip.visual, config)
+        self.visual = E2VisionTransformer(clip.visual, self.config)
 
     @property
     def entities(self) -> Tuple[str, ...]:
@@ -185,7 +185,7 @@ class E2Model(CLIP):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """CLIP's text tower; token batches shorter than the context are welcome (see ``trim_padding``)."""
-        return encode_text_any_length(self, text, normalize)
+        return text_tower(self, text, normalize=normalize)
 
     def encode_image_regions(self, image: torch.Tensor, normalize: bool = False) -> E2VisionOutput:
         """Global and per-entity image embeddings, and the patches each selection token picked."""
@@ -239,23 +239,30 @@ class E2Model(CLIP):
         return [p for name, p in self.named_parameters() if is_e2_parameter(name)]
 
 
-def encode_text_any_length(clip: CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """``clip.encode_text`` for token ids (B, L) with any ``L`` up to the context length.
+def text_tower(clip: CLIP, text: torch.Tensor, token_embeddings: Optional[torch.Tensor] = None,
+               normalize: bool = False) -> torch.Tensor:
+    """CLIP's text tower on token ids ``text`` (B, L), for any ``L`` up to the context length.
 
-    Under the causal mask and end-token (argmax) pooling of CLIP's text tower, a batch cut after
-    its longest text (:func:`e2_core.texts.trim_padding`) gives CLIP's own result, so short
-    strings (brands, seasons) cost a fraction of the full context. Works on any open_clip CLIP.
+    ``token_embeddings`` (B, L, W), when given, replaces the token-embedding lookup (positions are
+    still added and ``text`` still decides the pooled position): the primitive of pseudo-token
+    methods. Under the causal mask and end-token (argmax) pooling, a batch cut after its longest
+    text (:func:`e2_core.texts.trim_padding`) gives the full-length result, so short strings
+    (brands, seasons) cost a fraction of the context. Works on any open_clip ``CLIP``.
     """
     length = text.shape[1]
-    if length == clip.context_length or clip.attn_mask is None or clip.text_pool_type != "argmax":
-        return CLIP.encode_text(clip, text, normalize=normalize)
     if length > clip.context_length:
         raise ValueError(f"text has {length} tokens, more than the context length {clip.context_length}")
+    if length < clip.context_length and (clip.attn_mask is None or clip.text_pool_type != "argmax"):
+        raise ValueError(f"this text tower (pool type {clip.text_pool_type!r}) needs the full context of "
+                         f"{clip.context_length} tokens; do not trim the padding")
     cast_dtype = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
-    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
-    x = text_global_pool(x, text, clip.text_pool_type)
-    x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+    x = clip.token_embedding(text) if token_embeddings is None else token_embeddings
+    x = x.to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length]
+    x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+    x = text_global_pool(x, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    if clip.text_projection is not None:
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
     return F.normalize(x, dim=-1) if normalize else x
 
 

@@ -1,11 +1,16 @@
-"""Tasks and adapters are found through entry points, ours and third parties' alike.
+"""Tasks, adapters, dataset readers and encoder schemes are found through entry points, ours and
+third parties' alike.
 
-A *task* is a :class:`Task` (or a plain function, named after its entry point) in the group
-``e2_plugins.tasks``; its ``run`` function's keyword parameters are its options. An *adapter*
-is any object in the group ``e2_plugins.adapters``. Listing reads metadata; an entry point is
-imported only when it is loaded, and a failure to load is reported, never raised past the CLI.
+* ``e2_plugins.tasks``: a :class:`Task` (or a plain function, named after its entry point); its
+  ``run`` function's keyword parameters are its options.
+* ``e2_plugins.adapters``: any object that swaps E2 into another library.
+* ``e2_plugins.datasets``: a :class:`DatasetReader` (or a plain function
+  ``open(root, split, **options) -> ProductDataset``), opened by ``--dataset NAME``.
+* ``e2_plugins.encoders``: a function ``NAME -> Encoder or checkpoint path``, making the encoder
+  source ``SCHEME:NAME`` (e.g. ``demo:e2``).
 
-A third-party ``pyproject.toml``::
+Listing reads metadata; an entry point is imported only when it is loaded, and a failure to
+load is reported, never raised past the CLI. A third-party ``pyproject.toml``::
 
     [project.entry-points."e2_plugins.tasks"]
     my-task = "my_package.task:task"
@@ -19,6 +24,9 @@ from typing import Any, Callable, Iterable, List, Optional
 
 TASK_GROUP = "e2_plugins.tasks"
 ADAPTER_GROUP = "e2_plugins.adapters"
+DATASET_GROUP = "e2_plugins.datasets"
+ENCODER_GROUP = "e2_plugins.encoders"
+GROUPS = {"tasks": TASK_GROUP, "adapters": ADAPTER_GROUP, "datasets": DATASET_GROUP, "encoders": ENCODER_GROUP}
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,24 @@ class Task:
     @property
     def summary(self) -> str:
         return self.description or (inspect.getdoc(self.run) or "").split("\n")[0]
+
+
+@dataclass(frozen=True)
+class DatasetReader:
+    """A dataset ``--dataset NAME`` opens: ``open(root, split, **options) -> ProductDataset``.
+
+    Opening has no side effects. ``prepare(root) -> message``, when given, is an explicit step the
+    command line runs first (e.g. generating the synthetic data when it is not there yet).
+    """
+
+    name: str
+    open: Callable[..., Any]
+    description: str = ""
+    prepare: Optional[Callable[..., Optional[str]]] = None
+
+    @property
+    def summary(self) -> str:
+        return self.description or (inspect.getdoc(self.open) or "").split("\n")[0]
 
 
 @dataclass
@@ -50,8 +76,7 @@ class Plugin:
     def load(self) -> Any:
         if self.obj is None and self.error is None:
             try:
-                self.obj = _as_task(self.name, self.entry_point.load()) if self.group == TASK_GROUP \
-                    else self.entry_point.load()
+                self.obj = _WRAP.get(self.group, lambda name, obj: obj)(self.name, self.entry_point.load())
             except Exception as err:  # a broken plugin must not take the tool down
                 self.error = f"{type(err).__name__}: {err}"
         if self.error is not None:
@@ -72,6 +97,17 @@ def _as_task(name: str, obj: Any) -> Task:
     raise TypeError(f"entry point must be an e2_core.registry.Task or a function, got {type(obj).__name__}")
 
 
+def _as_reader(name: str, obj: Any) -> DatasetReader:
+    if isinstance(obj, DatasetReader):
+        return obj
+    if callable(obj):
+        return DatasetReader(name=name, open=obj)
+    raise TypeError(f"entry point must be an e2_core.registry.DatasetReader or a function, got {type(obj).__name__}")
+
+
+_WRAP = {TASK_GROUP: _as_task, DATASET_GROUP: _as_reader}
+
+
 def discover(group: str, eps: Optional[Iterable[EntryPoint]] = None) -> List[Plugin]:
     """Entry points of ``group`` (metadata only, nothing imported), sorted by name."""
     eps = entry_points(group=group) if eps is None else eps
@@ -83,10 +119,20 @@ def discover(group: str, eps: Optional[Iterable[EntryPoint]] = None) -> List[Plu
     return sorted(plugins, key=lambda p: p.name)
 
 
+def get(group: str, name: str, eps: Optional[Iterable[EntryPoint]] = None) -> Any:
+    """Load one plugin of ``group`` by name; an unknown name lists the installed ones."""
+    plugins = {p.name: p for p in discover(group, eps)}
+    if name not in plugins:
+        kind = next(k for k, g in GROUPS.items() if g == group)
+        raise KeyError(f"unknown {kind[:-1]} {name!r}; installed {kind}: {', '.join(plugins) or 'none'}")
+    return plugins[name].load()
+
+
 def get_task(name: str, eps: Optional[Iterable[EntryPoint]] = None) -> Task:
     """Load one task by name; an unknown name lists the installed ones."""
-    tasks = {p.name: p for p in discover(TASK_GROUP, eps)}
-    if name not in tasks:
-        known = ", ".join(tasks) or "none installed"
-        raise KeyError(f"unknown task {name!r}; installed tasks: {known}")
-    return tasks[name].load()
+    return get(TASK_GROUP, name, eps)
+
+
+def get_dataset(name: str, eps: Optional[Iterable[EntryPoint]] = None) -> DatasetReader:
+    """Load one dataset reader by name; an unknown name lists the installed ones."""
+    return get(DATASET_GROUP, name, eps)
