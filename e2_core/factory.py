@@ -84,6 +84,8 @@ def _from_scheme(text: str) -> Encoder:
 
 def _open_clip(arch: str, pretrained: Optional[str]) -> CLIP:
     """open_clip's CLIP of ``arch`` with weights from a tag or a local file (``None``: random)."""
+    if open_clip.get_model_config(arch) is None:
+        raise ValueError(f"unknown model {arch!r}: not an open_clip architecture (open_clip.list_models())")
     if pretrained is not None and not os.path.exists(pretrained) and \
             pretrained not in open_clip.list_pretrained_tags_by_model(arch):
         raise ValueError(f"{pretrained!r} is neither a file nor an open_clip tag of {arch} "
@@ -131,6 +133,8 @@ def create_e2(
         >>> model = create_e2("ViT-B-32", pretrained="openai")  # doctest: +SKIP
         >>> model = create_e2(pretrained="runs/clip-ft/best")   # E2 on a fine-tuned CLIP  # doctest: +SKIP
     """
+    if model_name is not None:
+        _check_extendable(model_name)
     if pretrained is None:
         clip, arch = _open_clip(model_name or "ViT-B-32", None), model_name or "ViT-B-32"
     else:
@@ -147,13 +151,17 @@ def create_e2(
             load_state_dict_checked(rebuilt, clip.state_dict(), source=str(pretrained))
             clip = rebuilt
         return clip.to(device)
-    _check_extendable(arch, clip)
+    if arch is not None:
+        _check_extendable(arch)
     return E2Model(clip, _resolve_config(None, config, overrides), arch).to(device)
 
 
-def _check_extendable(arch: Optional[str], clip: CLIP) -> None:
-    cfg = open_clip.get_model_config(arch) if arch else None
-    if cfg is not None and not is_supported(cfg):
+def _check_extendable(arch: str) -> None:
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"unknown model {arch!r}: not an open_clip architecture. E2 can extend: "
+                         f"{', '.join(list_models())}")
+    if not is_supported(cfg):
         raise ValueError(f"{arch} has no class-token ViT image tower with open_clip's native text tower, "
                          f"which E2 extends. Supported: {', '.join(list_models())}")
 

@@ -22,10 +22,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="e2-plugins", description="E2 fashion representations and the "
                                      "downstream tasks that use them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("list", help="installed tasks and adapters, with the distribution providing each")
+    sub.add_parser("list", help="installed tasks, adapters, datasets and encoder schemes, with the distribution "
+                   "providing each")
     info = sub.add_parser("info", help="parameters per component of an E2 model and its overhead over CLIP")
     info.add_argument("model", nargs="?", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
-    info.add_argument("--pretrained", default=None, help="tag, CLIP checkpoint, or E2 checkpoint directory")
+    info.add_argument("--pretrained", default=None, help="open_clip tag, CLIP weights file, or any encoder source")
     run = sub.add_parser("run", help="run a task: e2-plugins run TASK [options] (TASK --help for its options)",
                          add_help=False)
     run.add_argument("task", nargs="?", help="task name (see `e2-plugins list`)")
@@ -63,7 +64,7 @@ def _reject_extra(parser: argparse.ArgumentParser, rest: List[str]) -> None:
 
 
 def _list() -> int:
-    for title, group in (("tasks", registry.TASK_GROUP), ("adapters", registry.ADAPTER_GROUP)):
+    for title, group in registry.GROUPS.items():
         plugins = registry.discover(group)
         print(f"{title} ({group}):")
         if not plugins:
@@ -71,7 +72,7 @@ def _list() -> int:
         for plugin in plugins:
             try:
                 obj = plugin.load()
-                summary = obj.summary if isinstance(obj, registry.Task) else (inspect.getdoc(obj) or "").split("\n")[0]
+                summary = getattr(obj, "summary", None) or (inspect.getdoc(obj) or "").split("\n")[0]
                 print(f"  {plugin.name:<14} {plugin.distribution:<22} {summary}")
             except registry.PluginLoadError:
                 print(f"  {plugin.name:<14} {plugin.distribution:<22} FAILED TO LOAD: {plugin.error}")
@@ -85,7 +86,7 @@ def _info(model_name: str, pretrained: Optional[str]) -> int:
     model = create_e2(model_name, pretrained)
     rows, totals = parameter_summary(model)
     width = max(len(name) for name, _ in rows)
-    print(f"E2 on {model.clip_model}: entities {list(model.entities)}, "
+    print(f"E2 on {model.clip_model or 'a CLIP'}: entities {list(model.entities)}, "
           f"{model.config.tokens_per_entity} tokens each, fusion after layers {model.visual.fusion_layers}")
     for name, count in rows:
         print(f"  {name:<{width}} {count:>13,}")
@@ -107,6 +108,12 @@ def _run(task_name: Optional[str], argv: List[str]) -> int:
 
 def _execute(task: registry.Task, argv: List[str]) -> int:
     options = vars(task_parser(task).parse_args(argv))
+    if "dataset" in options:  # an unknown name lists the installed readers; data to generate is made first
+        reader = registry.get_dataset(options["dataset"])
+        if reader.prepare is not None:
+            message = reader.prepare(options.get("data_root"))
+            if message:
+                print(message, file=sys.stderr)
     result = task.run(**options)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
@@ -116,7 +123,8 @@ def _execute(task: registry.Task, argv: List[str]) -> int:
 def task_parser(task: registry.Task) -> argparse.ArgumentParser:
     """An argparse parser built from ``task.run``'s keyword parameters, annotations and docstring."""
     doc = inspect.getdoc(task.run) or ""
-    parser = argparse.ArgumentParser(prog=f"e2-plugins {task.name}", description=task.summary)
+    prog = f"e2-plugins {task.name}" if " " in task.name or task.name == "train" else f"e2-plugins run {task.name}"
+    parser = argparse.ArgumentParser(prog=prog, description=task.summary)
     helps = _param_docs(doc)
     hints = typing.get_type_hints(task.run)
     for name, param in inspect.signature(task.run).parameters.items():
@@ -125,8 +133,11 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         kind, choices = _unwrap(hints.get(name, str))
         kwargs: Dict[str, Any] = {"dest": name, "help": helps.get(name)}
-        if typing.get_origin(hints.get(name)) in (list, List):
-            kind, kwargs["nargs"] = typing.get_args(hints[name])[0], "+"
+        list_hint = next((h for h in (hints.get(name), *typing.get_args(hints.get(name))) if typing.get_origin(h)
+                          in (list, List)), None)
+        if list_hint is not None:
+            kind, kwargs["nargs"] = typing.get_args(list_hint)[0], "+"
+            kind = getattr(kind, "parse", kind)
         if param.default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:
@@ -137,6 +148,8 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
             kwargs["type"] = kind
             if choices:
                 kwargs["choices"] = choices
+        if kwargs.get("help") and "default" in kwargs and kwargs["default"] is not None and kind is not bool:
+            kwargs["help"] += f" (default: {kwargs['default']})"
         parser.add_argument(flag, **kwargs)
     return parser
 

@@ -12,16 +12,15 @@ from e2_core.registry import Task
 
 def train(**options) -> Dict:
     """Train E2 (new parts, then everything) or the CLIP-FT baseline, keeping the best by validation SumR."""
-    from e2_core import get_tokenizer
-    from e2_core.training import TrainConfig, train as run_training
     from e2_eval.harness import validation_sumr
+    from e2_train import TrainConfig, train as run_training
 
     config = TrainConfig(**options)
-    return run_training(config, evaluate=validation_sumr(get_tokenizer))
+    return run_training(config, evaluate=validation_sumr())
 
 
 def _options_of_train_config() -> None:
-    from e2_core.training import TrainConfig
+    from e2_train import TrainConfig
 
     train.__signature__ = inspect.signature(TrainConfig)
     train.__annotations__ = typing.get_type_hints(TrainConfig)
@@ -41,9 +40,9 @@ def synthetic(out: Path = Path("data/synthetic"), size: str = "small", seed: int
         seed: the seed everything is drawn from
         fashioniq_triplets: composed-retrieval triplets per FashionIQ category (0: none)
     """
-    from e2_core.data.synthetic import write_fashiongen, write_fashioniq
+    from e2_core.data.builders.synthetic import write_fashiongen, write_fashioniq
 
-    written = {split: str(path) for split, path in write_fashiongen(out, size, seed=seed).items()}
+    written = {split: str(path) for split, path in write_fashiongen(out, size, seed=seed, progress=True).items()}
     if fashioniq_triplets:
         written["fashioniq"] = write_fashioniq(out / "fashioniq", fashioniq_triplets, seed=seed)
     return written
@@ -62,7 +61,7 @@ def amazon_fashion(metadata: List[Path], out: Path = Path("data/amazon-fashion")
         seed: seed of the split
         workers: concurrent downloads
     """
-    from e2_core.data.amazon import build_amazon_fashion
+    from e2_core.data.builders.amazon import build_amazon_fashion
 
     return build_amazon_fashion([str(p) for p in metadata], out, images_dir=images_dir, download=download,
                                 test_fraction=test_fraction, seed=seed, workers=workers)

@@ -36,7 +36,7 @@ def make_batch(tokenizer, batch=4, seed=0):
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     """Synthetic products in FashionGen's layout: 64 for training, 16 for validation."""
-    from e2_core.data.synthetic import write_fashiongen
+    from e2_core.data.builders.synthetic import write_fashiongen
 
     root = tmp_path_factory.mktemp("synthetic")
     write_fashiongen(root, {"train": 64, "validation": 16}, seed=0)
@@ -44,11 +44,14 @@ def data_root(tmp_path_factory):
 
 
 def train_config(tmp_path, data_root, **overrides):
-    """A tiny, fast, single-stage (stage 2) training run; ``overrides`` are TrainConfig fields."""
-    from e2_core.training import TrainConfig
+    """A tiny, fast training run, one epoch of one stage (E2's stage 2, or CLIP-FT's); ``overrides``
+    are TrainConfig fields (``stages`` as strings such as ``"stage1:epochs=1"``)."""
+    from e2_train import TrainConfig
 
+    method = overrides.get("method", "e2")
     base = dict(out=str(tmp_path / "run"), model=TINY, dataset="synthetic", data_root=data_root, batch_size=16,
-                stage1_epochs=0, stage2_epochs=1, workers=0, checkpoint_every=1, progress=False, warmup_steps=1)
+                stages=["stage2:epochs=1" if method == "e2" else "finetune:epochs=1"], workers=0,
+                checkpoint_every=1, progress=False, warmup_steps=1)
     return TrainConfig(**{**base, **overrides})
 
 

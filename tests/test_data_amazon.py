@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2_core.data.amazon import AmazonFashion, build_amazon_fashion
+from e2_core.data.amazon import AmazonFashion
+from e2_core.data.builders.amazon import build_amazon_fashion
 from e2_core.data.base import DataError
-import e2_core.data.amazon as amazon
+import e2_core.data.builders.amazon as amazon
 
 
 def image_bytes(color, fmt="PNG"):

@@ -6,15 +6,24 @@ import torch
 
 import e2_core
 from e2_core.model import is_e2_parameter
-from e2_core.training import train
-from e2_core.training.lora import add_lora, has_lora, merged_state_dict
+from e2_train import train
+from e2_train.lora import add_lora, has_lora, merged_state_dict
 from conftest import TINY, logged_losses, make_batch, train_config
 
 pytest.importorskip("peft")
 
 
+def random_clip():
+    import open_clip
+    return open_clip.create_model(TINY)
+
+
+def weights(path):
+    return e2_core.load_encoder(str(path)).model.state_dict()
+
+
 def config(tmp_path, data_root, **overrides):
-    return train_config(tmp_path, data_root, **{"lora_rank": 4, "stage2_lr": 1e-3, **overrides})
+    return train_config(tmp_path, data_root, **{"lora_rank": 4, "stages": ["stage2:epochs=1,lr=1e-3"], **overrides})
 
 LORA = {f"{layer}.lora_{ab}.default.weight" for layer in ("attn.out_proj", "mlp.c_fc", "mlp.c_proj") for ab in "AB"}
 E2_PARTS = {"visual.proj_cls", "visual.selection_tokens.tokens", "visual.regional_heads.proj",
@@ -57,7 +66,7 @@ def test_add_lora_trains_adapters_new_parts_and_logit_scale_only(tiny_model):
     frozen = {n for n, p in tiny_model.named_parameters() if not p.requires_grad}
     assert "visual.trunk.transformer.resblocks.0.attn.in_proj_weight" in frozen and "token_embedding.weight" in frozen
 
-    clip = e2_core.create_clip(TINY)
+    clip = random_clip()
     add_lora(clip, 2)
     assert type(clip).__name__ == "CLIP"
     towers = {"transformer.resblocks.N.", "visual.transformer.resblocks.N."}
@@ -100,25 +109,19 @@ def test_merged_state_dict_is_a_plain_model_with_the_same_function(tiny_model, t
     for a, b in zip(lora, outputs(fresh, images, text)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
-    clip = e2_core.create_clip(TINY)
+    clip = random_clip()
     add_lora(clip, 2)
     perturb_adapters(clip)
-    fresh = e2_core.create_clip(TINY)
+    fresh = random_clip()
     fresh.load_state_dict(merged_state_dict(clip), strict=True)
     for a, b in zip(outputs(clip, images, text), outputs(fresh, images, text)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-
-
-
-
-
-
 def test_a_lora_run_writes_plain_checkpoints(tmp_path, data_root):
     result = train(config(tmp_path, data_root, max_steps=2))
     folder = tmp_path / "run" / "stage2"
-    first, second = (e2_core.load_checkpoint(folder / "checkpoints" / f"step_000000{i}").state_dict() for i in (1, 2))
+    first, second = (weights(folder / "checkpoints" / f"step_000000{i}") for i in (1, 2))
     best = e2_core.create_e2(None, pretrained=result["stage2"]).state_dict()
     assert set(best) == set(e2_core.create_e2(TINY).state_dict()) == set(first)
     assert not any("lora" in k or "base_layer" in k for k in best)
@@ -132,8 +135,9 @@ def test_a_lora_run_writes_plain_checkpoints(tmp_path, data_root):
     state = torch.load(folder / "checkpoints" / "step_0000002" / "training_state.pt", weights_only=True)
     assert any(".lora_A." in k for k in state["unmerged_model"])
 
-    clip_result = train(config(tmp_path / "clip", data_root, encoder="clip-ft", max_steps=1))
-    clip = e2_core.load_encoder(pretrained=clip_result["finetune"])
+    clip_result = train(config(tmp_path / "clip", data_root, method="clip-ft", stages=["finetune:epochs=1,lr=1e-3"],
+                               max_steps=1))
+    clip = e2_core.load_encoder(clip_result["finetune"]).model
     assert type(clip).__name__ == "CLIP" and not has_lora(clip)
 
 
@@ -153,8 +157,8 @@ def test_resume_of_a_lora_run_equals_an_uninterrupted_run(tmp_path, data_root):
         train(interrupted, callbacks=[crash])
     assert not (tmp_path / "b" / "run" / "stage2" / "done.json").exists()
     train(interrupted)  # resumes from step 2: unmerged base weights and adapters from training_state.pt
-    a = e2_core.load_checkpoint(tmp_path / "a" / "run" / "stage2" / "best").state_dict()
-    b = e2_core.load_checkpoint(tmp_path / "b" / "run" / "stage2" / "best").state_dict()
+    a = weights(tmp_path / "a" / "run" / "stage2" / "best")
+    b = weights(tmp_path / "b" / "run" / "stage2" / "best")
     assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = logged_losses(tmp_path / "a" / "run" / "stage2"), logged_losses(tmp_path / "b" / "run" / "stage2")
     assert len(la) == 4 and la == lb[:2] + lb[3:]  # step 3 ran twice: before the crash and after resuming

@@ -4,8 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
+import open_clip
+
 import e2_core
-from e2_core.data.synthetic import write_fashiongen
+from e2_core.data.builders.synthetic import write_fashiongen
 from e2_plugins.cli import main
 from conftest import TINY
 
@@ -15,7 +17,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieval")
     write_fashiongen(root / "data", {"train": 32, "validation": 24}, seed=0)
     e2_core.save_pretrained(e2_core.create_e2(TINY), root / "e2")
-    e2_core.save_pretrained(e2_core.create_clip(TINY), root / "clip")
+    e2_core.save_pretrained(open_clip.create_model(TINY), root / "clip")
     return root
 
 
@@ -25,30 +27,31 @@ def test_retrieval_task_side_by_side(setup, capsys):
             "--baseline", str(setup / "clip"), "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "full protocol" in printed and "CLIP" in printed and "E2" in printed
+    e2, clip = f"E2 ({setup / 'e2'})", f"CLIP ({setup / 'clip'})"
+    assert "full protocol" in printed and e2 in printed and clip in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["E2"]["type"] == "E2Model" and results["CLIP"]["type"] == "CLIP"
-    full = results["E2"]["full"]
+    assert results[e2]["kind"] == "E2" and results[clip]["kind"] == "CLIP" and results[clip]["role"] == "baseline"
+    full = results[e2]["full"]
     assert set(full["i2t"]) == {"1", "5", "10"} and full["sumr"] == pytest.approx(
         sum(full["i2t"].values()) + sum(full["t2i"].values()))
-    assert "error" in results["E2"]["sample-100"]  # 24 products: too few for 100 same-sub-category negatives
+    assert "error" in results[e2]["sample-100"]  # 24 products: too few for 100 same-sub-category negatives
     assert Image.open(out / "top5.png").size[0] > 0 and Image.open(out / "selection.png").size[0] > 0
     cached = sorted((out / "embeddings").glob("*.safetensors"))
     assert len(cached) == 2
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert main(args) == 0  # second run reads the cached embeddings
     assert [p.stat().st_mtime_ns for p in cached] == stamps
-    assert json.loads((out / "results.json").read_text())["E2"]["full"] == full
+    assert json.loads((out / "results.json").read_text())[e2]["full"] == full
 
 
 def test_train_command_keeps_the_best_by_validation_sumr(setup, capsys):
     out = setup / "run"
     assert main(["train", "--out", str(out), "--model", TINY, "--dataset", "synthetic", "--data-root",
-                 str(setup / "data"), "--batch-size", "8", "--stage1-steps", "1", "--stage2-steps", "2",
+                 str(setup / "data"), "--batch-size", "8", "--stages", "stage1:steps=1", "stage2:steps=2",
                  "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
     evals = [json.loads(line) for line in open(out / "stage2" / "metrics.jsonl") if "eval_step" in line]
     assert evals and all(0 <= e["sumr"] <= 600 for e in evals)
-    assert e2_core.load_encoder(pretrained=str(out / "stage2" / "best")).config.entities == e2_core.FASHIONGEN_ENTITIES
+    assert e2_core.load_encoder(str(out / "stage2" / "best")).entities == e2_core.FASHIONGEN_ENTITIES
 
 
 def test_harness_embeds_with_trimmed_text_for_clip_too(setup):
@@ -56,10 +59,10 @@ def test_harness_embeds_with_trimmed_text_for_clip_too(setup):
     from e2_core.data import FashionGen
     from e2_eval.harness import embed_dataset
 
-    clip = e2_core.create_clip("ViT-S-16-128")
-    data = FashionGen(setup / "data", split="validation", transform=e2_core.image_transforms(clip)[1])
-    images, texts, indices, skipped = embed_dataset(clip, data, e2_core.get_tokenizer(clip), batch_size=8)
+    clip = open_clip.create_model("ViT-S-16-128")  # built by open_clip itself
+    data = FashionGen(setup / "data", split="validation")
+    images, texts, indices, skipped = embed_dataset(clip, data, batch_size=8)
     assert images.shape == texts.shape == (24, 128) and indices == list(range(24)) and not skipped
-    reference = clip.encode_text(e2_core.get_tokenizer(clip)([e2_core.build_texts(data.product(0).tags)[0]]),
+    reference = clip.encode_text(open_clip.get_tokenizer("ViT-S-16-128")([e2_core.build_texts(data.product(0).tags)[0]]),
                                  normalize=True)
     assert torch.allclose(texts[:1], reference, atol=1e-5)

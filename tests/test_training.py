@@ -7,22 +7,18 @@ import torch
 import torch.multiprocessing as mp
 
 import e2_core
-from e2_core.training import TrainConfig, train
+from e2_train import TrainConfig, train
 from conftest import TINY, logged_losses as losses, train_config as config
 
 
-
-
-
-
 def weights(path):
-    return e2_core.load_checkpoint(path).state_dict()
+    return e2_core.load_encoder(str(path)).model.state_dict()
 
 
 
 
 def test_loss_decreases(tmp_path, data_root):
-    cfg = config(tmp_path, data_root, stage2_epochs=3, stage2_lr=2e-3)
+    cfg = config(tmp_path, data_root, stages=["stage2:epochs=3,lr=2e-3"])
     train(cfg)
     history = losses(tmp_path / "run" / "stage2")
     assert len(history) == 12
@@ -30,14 +26,14 @@ def test_loss_decreases(tmp_path, data_root):
 
 
 def test_two_stages_train_what_they_should(tmp_path, data_root):
-    cfg = config(tmp_path, data_root, stage1_epochs=1, stage2_epochs=1, max_steps=2)
+    cfg = config(tmp_path, data_root, stages=["stage1:epochs=1", "stage2:epochs=1"], max_steps=2)
     start = e2_core.create_e2(TINY).state_dict()  # same seed-free init is not guaranteed; compare stages instead
     result = train(cfg)
     stage1, stage2 = weights(result["stage1"]), weights(result["stage2"])
     trunk_key, new_key = "visual.trunk.conv1.weight", "visual.fusion.0.q.weight"
-    first = e2_core.load_checkpoint(tmp_path / "run" / "stage1" / "checkpoints" / "step_0000001")
-    assert torch.equal(first.state_dict()[trunk_key], stage1[trunk_key])  # stage 1 leaves CLIP frozen
-    assert not torch.equal(first.state_dict()[new_key], stage1[new_key])
+    first = weights(tmp_path / "run" / "stage1" / "checkpoints" / "step_0000001")
+    assert torch.equal(first[trunk_key], stage1[trunk_key])  # stage 1 leaves CLIP frozen
+    assert not torch.equal(first[new_key], stage1[new_key])
     assert not torch.equal(stage1[trunk_key], stage2[trunk_key])  # stage 2 trains everything
     assert start.keys() == stage2.keys()
 
@@ -47,14 +43,14 @@ class Interrupt(Exception):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
-    straight = config(tmp_path / "a", data_root, stage1_epochs=1, stage2_epochs=0)
+    straight = config(tmp_path / "a", data_root, stages=["stage1:epochs=1"])
     train(straight)
 
     def crash(stage, step, model, logs):
         if step == 3:
             raise Interrupt
 
-    interrupted = config(tmp_path / "b", data_root, stage1_epochs=1, stage2_epochs=0)
+    interrupted = config(tmp_path / "b", data_root, stages=["stage1:epochs=1"])
     with pytest.raises(Interrupt):
         train(interrupted, callbacks=[crash])
     assert not (tmp_path / "b" / "run" / "stage1" / "done.json").exists()
@@ -67,11 +63,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
 
 
 def test_clip_ft_baseline_and_gradient_accumulation(tmp_path, data_root):
-    cfg = config(tmp_path, data_root, encoder="clip-ft", batch_size=8, accumulate=2, max_steps=2)
+    cfg = config(tmp_path, data_root, method="clip-ft", batch_size=8, accumulate=2, max_steps=2)
     result = train(cfg)
     assert list(result) == ["finetune"]
-    model = e2_core.load_encoder(pretrained=result["finetune"])
-    assert type(model).__name__ == "CLIP"
+    encoder = e2_core.load_encoder(result["finetune"])
+    assert type(encoder.model).__name__ == "CLIP" and encoder.kind == "CLIP"
     assert len(losses(tmp_path / "run" / "finetune")) == 2
 
 
@@ -94,7 +90,7 @@ def test_evaluator_selects_the_best_checkpoint(tmp_path, data_root):
 
 def test_other_settings_refuse_an_existing_run(tmp_path, data_root):
     train(config(tmp_path, data_root, max_steps=1))
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size 16"):
         train(config(tmp_path, data_root, max_steps=1, batch_size=8))
 
 
@@ -114,7 +110,7 @@ def _ddp_worker(rank, world, port, cfg_dict):
 
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, data_root):
     """gloo on CPU: 2 processes x 8 items, features gathered for the loss == 1 process x 16 items."""
-    common = dict(encoder="clip-ft", max_steps=2, device="cpu")
+    common = dict(method="clip-ft", max_steps=2, device="cpu")
     single = config(tmp_path / "single", data_root, batch_size=16, **common)
     train(single)
     ddp = config(tmp_path / "ddp", data_root, batch_size=8, **common)

@@ -82,6 +82,11 @@ class ProductDataset(Dataset):
         """The view's image; raise ``DataError("<where>: <why>")`` when it cannot be read."""
         raise NotImplementedError
 
+    def source_files(self) -> List[str]:
+        """The files this dataset reads (data files and images), for cache keys; override per reader."""
+        path = getattr(self, "path", None)
+        return [str(path)] if path is not None else []
+
     def view_for(self, index: int) -> int:
         if not self.train:
             return 0

@@ -115,6 +115,9 @@ class Catalog(ProductDataset):
     def load_image(self, index: int, view: int) -> Image.Image:
         return open_image(self.views[index][view])
 
+    def source_files(self) -> List[str]:
+        return [str(self.path)] + [str(p) for views in self.views for p in views]
+
 
 Row = Dict[str, object]
 

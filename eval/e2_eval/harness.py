@@ -1,6 +1,6 @@
-"""The cross-modal retrieval harness: embed a dataset once per checkpoint (cached), then score it
-with the full and sample-100 protocols. It knows encoders only through ``encode_image`` /
-``encode_text``, so CLIP and E2 are scored the same way."""
+"""The cross-modal retrieval harness: embed a dataset once per encoder (cached), then score it with
+the full and sample-100 protocols. It knows encoders only through the encoder contract
+(``e2_core.Encoder``), so CLIP and E2 are scored the same way."""
 from __future__ import annotations
 
 import hashlib
@@ -13,23 +13,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from e2_core import as_encoder
 from e2_core.data import E2Collate, ProductDataset
-from e2_core.model import encode_text_any_length
 from e2_core.runtime import autocast
 
 from .retrieval import cross_modal_retrieval, sampled_retrieval
 
 
 @torch.no_grad()
-def embed_dataset(model, dataset: ProductDataset, tokenizer, batch_size: int = 128, device: str = "cpu",
+def embed_dataset(encoder, dataset: ProductDataset, batch_size: int = 128, device: str = "cpu",
                   precision: str = "amp", workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[str]]:
     """L2-normalised image and global-text embeddings of every readable product (first view).
 
     Returns ``(image_features, text_features, product indices, skipped "where: why")``.
     """
+    encoder = as_encoder(encoder)
     device = torch.device(device)
-    model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=E2Collate(tokenizer, dataset.spec),
+    encoder.eval().to(device)
+    if dataset.transform is None:
+        dataset.transform = encoder.preprocess
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=E2Collate(encoder.tokenizer, dataset.spec),
                         num_workers=workers)
     images, texts, indices, skipped = [], [], [], []
     for batch in loader:
@@ -37,41 +40,46 @@ def embed_dataset(model, dataset: ProductDataset, tokenizer, batch_size: int = 1
         if not batch.indices:
             continue
         with autocast(device, precision):
-            images.append(model.encode_image(batch.images.to(device), normalize=True).float().cpu())
-            texts.append(encode_text_any_length(model, batch.text.to(device), normalize=True).float().cpu())
+            images.append(encoder.encode_image(batch.images.to(device), normalize=True).float().cpu())
+            texts.append(encoder.encode_text(batch.text.to(device), normalize=True).float().cpu())
         indices += batch.indices
     if not indices:
         raise ValueError(f"no readable products to embed; first problems: {skipped[:3]}")
     return torch.cat(images), torch.cat(texts), indices, skipped
 
 
-def cached_embeddings(model, dataset: ProductDataset, tokenizer, checkpoint: Optional[str], cache_dir: Path,
+def cached_embeddings(encoder, dataset: ProductDataset, cache_dir: Optional[Path],
                       **kwargs) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[str]]:
-    """:func:`embed_dataset`, read from ``cache_dir`` when this checkpoint already embedded this dataset."""
-    key = _cache_key(checkpoint, dataset)
-    path = Path(cache_dir) / f"{key}.safetensors" if key else None
+    """:func:`embed_dataset`, read from ``cache_dir`` when this encoder (its weights) already
+    embedded this dataset (its files: sizes and modification times)."""
+    encoder = as_encoder(encoder)
+    key = cache_key(encoder, dataset)
+    path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         tensors = load_file(path)
         meta = json.loads((path.with_suffix(".json")).read_text())
         return tensors["image_features"], tensors["text_features"], meta["indices"], meta["skipped"]
-    images, texts, indices, skipped = embed_dataset(model, dataset, tokenizer, **kwargs)
+    images, texts, indices, skipped = embed_dataset(encoder, dataset, **kwargs)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps({"checkpoint": checkpoint, "indices": indices,
+        path.with_suffix(".json").write_text(json.dumps({"encoder": encoder.name, "indices": indices,
                                                          "skipped": skipped}))
         save_file({"image_features": images, "text_features": texts}, str(path))
     return images, texts, indices, skipped
 
 
-def _cache_key(checkpoint: Optional[str], dataset: ProductDataset) -> Optional[str]:
-    """A checkpoint directory's weights (size + mtime) and the dataset file identify an embedding."""
-    weights = Path(checkpoint) / "model.safetensors" if checkpoint else None
-    source = getattr(dataset, "path", None)
-    if weights is None or not weights.is_file() or source is None:
-        return None
-    parts = [str(weights.resolve()), str(os.stat(weights).st_mtime_ns), str(os.stat(weights).st_size),
-             str(Path(source).resolve()), str(os.stat(source).st_mtime_ns), str(len(dataset))]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+def cache_key(encoder, dataset: ProductDataset) -> str:
+    """The encoder's weights and the dataset's files (path, size, modification time) and length."""
+    digest = hashlib.sha256(encoder.fingerprint().encode() if hasattr(encoder, "fingerprint")
+                            else repr(id(encoder)).encode())
+    digest.update(f"{type(dataset).__name__}|{len(dataset)}".encode())
+    for file in dataset.source_files():
+        try:
+            stat = os.stat(file)
+            digest.update(f"|{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(f"|{file}|missing".encode())
+    return digest.hexdigest()[:24]
 
 
 def evaluate_retrieval(image_features: torch.Tensor, text_features: torch.Tensor, groups: Optional[List[str]] = None,
@@ -96,11 +104,11 @@ def evaluate_retrieval(image_features: torch.Tensor, text_features: torch.Tensor
     return results
 
 
-def validation_sumr(tokenizer_of, batch_size: int = 128, precision: str = "amp"):
-    """An evaluator for the trainer: full-protocol SumR of a model on a validation dataset."""
-    def evaluate(model, dataset: ProductDataset) -> Dict[str, float]:
-        device = next(model.parameters()).device
-        images, texts, _, _ = embed_dataset(model, dataset, tokenizer_of(model), batch_size, str(device), precision)
+def validation_sumr(batch_size: int = 128, precision: str = "amp"):
+    """An evaluator for the trainer: full-protocol SumR of an encoder on a validation dataset."""
+    def evaluate(encoder, dataset: ProductDataset) -> Dict[str, float]:
+        device = next(encoder.parameters()).device
+        images, texts, _, _ = embed_dataset(encoder, dataset, batch_size, str(device), precision)
         scores = cross_modal_retrieval(images, texts)
         return {"sumr": scores["sumr"], "i2t_r1": scores["i2t"][1], "t2i_r1": scores["t2i"][1]}
     return evaluate

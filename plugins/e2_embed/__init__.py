@@ -1,4 +1,4 @@
-"""The ``embed`` task: encode images and texts with an E2 model into a safetensors file."""
+"""The ``embed`` task: encode images and texts with any encoder (E2 or CLIP) into a safetensors file."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import save_file
 
-from e2_core import create_e2_and_transforms, get_tokenizer
+from e2_core import load_encoder
 from e2_core.registry import Task
 from e2_core.runtime import autocast, resolve_device
 
@@ -41,50 +41,49 @@ def load_images(paths: List[Path], preprocess, strict: bool) -> Tuple[List[torch
     return tensors, kept, failed
 
 
-def embed(images: Optional[Path] = None, texts: Optional[Path] = None, model: Optional[str] = None,
-          pretrained: Optional[str] = None, out: Path = Path("embeddings.safetensors"), batch_size: int = 64,
-          device: str = "auto", regions: bool = False, strict: bool = False) -> dict:
+def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
+          out: Path = Path("embeddings.safetensors"), batch_size: int = 64, device: str = "auto", regions: bool = False,
+          strict: bool = False) -> dict:
     """Encode images and/or texts into L2-normalised embeddings saved as safetensors.
 
     With neither --images nor --texts, the synthetic validation products (first view, global text)
-    are encoded; with neither --model nor --pretrained, the demo E2 encodes them.
+    are encoded.
 
     Args:
         images: folder of images, or a text file listing image paths
         texts: text file, one text per line
-        model: open_clip architecture (default: the E2 checkpoint's, else ViT-B-32)
-        pretrained: open_clip tag, CLIP checkpoint file, or E2 checkpoint directory (default: the demo E2)
+        encoder: a checkpoint directory (E2 or CLIP), MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         out: output .safetensors file (paths and texts are kept in its metadata)
         batch_size: items per forward pass
         device: auto, cpu, cuda, cuda:1, mps
-        regions: also save the per-entity regional image embeddings and selected patches
+        regions: also save E2's per-entity regional image embeddings and selected patches (E2 encoders only)
         strict: fail on the first unreadable image instead of skipping and reporting it
     """
-    if model is None and pretrained is None:
-        from e2_core.training.demo import demo_encoders
-        pretrained = str(demo_encoders()["e2"])
+    dev = resolve_device(device)
+    net = load_encoder(encoder, device=dev)
+    if regions and not net.has_regions:
+        raise ValueError(f"--regions needs an E2 encoder; {encoder} is a CLIP")
     if images is None and texts is None:
         images, texts = _synthetic_inputs(out.parent / "synthetic-validation")
-    dev = resolve_device(device)
-    net, _, preprocess = create_e2_and_transforms(model, pretrained, device=dev)
     net.eval()
     tensors, metadata, report = {}, {}, {}
     with torch.no_grad(), autocast(dev):
         if images is not None:
-            pixels, kept, failed = load_images(list_images(images), preprocess, strict)
-            outputs = [net.encode_image_regions(torch.stack(pixels[i:i + batch_size]).to(dev), normalize=True)
-                       for i in range(0, len(pixels), batch_size)]
-            if outputs:
-                tensors["image_features"] = torch.cat([o.image_features for o in outputs]).float()
+            pixels, kept, failed = load_images(list_images(images), net.preprocess, strict)
+            batches = [torch.stack(pixels[i:i + batch_size]).to(dev) for i in range(0, len(pixels), batch_size)]
+            if batches:
                 if regions:
+                    outputs = [net.encode_image_regions(b, normalize=True) for b in batches]
+                    tensors["image_features"] = torch.cat([o.image_features for o in outputs]).float()
                     tensors["image_regional_features"] = torch.cat([o.regional_features for o in outputs]).float()
                     tensors["selected_patches"] = torch.cat([o.selected_patches for o in outputs])
+                else:
+                    tensors["image_features"] = torch.cat([net.encode_image(b, normalize=True) for b in batches]).float()
             metadata["images"] = json.dumps([str(p) for p in kept])
             report.update(images=len(kept), unreadable_images=failed)
         if texts is not None:
             lines = [line.strip() for line in Path(texts).read_text().splitlines() if line.strip()]
-            tokenizer = get_tokenizer(net)
-            feats = [net.encode_text(tokenizer(lines[i:i + batch_size]).to(dev), normalize=True)
+            feats = [net.encode_text(net.tokenizer(lines[i:i + batch_size]).to(dev), normalize=True)
                      for i in range(0, len(lines), batch_size)]
             if feats:
                 tensors["text_features"] = torch.cat(feats).float()
@@ -92,17 +91,19 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, model: Op
             report["texts"] = len(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(out),
-              metadata={**metadata, "entities": json.dumps(list(net.entities))})
-    return {"out": str(out), **report}
+              metadata={**metadata, "encoder": net.name, "entities": json.dumps(list(net.entities))})
+    return {"out": str(out), "encoder": net.name, **report}
 
 
 def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:
     """The synthetic validation products as an image folder and a text file (written once)."""
-    from e2_core.data.open import open_dataset
+    from e2_core.data import open_dataset
+    from e2_core.data.datasets import SYNTHETIC
     from e2_core.texts import build_texts
 
     images, texts = folder / "images", folder / "texts.txt"
     if not texts.is_file():
+        SYNTHETIC.prepare(None)
         data = open_dataset("synthetic", None, "validation")
         images.mkdir(parents=True, exist_ok=True)
         lines = []

@@ -37,9 +37,10 @@ def save_top5_figure(embeddings: Dict, path: Path, queries: int = 4) -> Path:
 
 
 @torch.no_grad()
-def save_selection_figure(model, dataset, path: Path, device, images: int = 6, size: int = 224) -> Path:
-    """The patches each entity's selection tokens picked (fusion block 2), one colour per entity."""
-    model.eval()
+def save_selection_figure(encoder, dataset, path: Path, device, images: int = 6, size: int = 224) -> Path:
+    """The patches each entity's selection tokens picked (fusion block 2) by an E2 encoder, one colour per entity."""
+    encoder.eval()
+    model = encoder.model
     entities = list(model.entities)
     count = min(images, len(dataset))
     samples = [dataset[i] for i in range(count) if dataset[i].error is None]

@@ -19,8 +19,9 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from .fashiongen import FIELDS, IMAGE_FIELD, PRODUCT_FIELD, fashiongen_file
+from ..fashiongen import FIELDS, IMAGE_FIELD, PRODUCT_FIELD, fashiongen_file
 
 IMAGE_SIZE = 256  # FashionGen's
 
@@ -204,13 +205,15 @@ SIZES = {"tiny": {"train": 96, "validation": 48}, "small": {"train": 4000, "vali
 
 
 def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[str, int]] = "tiny", seed: int = 0,
-                     views: Tuple[int, int] = (1, 3), offset: int = 0, num_brands: int = 32) -> Dict[str, Path]:
+                     views: Tuple[int, int] = (1, 3), offset: int = 0, num_brands: int = 32,
+                     progress: bool = False) -> Dict[str, Path]:
     """Write ``fashiongen_256_256_<split>.h5`` files of disjoint products, one per split.
 
     Args:
         splits: "tiny" / "small", or ``{split: number of products}``.
         views: min and max views per product.
         offset: skip this many products of the catalog first (e.g. to make a disjoint pre-training set).
+        progress: show a progress bar per split.
 
     Example:
         >>> write_fashiongen("data/synthetic", "tiny")  # doctest: +SKIP
@@ -233,7 +236,8 @@ def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[s
         with h5py.File(tmp, "w") as f:
             images = f.create_dataset(IMAGE_FIELD, (len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8,
                                       chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3), compression="gzip", compression_opts=1)
-            for i, (product, view) in enumerate(rows):
+            for i, (product, view) in enumerate(tqdm(rows, desc=f"synthetic {split}", unit="image",
+                                                     disable=not progress, dynamic_ncols=True)):
                 images[i] = np.asarray(render(product, view, seed))
             f.create_dataset(PRODUCT_FIELD, data=np.array([[p.product_id] for p, _ in rows], dtype=np.int64))
             tags = [tags_of(p, names) for p, _ in rows]

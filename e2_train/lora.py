@@ -17,7 +17,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from ..model import is_e2_parameter
+from e2_core.model import is_e2_parameter
 
 #: the nn.Linear layers of open_clip's transformer blocks (both towers) that take an adapter
 TARGET_PATTERN = r"(?:.*\.)?transformer\.resblocks\.\d+\.(?:attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
@@ -52,8 +52,11 @@ def add_lora(model: nn.Module, rank: int, alpha: Optional[float] = None, dropout
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import Linear as LoraLinear
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError as err:
+        raise ImportError("--lora-rank needs peft: pip install 'e2-plugins[lora]'") from err
 
     targets = [name for name, module in model.named_modules()
                if re.fullmatch(TARGET_PATTERN, name) and isinstance(module, nn.Linear)

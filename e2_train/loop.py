@@ -21,52 +21,80 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import WEIGHTS_NAME, load_state_dict_checked, save_pretrained
-from ..data import E2Collate, ProductDataset
-from ..data.open import open_dataset
-from ..factory import create_clip, create_e2, get_tokenizer, image_transforms, load_checkpoint
-from ..fusion import TemperatureSchedule
-from ..loss import RegionalContrastiveLoss, contrastive_loss
-from ..model import E2Model, encode_text_any_length, is_e2_parameter
-from ..runtime import autocast
-from . import distributed
-from .config import TrainConfig
+from e2_core import Encoder, load_encoder, save_pretrained
+from e2_core.checkpoint import WEIGHTS_NAME, load_state_dict_checked
+from e2_core.data import E2Collate, ProductDataset, open_dataset
+from e2_core.runtime import autocast, grad_scaler
 
-#: ``evaluate(model, dataset) -> {"sumr": ..., ...}``, run on the main process for model selection.
-Evaluator = Callable[[nn.Module, ProductDataset], Dict[str, float]]
+from . import distributed
+from .config import Stage, TrainConfig, resolve_stages
+from .methods import METHODS, TrainingMethod
+
+#: ``evaluate(encoder, dataset) -> {"sumr": ..., ...}``, run on the main process for model selection.
+Evaluator = Callable[[Encoder, ProductDataset], Dict[str, float]]
 #: ``callback(stage, step, model, logs)`` after every optimizer step.
 Callback = Callable[[str, int, nn.Module, Dict[str, float]], None]
 
 
 def train(cfg: TrainConfig, evaluate: Optional[Evaluator] = None, callbacks: List[Callback] = ()) -> Dict:
-    """Run (or resume) the training ``cfg`` describes; returns the path of the final best model per stage.
+    """Open ``cfg.dataset`` (train and validation splits) and :func:`fit` on it.
 
     Example:
         >>> train(TrainConfig(out="runs/demo", model="ViT-S-16-128", dataset="synthetic"))  # doctest: +SKIP
     """
+    options = dict(seed=cfg.seed, strict=cfg.strict)
+    train_set = open_dataset(cfg.dataset, cfg.data_root, "train", train=True, **options)
+    val_set = open_dataset(cfg.dataset, cfg.data_root, "validation", train=False, **options)
+    return fit(cfg, train_set, val_set, evaluate, callbacks)
+
+
+def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDataset] = None,
+        evaluate: Optional[Evaluator] = None, callbacks: List[Callback] = ()) -> Dict:
+    """Run (or resume) training ``cfg.method`` on ``train_set``; returns the best model's path per stage.
+
+    Datasets without a transform get the start encoder's evaluation preprocessing (no random
+    augmentation, as in the reference recipe). ``evaluate`` scores ``val_set`` to keep the best
+    model of each stage; without it the last model is kept.
+    """
     ctx = distributed.setup(cfg.device)
     out = Path(cfg.out)
-    _claim_run_folder(out, cfg, ctx)
-    torch.manual_seed(cfg.seed)  # the new parts' init; resumed runs restore the RNG from the checkpoint
+    torch.manual_seed(cfg.seed)  # E2's new parts; resumed runs restore the RNG from the checkpoint
     random.seed(cfg.seed)
-    model = (create_e2 if cfg.encoder == "e2" else create_clip)(cfg.model, cfg.pretrained)
-    _, preprocess = image_transforms(model)  # no random augmentation, as in the reference recipe
-    tokenizer = get_tokenizer(model)
-    data = dict(train=True, transform=preprocess, seed=cfg.seed, strict=cfg.strict)
-    train_set = open_dataset(cfg.dataset, cfg.data_root, "train", size=cfg.synthetic_size, **data)
-    val_set = open_dataset(cfg.dataset, cfg.data_root, "validation", size=cfg.synthetic_size,
-                           **{**data, "train": False})
-    stages = [("stage1", cfg.stage1_epochs, cfg.stage1_steps, cfg.stage1_lr),
-              ("stage2", cfg.stage2_epochs, cfg.stage2_steps, cfg.stage2_lr)] \
-        if cfg.encoder == "e2" else [("finetune", cfg.stage2_epochs, cfg.stage2_steps, cfg.stage2_lr)]
+    method_class = METHODS[cfg.method]
+    start = _start_encoder(cfg)
+    for dataset in (train_set, val_set):
+        if dataset is not None and dataset.transform is None:
+            dataset.transform = start.preprocess
+    stages = resolve_stages(cfg.stages, method_class.default_stages)
+    method = method_class.start(start, cfg, train_set.spec.entities)
+    _claim_run_folder(out, cfg, ctx)  # only once the data and the start are known to be usable
     results = {}
-    for name, epochs, steps, lr in stages:
-        if (steps if steps is not None else epochs) <= 0:
+    for stage in stages:
+        if stage.length() <= 0:
             continue
-        results[name] = str(_run_stage(name, epochs, steps, lr, model, cfg, ctx, train_set, val_set, tokenizer,
-                                       evaluate, callbacks))
-        model = load_checkpoint(results[name])  # the next stage starts from this stage's best
+        results[stage.name] = str(_run_stage(stage, method, cfg, ctx, train_set, val_set, evaluate, callbacks))
+        # the next stage starts from this stage's best
+        method = method_class.start(load_encoder(results[stage.name]), cfg, train_set.spec.entities)
     return results
+
+
+def _start_encoder(cfg: TrainConfig) -> Encoder:
+    """The run's starting point: an encoder source, an open_clip tag of ``cfg.model``, or random weights."""
+    source = cfg.pretrained
+    if source is None:
+        return Encoder(_random_clip(cfg.model), arch=cfg.model)
+    if not os.path.exists(source) and ":" not in source:
+        source = f"{cfg.model}:{source}"
+    return load_encoder(source)
+
+
+def _random_clip(arch: str):
+    import open_clip
+
+    from e2_core.architecture import named_config
+
+    named_config(arch)  # an unknown architecture is refused with the list of known ones
+    return open_clip.create_model(arch, pretrained=None, output_dict=True)
 
 
 def _claim_run_folder(out: Path, cfg: TrainConfig, ctx) -> None:
@@ -75,17 +103,12 @@ def _claim_run_folder(out: Path, cfg: TrainConfig, ctx) -> None:
         previous = json.loads(saved.read_text())
         changed = [k for k in TrainConfig.RESUME_KEYS if previous.get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}); "
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(f'--{k.replace("_", "-")} {previous.get(k)}' for k in changed)}); "
                              "use another --out, or the same settings to resume it")
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(cfg.to_json())
     distributed.barrier(ctx)
-
-
-def _set_trainable(model: nn.Module, stage: str) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad_(stage != "stage1" or is_e2_parameter(name))
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -106,41 +129,36 @@ def _epoch_batches(n: int, cfg: TrainConfig, ctx, epoch: int) -> List[List[int]]
     return [shard[i:i + cfg.batch_size].tolist() for i in range(0, len(shard), cfg.batch_size)]
 
 
-def _run_stage(stage: str, epochs: float, steps: Optional[int], lr: float, model: nn.Module, cfg: TrainConfig, ctx,
-               train_set: ProductDataset, val_set: ProductDataset, tokenizer, evaluate, callbacks) -> Path:
-    folder = Path(cfg.out) / stage
+def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, train_set: ProductDataset,
+               val_set: Optional[ProductDataset], evaluate, callbacks) -> Path:
+    folder = Path(cfg.out) / stage.name
     if (folder / "done.json").is_file():
         return folder / "best"
-    model.to(ctx.device)
-    if cfg.lora_rank and stage != "stage1":
+    method.to(ctx.device)
+    model = method.model
+    if cfg.lora_rank and stage.trains != "new":
         from .lora import add_lora
         add_lora(model, cfg.lora_rank)
     else:
-        _set_trainable(model, stage)
+        method.set_stage(stage)
     micro_per_epoch = len(train_set) // (cfg.batch_size * ctx.world_size)
     steps_per_epoch = micro_per_epoch // cfg.accumulate
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_set)} training products are too few for batch {cfg.batch_size} x "
                          f"{ctx.world_size} processes x {cfg.accumulate} accumulation steps")
-    total = steps if steps is not None else math.ceil(epochs * steps_per_epoch)
+    total = stage.steps if stage.steps is not None else math.ceil(stage.epochs * steps_per_epoch)
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(method.parameter_groups(cfg.weight_decay), lr=stage.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(cfg.warmup_steps, total), total))
-    fp16 = cfg.precision == "amp_fp16" or (cfg.precision == "amp" and ctx.device.type == "cuda"
-                                           and not torch.cuda.is_bf16_supported())
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16 and ctx.device.type == "cuda")
-    is_e2 = isinstance(model, E2Model)
-    tau = TemperatureSchedule(model.config.gumbel_tau, model.config.gumbel_tau_end, total) if is_e2 else None
-    loss_fn = RegionalContrastiveLoss(model.entities, cfg.global_weight, multi_positive=cfg.multi_positive) \
-        if is_e2 else None
+    scaler = grad_scaler(ctx.device, cfg.precision)
     state = _load_latest(folder, model, optimizer, scheduler, scaler, ctx)
     step, best = state.get("step", 0), state.get("best", -math.inf)
-    net = model if is_e2 else _ClipForward(model)
+    net = method
     if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    collate = E2Collate(tokenizer, train_set.spec)
+        net = nn.parallel.DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    collate = E2Collate(method.encoder().tokenizer, train_set.spec)
     log = _Log(folder, ctx, total, cfg.progress, initial=step)
+    log.skipped_count = state.get("skipped_count", 0)
 
     while step < total:
         epoch, position = divmod(step, steps_per_epoch)
@@ -153,16 +171,18 @@ def _run_stage(stage: str, epochs: float, steps: Optional[int], lr: float, model
         model.train()
         micro, logs = 0, {}
         for batch in loader:
-            log.skipped(batch.skipped)
-            if not batch.indices:
+            # every process learns every process's batch size, so all skip together or none does
+            sizes, skipped = distributed.batch_sizes(len(batch.indices), batch.skipped, ctx)
+            log.skipped(skipped)
+            if min(sizes) == 0:
                 continue
-            if tau is not None:
-                model.set_gumbel_temperature(tau(step))
+            logs.update(method.on_step(step, total))
             batch = batch.to(ctx.device)
             with autocast(ctx.device, cfg.precision):
-                losses = _losses(net, batch, loss_fn, ctx)
+                losses = method.loss(net(batch), ctx, sizes)
             scaler.scale(losses["loss"] / cfg.accumulate).backward()
-            logs = {k: logs.get(k, 0.0) + v.item() / cfg.accumulate for k, v in losses.items()}
+            for key, value in losses.items():
+                logs[key] = logs.get(key, 0.0) + value.item() / cfg.accumulate
             micro += 1
             if micro % cfg.accumulate:
                 continue
@@ -171,77 +191,60 @@ def _run_stage(stage: str, epochs: float, steps: Optional[int], lr: float, model
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            logs.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], **({"tau": tau(step)} if tau else {}))
-            log.step(stage, logs)
+            logs.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0])
+            log.step(stage.name, logs)
             for callback in callbacks:
-                callback(stage, step, model, logs)
+                callback(stage.name, step, model, logs)
             logs = {}
             epoch_end = step % steps_per_epoch == 0 or step == total
-            if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                         or (not cfg.eval_every and epoch_end)):
-                best = _evaluate(model, val_set, evaluate, folder, step, best, log, ctx)
+            if evaluate is not None and val_set is not None and (
+                    (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end)):
+                best = _evaluate(method, val_set, evaluate, folder, step, best, log, ctx)
             if step % cfg.checkpoint_every == 0 or epoch_end:
-                _save(folder, model, optimizer, scheduler, scaler, step, best, ctx)
+                _save(folder, method, optimizer, scheduler, scaler, step, best, ctx, log)
             if step == total or epoch_end:
                 break
     if ctx.is_main:
         if not (folder / "best").is_dir():  # no evaluator: the last model is the result
-            save_pretrained(model, folder / "best")
+            _save_model(method, folder / "best")
         (folder / "done.json").write_text(json.dumps({"steps": step, "best": best, "skipped": log.skipped_count}))
     log.close()
     distributed.barrier(ctx)
     return folder / "best"
 
 
-class _ClipForward(nn.Module):
-    """CLIP's forward with the padding-trimmed text path E2 uses, so the baseline gets the same speed-up."""
+def _save_model(method: TrainingMethod, path: Path) -> None:
+    """The model as a plain checkpoint (LoRA deltas merged into the base weights)."""
+    from .lora import merged_state_dict
 
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, images: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {"image_features": self.clip.encode_image(images, normalize=True),
-                "text_features": encode_text_any_length(self.clip, text, normalize=True),
-                "logit_scale": self.clip.logit_scale.exp()}
+    save_pretrained(method.encoder(), path, state_dict=merged_state_dict(method.model))
 
 
-def _losses(net: nn.Module, batch, loss_fn, ctx) -> Dict[str, torch.Tensor]:
-    """Global (and regional) InfoNCE over the batch gathered from every process."""
-    if loss_fn is None:  # CLIP-FT
-        out = net(batch.images, batch.text)
-        image, text = distributed.gather(out["image_features"], ctx), distributed.gather(out["text_features"], ctx)
-        return {"loss": contrastive_loss(image, text, out["logit_scale"])}
-    out = net(batch.images, batch.text, batch.entity_text)
-    labels = batch.entity_text.index + ctx.rank * 1_000_000  # string ids are per process: no cross-process positives
-    gathered = {k: distributed.gather(out[k], ctx) for k in
-                ("image_features", "text_features", "image_regional_features", "entity_text_features")}
-    return loss_fn(**gathered, logit_scale=out["logit_scale"], entity_labels=distributed.gather(labels, ctx))
-
-
-def _evaluate(model, val_set, evaluate, folder: Path, step: int, best: float, log, ctx) -> float:
+def _evaluate(method: TrainingMethod, val_set, evaluate, folder: Path, step: int, best: float, log, ctx) -> float:
     if ctx.is_main:
-        model.eval()
+        method.model.eval()
         with torch.no_grad():
-            metrics = evaluate(model, val_set)
-        model.train()
+            metrics = evaluate(method.encoder(), val_set)
+        method.model.train()
         log.write({"eval_step": step, **metrics})
         if metrics["sumr"] > best:
             best = metrics["sumr"]
-            save_pretrained(model, folder / "best")
+            _save_model(method, folder / "best")
     distributed.barrier(ctx)
     return best
 
 
-def _save(folder: Path, model, optimizer, scheduler, scaler, step: int, best: float, ctx) -> None:
+def _save(folder: Path, method: TrainingMethod, optimizer, scheduler, scaler, step: int, best: float, ctx,
+          log) -> None:
     if not ctx.is_main:
         return
+    model = method.model
     target = folder / "checkpoints" / f"step_{step:07d}"
-    save_pretrained(model, target)
+    _save_model(method, target)
     state = {"step": step, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "python_rng": random.getstate()}
+             "python_rng": random.getstate(), "skipped_count": log.skipped_count}
     from .lora import has_lora
     if has_lora(model):  # the checkpoint holds merged weights; resuming needs the base weights and adapters
         state["unmerged_model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -1,5 +1,6 @@
 """The demo encoders every task uses when given none: a small CLIP-FT and a small E2, trained by
-this package's trainer on synthetic products on first use and cached.
+this package's trainer on synthetic products on first use and cached. They are the encoder
+sources ``demo:clip-ft`` and ``demo:e2`` (entry-point group ``e2_plugins.encoders``).
 
 Recipe (``DEMO``): a small CLIP (``ViT-S-16-128``) is first pre-trained from scratch on synthetic
 products disjoint from the task data; CLIP-FT and E2 are then fine-tuned from it on the same
@@ -12,9 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from ..data.open import default_synthetic_root
-from .config import TrainConfig
+from e2_core.data import default_synthetic_root
+from e2_core.data.builders.synthetic import SIZES, write_fashiongen
+
+from .config import Stage, TrainConfig
 from .loop import train
+
+KINDS = ("clip-ft", "e2")
 
 
 @dataclass(frozen=True)
@@ -39,32 +44,36 @@ def cache_root() -> Path:
 
 def pretrain_clip(recipe: Recipe, out: Path, data_root: Path, **overrides) -> Path:
     """A small CLIP trained from scratch on synthetic products that the fine-tuning data does not hold."""
-    from ..data.synthetic import SIZES, write_fashiongen
-
     if not (data_root / "fashiongen_256_256_train.h5").is_file():
         skip = sum(SIZES["small"].values())  # products after the task data's, so the sets are disjoint
+        print(f"generating {recipe.pretrain_products} synthetic pre-training products in {data_root} ...", flush=True)
         write_fashiongen(data_root, {"train": recipe.pretrain_products, "validation": 256},
-                         seed=recipe.seed, offset=skip)
-    cfg = TrainConfig(out=str(out), encoder="clip-ft", model=recipe.model, dataset="synthetic",
-                      data_root=str(data_root), stage2_steps=recipe.pretrain_steps,
-                      stage2_lr=recipe.pretrain_lr, batch_size=recipe.batch_size, warmup_steps=50,
-                      seed=recipe.seed, **overrides)
+                         seed=recipe.seed, offset=skip, progress=True)
+    cfg = TrainConfig(out=str(out), method="clip-ft", model=recipe.model, dataset="synthetic",
+                      data_root=str(data_root), stages=[Stage("finetune", lr=recipe.pretrain_lr,
+                                                              steps=recipe.pretrain_steps)],
+                      batch_size=recipe.batch_size, warmup_steps=50, seed=recipe.seed, **overrides)
     return Path(train(cfg)["finetune"])
 
 
 def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optional[Path] = None,
              evaluate=None, callbacks=(), **overrides) -> Path:
     """CLIP-FT or E2 (both stages) from the pre-trained CLIP, on the synthetic ``small`` split."""
+    data_root = Path(data_root) if data_root else default_synthetic_root("small", 0)
+    if not (data_root / "fashiongen_256_256_validation.h5").is_file():
+        print(f"generating the synthetic products in {data_root} ...", flush=True)
+        write_fashiongen(data_root, "small", progress=True)
     common = dict(out=str(out), model=recipe.model, pretrained=str(start), dataset="synthetic",
-                  data_root=str(data_root) if data_root else None, synthetic_size="small",
-                  batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=20, **overrides)
+                  data_root=str(data_root), batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=20,
+                  **overrides)
     if kind == "clip-ft":
-        cfg = TrainConfig(encoder="clip-ft", stage2_steps=recipe.finetune_steps, stage2_lr=recipe.finetune_lr,
-                          **common)
+        cfg = TrainConfig(method="clip-ft", stages=[Stage("finetune", lr=recipe.finetune_lr,
+                                                          steps=recipe.finetune_steps)], **common)
         return Path(train(cfg, evaluate, callbacks)["finetune"])
     stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
-    cfg = TrainConfig(encoder="e2", stage1_steps=stage1, stage2_steps=recipe.finetune_steps - stage1,
-                      stage1_lr=recipe.finetune_lr * 10, stage2_lr=recipe.finetune_lr, **common)
+    cfg = TrainConfig(method="e2", stages=[Stage("stage1", lr=recipe.finetune_lr * 10, steps=stage1),
+                                           Stage("stage2", lr=recipe.finetune_lr,
+                                                 steps=recipe.finetune_steps - stage1)], **common)
     return Path(train(cfg, evaluate, callbacks)["stage2"])
 
 
@@ -82,11 +91,17 @@ def recipe_run(kind: str, recipe: Recipe, root: Path, seed: int, **overrides) ->
 
 def demo_encoders(recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> Dict[str, Path]:
     """``{"clip-ft": checkpoint, "e2": checkpoint}``, trained on first use (minutes on 2 CPU cores) and cached."""
+    return {kind: demo_encoder(kind, recipe, log) for kind in KINDS}
+
+
+def demo_encoder(name: str, recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> Path:
+    """The checkpoint of the demo encoder ``name`` (``e2`` or ``clip-ft``): the ``demo:NAME`` source."""
+    if name not in KINDS:
+        raise ValueError(f"unknown demo encoder {name!r}; the demo encoders are " + ", ".join(f"demo:{k}" for k in KINDS))
     root = demo_root(recipe)
-    if not all((root / kind / "seed0" / "done").exists() for kind in ("clip-ft", "e2")):
-        log(f"training the demo encoders once into {root} (cached for every later run) ...")
-    result = {}
-    for kind in ("clip-ft", "e2"):
-        result[kind] = recipe_run(kind, recipe, root, 0)
-        (root / kind / "seed0" / "done").touch()
-    return result
+    done = root / name / "seed0" / "done"
+    if not done.exists():
+        log(f"training the demo encoder demo:{name} once into {root} (cached for every later run) ...")
+    path = recipe_run(name, recipe, root, 0)
+    done.touch()
+    return path

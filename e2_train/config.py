@@ -1,0 +1,130 @@
+"""TrainConfig: every setting of a training run, as plain values (the CLI builds it from flags),
+and :class:`Stage`, one stage of a run (stages are a list)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of training: its length (epochs or steps), peak learning rate and what trains.
+
+    ``trains="new"`` trains only what the method adds to the CLIP it starts from (E2's selection
+    tokens, fusion blocks and heads); ``"all"`` trains everything.
+
+    Example:
+        >>> Stage.parse("stage1:steps=90,lr=1e-3")
+        Stage(name='stage1', lr=0.001, epochs=None, steps=90, trains=None)
+    """
+
+    name: str
+    lr: Optional[float] = None
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    trains: Optional[Literal["new", "all"]] = None
+
+    def __post_init__(self):
+        if self.trains not in (None, "new", "all"):
+            raise ValueError(f"stage {self.name}: trains must be 'new' or 'all', got {self.trains!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Stage":
+        """``NAME[:key=value,...]`` with keys ``lr``, ``epochs``, ``steps``, ``trains``."""
+        name, _, rest = text.partition(":")
+        fields = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("lr", "epochs", "steps", "trains"):
+                raise ValueError(f"--stages {text!r}: expected NAME:key=value,... with keys lr, epochs, steps, trains")
+            fields[key] = {"lr": float, "epochs": float, "steps": int, "trains": str}[key](value)
+        return cls(name, **fields)
+
+    def over(self, default: "Stage") -> "Stage":
+        """This stage with its unset fields taken from ``default``."""
+        return Stage(self.name, *(getattr(self, f) if getattr(self, f) is not None else getattr(default, f)
+                                  for f in ("lr", "epochs", "steps", "trains")))
+
+    def length(self) -> float:
+        return self.steps if self.steps is not None else (self.epochs or 0)
+
+
+def resolve_stages(given: Optional[Sequence[Stage]], defaults: Sequence[Stage]) -> List[Stage]:
+    """The stages to run: ``given`` (each filled in from the default stage of the same name), or the defaults."""
+    if not given:
+        return list(defaults)
+    by_name = {s.name: s for s in defaults}
+    return [s.over(by_name.get(s.name, Stage(s.name, lr=5e-5, epochs=1.0, trains="all"))) for s in given]
+
+
+@dataclass
+class TrainConfig:
+    """A training run: E2's two stages (new parts only, then everything) or the CLIP-FT baseline.
+
+    Args:
+        out: run folder (checkpoints, metrics.jsonl, best model); a run already there is resumed
+        method: e2, or clip-ft for the CLIP fine-tuning baseline trained by the same loop
+        model: open_clip architecture of a random start (when pretrained is not given)
+        pretrained: where to start: an encoder source (MODEL:TAG, MODEL:FILE, checkpoint directory, demo:NAME) or an open_clip tag of --model
+        dataset: an installed dataset reader (e2-plugins list)
+        data_root: the dataset's folder or file
+        stages: stages as NAME:key=value,... (keys lr, epochs, steps, trains=new|all); a name of the method's defaults (e2: stage1, stage2; clip-ft: finetune) fills in the rest from it
+        max_steps: cap on optimizer steps per stage (quick runs)
+        batch_size: items per micro-batch per process
+        accumulate: micro-batches per optimizer step
+        warmup_steps: linear warm-up before the cosine decay
+        weight_decay: Adam weight decay (never on norms, biases, logit scale, embeddings, selection tokens)
+        precision: amp (bf16 where supported, else fp16 with loss scaling) or fp32
+        device: auto, cpu, cuda, cuda:1, mps (torchrun sets one GPU per process)
+        seed: seed of the data order, views, Gumbel noise and E2's new parts
+        workers: DataLoader worker processes
+        checkpoint_every: optimizer steps between checkpoints (also at every epoch end)
+        eval_every: optimizer steps between validation runs (0: at every epoch end)
+        multi_positive: items sharing an entity value are positives of each other
+        global_weight: weight of the global loss against the mean regional loss
+        lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
+        strict: stop at the first unreadable image instead of skipping and reporting it
+        progress: show a progress bar
+    """
+
+    out: str = "runs/e2"
+    method: Literal["e2", "clip-ft"] = "e2"
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = None
+    dataset: str = "synthetic"
+    data_root: Optional[str] = None
+    stages: Optional[List[Stage]] = None
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    accumulate: int = 1
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    precision: Literal["amp", "amp_bf16", "amp_fp16", "fp32"] = "amp"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    checkpoint_every: int = 200
+    eval_every: int = 0
+    multi_positive: bool = False
+    global_weight: float = 0.5
+    lora_rank: int = 0
+    strict: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in ("e2", "clip-ft"):
+            raise ValueError(f"--method must be 'e2' or 'clip-ft', got {self.method!r}")
+        if self.stages is not None:
+            self.stages = [s if isinstance(s, Stage) else Stage.parse(s) if isinstance(s, str) else Stage(**s)
+                           for s in self.stages]
+        for name in ("batch_size", "accumulate", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    # settings that must match for a run folder to be resumed
+    RESUME_KEYS = ("method", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank")

@@ -1,0 +1,139 @@
+"""Training methods: each owns the model it trains, its forward pass and its loss, and says what
+trains in each stage, so the loop never asks which model it holds.
+
+* :class:`E2Training`: E2 on a CLIP (stage 1: E2's new parts; stage 2: everything), the global and
+  regional contrastive losses, the Gumbel temperature annealed over each stage.
+* :class:`CLIPFineTuning`: the CLIP-FT baseline, CLIP's contrastive loss on the same global texts.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Set, Tuple
+
+import torch
+from open_clip.model import CLIP
+from torch import nn
+
+from e2_core import E2Config, E2Model, Encoder
+from e2_core.fusion import TemperatureSchedule
+from e2_core.loss import RegionalContrastiveLoss, contrastive_loss
+from e2_core.model import is_e2_parameter, text_tower
+
+from . import distributed
+from .config import Stage, TrainConfig
+
+
+class TrainingMethod(nn.Module):
+    """The model being trained and its objective. ``forward(batch)`` gives this process's features
+    (what DDP wraps); :meth:`loss` gathers them from every process and scores them."""
+
+    name: str = ""
+    default_stages: Tuple[Stage, ...] = ()
+
+    def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
+        super().__init__()
+        self.model, self.arch = model, arch
+
+    @classmethod
+    def start(cls, encoder: Encoder, cfg: TrainConfig, entities: Tuple[str, ...] = ()) -> "TrainingMethod":
+        """The method on the model of ``encoder`` (the run's starting point)."""
+        return cls(encoder.model, cfg, entities, encoder.arch)
+
+    def encoder(self) -> Encoder:
+        """The model being trained, as an encoder (evaluation, checkpoints)."""
+        return Encoder(self.model, arch=self.arch)
+
+    def set_stage(self, stage: Stage) -> None:
+        """Freeze what ``stage`` does not train."""
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(stage.trains != "new" or self.is_new(name))
+
+    def is_new(self, name: str) -> bool:
+        """Whether a parameter is one the method adds to the CLIP it starts from."""
+        return False
+
+    def on_step(self, step: int, total: int) -> Dict[str, float]:
+        """Called before each optimizer step of a stage; returns values to log."""
+        return {}
+
+    def parameter_groups(self, weight_decay: float) -> List[Dict]:
+        """Trainable parameters, with no weight decay on norms, biases, scales, embeddings and
+        selection tokens (as open_clip's trainer excludes 1-d tensors)."""
+        exempt = no_weight_decay(self.model)
+        decay, rest = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (rest if param.ndim < 2 or name in exempt else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def loss(self, features: Dict[str, torch.Tensor], ctx, sizes) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def no_weight_decay(model: nn.Module) -> Set[str]:
+    """Names of the 2-d tensors that are embeddings rather than weights."""
+    names = {"positional_embedding", "token_embedding.weight", "visual.positional_embedding",
+             "visual.class_embedding"}
+    if hasattr(model.visual, "no_weight_decay"):
+        names |= {f"visual.{name}" for name in model.visual.no_weight_decay()}
+    return names
+
+
+class E2Training(TrainingMethod):
+    name = "e2"
+    default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"), Stage("stage2", lr=5e-5, epochs=20.0,
+                                                                                 trains="all"))
+
+    def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
+        """``entities``: the dataset's tag entities; a CLIP gets E2 parts for exactly these."""
+        if not isinstance(model, E2Model):
+            model = E2Model(model, E2Config(entities=tuple(entities)) if entities else E2Config(), arch)
+        elif entities and tuple(entities) != model.entities:
+            raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "
+                             f"entities are {list(entities)}; start from a CLIP or use a dataset with those entities")
+        super().__init__(model, cfg, entities, arch)
+        self.objective = RegionalContrastiveLoss(model.entities, cfg.global_weight, multi_positive=cfg.multi_positive)
+
+    def is_new(self, name: str) -> bool:
+        return is_e2_parameter(name)
+
+    def on_step(self, step: int, total: int) -> Dict[str, float]:
+        config = self.model.config
+        tau = TemperatureSchedule(config.gumbel_tau, config.gumbel_tau_end, total)(step)
+        self.model.set_gumbel_temperature(tau)
+        return {"tau": tau}
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        return {**self.model(batch.images, batch.text, batch.entity_text), "entity_labels": batch.entity_text.index}
+
+    def loss(self, features, ctx, sizes) -> Dict[str, torch.Tensor]:
+        labels = features.pop("entity_labels")
+        gathered = {k: distributed.gather(features[k], ctx, sizes) for k in
+                    ("image_features", "text_features", "image_regional_features", "entity_text_features")}
+        # entity string ids are per process: offset them so that no two processes share one
+        labels = distributed.gather(labels + ctx.rank * 1_000_000, ctx, sizes)
+        return self.objective(**gathered, logit_scale=features["logit_scale"], entity_labels=labels)
+
+
+class CLIPFineTuning(TrainingMethod):
+    name = "clip-ft"
+    default_stages = (Stage("finetune", lr=5e-5, epochs=20.0, trains="all"),)
+
+    def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
+        if isinstance(model, E2Model):
+            raise ValueError("--method clip-ft fine-tunes a CLIP, but the start is an E2 model; "
+                             "start from a CLIP (MODEL:TAG, a CLIP checkpoint) or use --method e2")
+        super().__init__(model, cfg, entities, arch)
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        # the padding-trimmed text path, as E2 gets, so both train at the same speed
+        return {"image_features": self.model.encode_image(batch.images, normalize=True),
+                "text_features": text_tower(self.model, batch.text, normalize=True),
+                "logit_scale": self.model.logit_scale.exp()}
+
+    def loss(self, features, ctx, sizes) -> Dict[str, torch.Tensor]:
+        image = distributed.gather(features["image_features"], ctx, sizes)
+        text = distributed.gather(features["text_features"], ctx, sizes)
+        return {"loss": contrastive_loss(image, text, features["logit_scale"])}
+
+
+METHODS = {method.name: method for method in (E2Training, CLIPFineTuning)}
