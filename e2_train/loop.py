@@ -102,8 +102,9 @@ def _claim_run_folder(out: Path, cfg: TrainConfig, ctx) -> None:
     if saved.is_file():
         previous = json.loads(saved.read_text())
         changed = [k for k in TrainConfig.RESUME_KEYS if previous.get(k) != getattr(cfg, k)]
+        settings = ", ".join(f"--{k.replace('_', '-')} {previous.get(k)}" for k in changed)
         if changed:
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(f'--{k.replace("_", "-")} {previous.get(k)}' for k in changed)}); "
+            raise ValueError(f"{out} holds a run with other settings ({settings}); "
                              "use another --out, or the same settings to resume it")
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,15 @@ def logged_losses(folder):
     import json
 
     return [json.loads(line)["loss"] for line in open(folder / "metrics.jsonl") if '"loss"' in line]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Checkpoint directories of a tiny E2 and a tiny CLIP (random weights): encoder sources."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    e2_core.save_pretrained(e2_core.create_e2(TINY), root / "e2")
+    e2_core.save_pretrained(open_clip.create_model(TINY), root / "clip", arch=TINY)
+    return {"e2": str(root / "e2"), "clip": str(root / "clip")}

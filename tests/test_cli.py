@@ -85,12 +85,13 @@ def write_images(folder: Path, n: int):
     (folder / "broken.jpg").write_bytes(b"not an image")
 
 
-def test_embed_task_reports_unreadable_images(tmp_path, capsys):
+def test_embed_task_reports_unreadable_images(tmp_path, capsys, tiny_checkpoints):
     write_images(tmp_path / "imgs", 3)
     (tmp_path / "texts.txt").write_text("a red shirt\nblue jeans\n")
     out = tmp_path / "emb.safetensors"
     code = main(["run", "embed", "--images", str(tmp_path / "imgs"), "--texts", str(tmp_path / "texts.txt"),
-                 "--model", TINY, "--out", str(out), "--device", "cpu", "--regions", "--batch-size", "2"])
+                 "--encoder", tiny_checkpoints["e2"], "--out", str(out), "--device", "cpu", "--regions",
+                 "--batch-size", "2"])
     assert code == 0
     report = capsys.readouterr().out
     assert '"images": 3' in report and "broken.jpg" in report
@@ -99,11 +100,11 @@ def test_embed_task_reports_unreadable_images(tmp_path, capsys):
         assert f.get_tensor("image_regional_features").shape == (3, 5, 64)
         assert f.get_tensor("text_features").shape == (2, 64)
         assert "broken.jpg" not in f.metadata()["images"]
-    assert main(["run", "embed", "--images", str(tmp_path / "imgs"), "--model", TINY, "--strict",
+    assert main(["run", "embed", "--images", str(tmp_path / "imgs"), "--encoder", tiny_checkpoints["e2"], "--strict",
                  "--out", str(out), "--device", "cpu"]) == 2
     assert "broken.jpg" in capsys.readouterr().err
 
 
-def test_embed_task_missing_input_is_a_clear_error(tmp_path):
+def test_embed_task_missing_input_is_a_clear_error(tmp_path, tiny_checkpoints):
     with pytest.raises(FileNotFoundError, match="no such folder or list file"):
-        registry.get_task("embed").run(images=tmp_path / "nowhere", model=TINY)
+        registry.get_task("embed").run(images=tmp_path / "nowhere", encoder=tiny_checkpoints["e2"])
