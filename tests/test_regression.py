@@ -1,0 +1,40 @@
+"""Pinned numbers of E2's forward pass: a silent change in the math (token order, fusion, pooling,
+heads, text tower) fails here. The weights are set from a seeded generator in name order, so the
+numbers do not depend on open_clip's own initialisation."""
+import torch
+
+import e2_core
+from conftest import TINY
+
+
+def pinned_model():
+    model = e2_core.create_e2(TINY).eval()
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            noise = torch.randn(tensor.shape, generator=g)
+            if tensor.ndim >= 2:  # matrices and embeddings: fan-in scale
+                tensor.copy_(noise * tensor.shape[-1] ** -0.5)
+            elif tensor.ndim == 1:  # norm weights around 1, biases and the class embedding around 0
+                tensor.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def test_pinned_forward():
+    model = pinned_model()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    tokens = e2_core.get_tokenizer(TINY)(["a red wool coat", "SHIRTS"])
+    with torch.no_grad():
+        out = model.encode_image_regions(images)
+        text = model.encode_text(tokens)
+    torch.testing.assert_close(out.image_features[:, :4], torch.tensor(IMAGE), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.regional_features[:, :, 0], torch.tensor(REGIONAL), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(text[:, :4], torch.tensor(TEXT), atol=1e-4, rtol=1e-4)
+    assert out.selected_patches.tolist() == SELECTED
+
+
+IMAGE = [[-0.522047, 0.317477, 0.192368, 0.460236], [-0.341746, -0.016592, 0.145944, -0.122369]]
+REGIONAL = [[1.513586, 1.190382, 0.302692, 2.977107, 0.357338], [2.352457, 1.338745, 0.685138, 2.084663, -0.027999]]
+TEXT = [[0.391723, 0.390422, 0.576555, 2.328581], [0.369373, -1.027773, 0.565471, 0.837609]]
+SELECTED = [[[4, 9, 5, 4, 3, 9, 15, 4, 1, 9], [5, 4, 12, 5, 6, 11, 15, 12, 4, 4]],
+            [[5, 15, 15, 12, 2, 11, 12, 2, 6, 2], [1, 1, 2, 12, 15, 1, 9, 15, 1, 15]]]
