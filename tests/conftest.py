@@ -51,7 +51,7 @@ def train_config(tmp_path, data_root, **overrides):
     method = overrides.get("method", "e2")
     base = dict(out=str(tmp_path / "run"), model=TINY, dataset="synthetic", data_root=data_root, batch_size=16,
                 stages=["stage2:epochs=1" if method == "e2" else "finetune:epochs=1"], workers=0,
-                checkpoint_every=1, progress=False, warmup_steps=1)
+                checkpoint_every=1000, progress=False, warmup_steps=1)
     return TrainConfig(**{**base, **overrides})
 
 

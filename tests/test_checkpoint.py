@@ -152,3 +152,29 @@ def test_training_state_pickles_are_refused(tmp_path):
     assert "weights_only=False" not in str(err.value) and len(str(err.value)) < 400
     torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, tmp_path / "other.pth")
     assert not is_reference_checkpoint(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("layout", ["model_key", "bare", "legacy"])
+def test_reference_checkpoints_in_other_containers_are_imported(tokenizer, tmp_path, layout):
+    torch.manual_seed(0)
+    model = e2_core.E2Model(open_clip.create_model(TINY, force_quick_gelu=True),
+                            e2_core.E2Config(compat="reference")).eval()
+    state = to_reference_layout(model)
+    path = tmp_path / "best.pth"
+    if layout == "model_key":
+        torch.save({"model": state, "epoch": 3}, path)
+    elif layout == "bare":
+        torch.save(state, path)
+    else:  # the pre-1.6 (non-zip) torch.save format
+        torch.save({"state_dict": state}, path, _use_new_zipfile_serialization=False)
+    assert is_reference_checkpoint(path)
+    imported = e2_core.load_encoder(f"{TINY}:{path}").eval()
+    images, _, _ = make_batch(tokenizer)
+    assert torch.equal(model.encode_image(images), imported.encode_image(images))
+
+
+def test_a_file_that_is_not_a_reference_checkpoint_says_what_it_holds(tmp_path):
+    torch.save({"weights": {"visual.token_1_embedding": torch.zeros(2)}, "step": 1}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"not a reference E2 checkpoint: no visual.token_1_embedding "
+                                              r"\(it holds \['step', 'weights'\]\)"):
+        e2_core.load_encoder(f"{TINY}:{tmp_path / 'odd.pth'}")

@@ -2,6 +2,7 @@ from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -32,6 +33,7 @@ def test_broken_plugin_is_listed_with_its_error(monkeypatch, capsys):
     assert "broken" in out and "FAILED TO LOAD: ModuleNotFoundError" in out
     assert "embed" in out and "Encode images" in out
     assert "diffusers" in out
+    assert "datasets (e2_plugins.datasets)" in out and "encoders (e2_plugins.encoders)" in out
     assert main(["run", "broken"]) == 2
     assert 'failed to load plugin "broken"' in capsys.readouterr().err
 
@@ -70,8 +72,12 @@ def test_help_and_info(capsys):
 
 
 def test_parameter_overhead_of_vit_b32_matches_hand_count():
+    import open_clip
     from e2_core.summary import parameter_summary
-    _, totals = parameter_summary(e2_core.create_e2("ViT-B-32"))
+    with torch.device("meta"):  # shapes only
+        model = e2_core.E2Model(open_clip.CLIP(**open_clip.get_model_config("ViT-B-32")), e2_core.E2Config(),
+                                "ViT-B-32")
+    _, totals = parameter_summary(model)
     width, dim = 768, 512
     hand = 10 * width + 2 * 3 * width * width + 5 * (2 * width + width * dim)
     assert totals["added"] == hand

@@ -119,7 +119,7 @@ def test_merged_state_dict_is_a_plain_model_with_the_same_function(tiny_model, t
 
 
 def test_a_lora_run_writes_plain_checkpoints(tmp_path, data_root):
-    result = train(config(tmp_path, data_root, max_steps=2))
+    result = train(config(tmp_path, data_root, max_steps=2, checkpoint_every=1))
     folder = tmp_path / "run" / "stage2"
     first, second = (weights(folder / "checkpoints" / f"step_000000{i}") for i in (1, 2))
     best = e2_core.create_e2(None, pretrained=result["stage2"]).state_dict()
@@ -146,13 +146,13 @@ class Interrupt(Exception):
 
 
 def test_resume_of_a_lora_run_equals_an_uninterrupted_run(tmp_path, data_root):
-    train(config(tmp_path / "a", data_root))
+    train(config(tmp_path / "a", data_root, checkpoint_every=1))
 
     def crash(stage, step, model, logs):
         if step == 3:
             raise Interrupt
 
-    interrupted = config(tmp_path / "b", data_root)
+    interrupted = config(tmp_path / "b", data_root, checkpoint_every=1)
     with pytest.raises(Interrupt):
         train(interrupted, callbacks=[crash])
     assert not (tmp_path / "b" / "run" / "stage2" / "done.json").exists()

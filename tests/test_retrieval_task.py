@@ -66,3 +66,19 @@ def test_harness_embeds_with_trimmed_text_for_clip_too(setup):
     reference = clip.encode_text(open_clip.get_tokenizer("ViT-S-16-128")([e2_core.build_texts(data.product(0).tags)[0]]),
                                  normalize=True)
     assert torch.allclose(texts[:1], reference, atol=1e-5)
+
+
+def test_embedding_cache_follows_the_checkpoints_weights(setup, tmp_path):
+    from e2_core.data import FashionGen
+    from e2_eval.harness import cached_embeddings
+
+    torch.manual_seed(5)
+    e2_core.save_pretrained(e2_core.create_e2(TINY), tmp_path / "e2")
+    encoder = e2_core.load_encoder(tmp_path / "e2")
+    data = FashionGen(setup / "data", split="validation", transform=encoder.preprocess)
+    first = cached_embeddings(encoder, data, tmp_path / "cache")[0]
+    assert torch.equal(cached_embeddings(e2_core.load_encoder(tmp_path / "e2"), data, tmp_path / "cache")[0], first)
+    torch.manual_seed(6)  # same directory, new weights
+    e2_core.save_pretrained(e2_core.create_e2(TINY), tmp_path / "e2")
+    second = cached_embeddings(e2_core.load_encoder(tmp_path / "e2"), data, tmp_path / "cache")[0]
+    assert not torch.allclose(first, second) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

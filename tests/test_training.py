@@ -1,6 +1,7 @@
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def test_loss_decreases(tmp_path, data_root):
 
 
 def test_two_stages_train_what_they_should(tmp_path, data_root):
-    cfg = config(tmp_path, data_root, stages=["stage1:epochs=1", "stage2:epochs=1"], max_steps=2)
+    cfg = config(tmp_path, data_root, stages=["stage1:epochs=1", "stage2:epochs=1"], max_steps=2, checkpoint_every=1)
     start = e2_core.create_e2(TINY).state_dict()  # same seed-free init is not guaranteed; compare stages instead
     result = train(cfg)
     stage1, stage2 = weights(result["stage1"]), weights(result["stage2"])
@@ -43,14 +44,14 @@ class Interrupt(Exception):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
-    straight = config(tmp_path / "a", data_root, stages=["stage1:epochs=1"])
+    straight = config(tmp_path / "a", data_root, stages=["stage1:epochs=1"], checkpoint_every=1)
     train(straight)
 
     def crash(stage, step, model, logs):
         if step == 3:
             raise Interrupt
 
-    interrupted = config(tmp_path / "b", data_root, stages=["stage1:epochs=1"])
+    interrupted = config(tmp_path / "b", data_root, stages=["stage1:epochs=1"], checkpoint_every=1)
     with pytest.raises(Interrupt):
         train(interrupted, callbacks=[crash])
     assert not (tmp_path / "b" / "run" / "stage1" / "done.json").exists()
@@ -79,7 +80,7 @@ def test_evaluator_selects_the_best_checkpoint(tmp_path, data_root):
         seen.append(len(dataset))
         return {"sumr": next(scores)}
 
-    train(config(tmp_path, data_root, eval_every=1), evaluate=evaluate)
+    train(config(tmp_path, data_root, eval_every=1, checkpoint_every=1), evaluate=evaluate)
     folder = tmp_path / "run" / "stage2"
     evals = [json.loads(line) for line in open(folder / "metrics.jsonl") if "eval_step" in line]
     assert [e["sumr"] for e in evals] == [3.0, 5.0, 4.0, 1.0] and seen == [16] * 4
@@ -121,3 +122,87 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, data
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2 * 5e-5
     assert losses(tmp_path / "single" / "run" / "finetune") == pytest.approx(
         losses(tmp_path / "ddp" / "run" / "finetune"), abs=1e-5)
+
+
+def test_stage_one_trains_exactly_the_new_parts(tmp_path, data_root, tiny_checkpoints):
+    """From a CLIP checkpoint: after stage 1 the text tower, logit scale and image trunk are the CLIP's."""
+    from e2_core.model import is_e2_parameter
+
+    result = train(config(tmp_path, data_root, pretrained=tiny_checkpoints["clip"], stages=["stage1:steps=2"]))
+    start, trained = weights(tiny_checkpoints["clip"]), weights(result["stage1"])
+    clip_keys = {k.replace("visual.trunk.", "visual.") if k.startswith("visual.trunk.") else k: k for k in trained
+                 if not is_e2_parameter(k)}
+    assert set(clip_keys) == set(start) - {"visual.proj"}  # proj_cls replaces CLIP's image projection
+    assert all(torch.equal(start[k], trained[ours]) for k, ours in clip_keys.items())
+    init = e2_core.load_encoder(result["stage1"])  # every new part moved away from its initial value
+    fresh = e2_core.create_e2(pretrained=tiny_checkpoints["clip"]).state_dict()
+    new = [k for k in trained if is_e2_parameter(k)]
+    assert new and all(not torch.equal(trained[k], fresh[k]) for k in new if "proj_cls" not in k), init
+
+
+def test_gumbel_temperature_follows_its_schedule_during_training(tmp_path, data_root):
+    seen = []
+
+    def record(stage, step, model, logs):
+        seen.append((logs["tau"], model.visual.fusion[1].tau))
+
+    train(config(tmp_path, data_root, stages=["stage2:steps=4"]), callbacks=[record])
+    schedule = e2_core.TemperatureSchedule(2.0, 0.5, total_steps=4)
+    assert [tau for tau, _ in seen] == [schedule(step) for step in range(4)]
+    assert all(logged == applied for logged, applied in seen) and seen[0][0] == 2.0 and seen[-1][0] < 1.0
+
+
+def test_weight_decay_spares_norms_biases_scales_embeddings_and_selection_tokens(tiny_model):
+    from e2_train import E2Training
+
+    method = E2Training(tiny_model, config(Path("unused"), None))
+    for name, p in tiny_model.named_parameters():
+        p.requires_grad_(True)
+    decay, rest = method.parameter_groups(1e-4)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    decayed, spared = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in rest["params"]}
+    assert decay["weight_decay"] == 1e-4 and rest["weight_decay"] == 0.0
+    assert {"logit_scale", "visual.selection_tokens.tokens", "visual.trunk.class_embedding",
+            "visual.trunk.positional_embedding", "positional_embedding", "token_embedding.weight",
+            "visual.trunk.ln_pre.weight", "visual.trunk.ln_pre.bias", "ln_final.bias",
+            "visual.regional_heads.norms.0.weight", "transformer.resblocks.0.mlp.c_fc.bias"} <= spared
+    assert {"visual.trunk.conv1.weight", "visual.fusion.0.q.weight", "visual.fusion.1.v.weight", "visual.proj_cls",
+            "visual.regional_heads.proj", "transformer.resblocks.0.attn.in_proj_weight", "text_projection"} <= decayed
+    assert not decayed & spared and len(decayed | spared) == len(list(tiny_model.parameters()))
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_settings_behind(tmp_path, data_root):
+    with pytest.raises(ValueError, match="unknown open_clip architecture 'ViT-Nope'"):
+        train(config(tmp_path, data_root, model="ViT-Nope"))
+    with pytest.raises(Exception, match="unknown dataset 'no-such-data'; installed datasets: .*synthetic"):
+        train(config(tmp_path, data_root, dataset="no-such-data"))
+    assert not (tmp_path / "run" / "train_config.json").exists()
+    train(config(tmp_path, data_root, max_steps=1))  # the corrected command runs
+
+
+def _catalog(root: Path, products: int, corrupt: int) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(products):
+        path = root / f"p{i}.png"
+        if i == corrupt:
+            path.write_bytes(b"\x89PNG not really")
+        else:
+            Image.new("RGB", (64, 64), (i * 13 % 255, 90, 200 - i * 7 % 200)).save(path)
+        rows.append(json.dumps({"id": f"p{i}", "image": path.name, "text": f"product {i}", "brand": f"b{i % 3}"}))
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (root / "validation.jsonl").write_text("\n".join(rows[:4]) + "\n")
+    return root
+
+
+def test_two_processes_stay_in_step_when_one_shard_has_an_unreadable_image(tmp_path):
+    """gloo on CPU: one process gets 7 readable items, the other 8; the run finishes and reports the skip."""
+    data = _catalog(tmp_path / "catalog", products=16, corrupt=5)
+    cfg = config(tmp_path, str(data), dataset="catalog", method="clip-ft", batch_size=8, max_steps=2, device="cpu")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.__dict__), nprocs=2, join=True)
+    folder = tmp_path / "run" / "finetune"
+    assert json.loads((folder / "done.json").read_text())["skipped"] == 1
+    assert "p5.png" in (folder / "skipped_images.txt").read_text()
+    assert len(losses(folder)) == 1  # 16 items = one step of 2 x 8; max_steps caps at the epoch's end

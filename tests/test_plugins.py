@@ -1,0 +1,99 @@
+"""Every installed task, dataset reader and adapter, found through the registries, run on tiny data.
+
+A plugin installed without a recipe here fails: adding one to the package means adding it here."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import e2_core
+from e2_core import registry
+from e2_core.data import open_dataset
+from e2_plugins.cli import main
+
+
+def _names(group):
+    return [plugin.name for plugin in registry.discover(group)]
+
+
+def _amazon(root: Path) -> str:
+    meta, ids = {}, [f"B00{i}" for i in range(6)]
+    for i, asin in enumerate(ids):
+        (root / "Fashion" / asin).mkdir(parents=True)
+        Image.new("RGB", (40, 50), (40 * i, 90, 120)).save(root / "Fashion" / asin / "0.jpg")
+        meta[asin] = {"images": ["0.jpg"], "title": f"Cotton shirt {i}", "brand": ["Acme", ""][i % 2]}
+    (root / "meta-fashion.json").write_text(json.dumps(meta))
+    (root / "split.json").write_text(json.dumps({"train": ids[:4], "test": ids[4:]}))
+    return str(root)
+
+
+def _catalog(root: Path) -> str:
+    root.mkdir(parents=True)
+    for split, count in (("train", 4), ("validation", 2)):
+        rows = []
+        for i in range(count):
+            Image.new("RGB", (50, 40), (60 * i, 20, 200)).save(root / f"{split}{i}.png")
+            rows.append(json.dumps({"image": f"{split}{i}.png", "text": f"a {split} coat {i}", "brand": "Acme",
+                                    "season": "FW2016"}))
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+#: dataset name -> a function writing tiny data of that reader's layout (given tmp_path and the synthetic root)
+DATASET_RECIPES = {
+    "synthetic": lambda tmp, synthetic: synthetic,
+    "fashiongen": lambda tmp, synthetic: synthetic,
+    "amazon-fashion": lambda tmp, synthetic: _amazon(tmp / "amazon"),
+    "catalog": lambda tmp, synthetic: _catalog(tmp / "catalog"),
+}
+
+
+@pytest.mark.parametrize("name", _names(registry.DATASET_GROUP))
+def test_every_installed_dataset_reader_reads_its_layout(name, tmp_path, data_root):
+    assert name in DATASET_RECIPES, f"dataset reader {name!r} is installed but has no recipe in this test"
+    root = DATASET_RECIPES[name](tmp_path, data_root)
+    for split in ("train", "validation"):
+        data = open_dataset(name, root, split, train=split == "train")
+        sample = data[0]
+        assert len(data) > 0 and sample.error is None and sample.image.size[0] > 0
+        global_text, entities = e2_core.build_texts(sample.tags, data.spec)
+        assert global_text and len(entities) == len(data.spec.entities)
+
+
+def test_opening_a_dataset_has_no_side_effects(tmp_path):
+    with pytest.raises(e2_core.data.DataError, match="no synthetic data; generate it with `e2-plugins data synthetic"):
+        open_dataset("synthetic", str(tmp_path / "nothing"), "validation")
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(KeyError, match="unknown dataset 'imagenet'; installed datasets: amazon-fashion, catalog"):
+        open_dataset("imagenet", None, "train")
+
+
+#: task name -> its command-line options on tiny data
+TASK_RECIPES = {
+    "retrieval": lambda tmp, data, enc: ["--data-root", data, "--encoder", enc["e2"], "--baseline", enc["clip"],
+                                         "--protocol", "full", "--out", str(tmp / "out")],
+    "embed": lambda tmp, data, enc: ["--texts", _texts(tmp), "--encoder", enc["clip"], "--out", str(tmp / "e.st")],
+}
+
+
+def _texts(tmp: Path) -> str:
+    (tmp / "texts.txt").write_text("a red coat\nblue jeans\n")
+    return str(tmp / "texts.txt")
+
+
+@pytest.mark.parametrize("name", _names(registry.TASK_GROUP))
+def test_every_installed_task_runs_on_tiny_data(name, tmp_path, data_root, tiny_checkpoints, capsys):
+    assert name in TASK_RECIPES, f"task {name!r} is installed but has no recipe in this test"
+    args = TASK_RECIPES[name](tmp_path, data_root, tiny_checkpoints)
+    assert main(["run", name, *args, "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
+#: adapter name -> a check that it swaps a tiny E2 in
+ADAPTER_RECIPES = {}
+
+
+@pytest.mark.parametrize("name", _names(registry.ADAPTER_GROUP))
+def test_every_installed_adapter_loads_and_adapts(name, tiny_checkpoints):
+    assert name in ADAPTER_RECIPES, f"adapter {name!r} is installed but has no recipe in this test"
+    ADAPTER_RECIPES[name](registry.get(registry.ADAPTER_GROUP, name), tiny_checkpoints)
