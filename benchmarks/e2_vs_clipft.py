@@ -1,7 +1,7 @@
 """E2 vs CLIP-FT on synthetic products whose identity hinges on small details.
 
 Shared starting point: a small CLIP pre-trained from scratch on synthetic products disjoint from
-the fine-tuning data (the demo recipe, ``e2_core.training.demo``). From it, per seed, CLIP-FT and
+the fine-tuning data (the demo recipe, ``e2_train.demo``). From it, per seed, CLIP-FT and
 E2 (stage 1 then stage 2) are fine-tuned on the same data for the same number of steps. Reported:
 full-protocol T2I / I2T R@1 (mean ± standard error over seeds) on >= 1,000 validation products,
 the step-0 score and the gain since, the training-step time ratio, and E2's mechanism — each
@@ -23,29 +23,30 @@ from pathlib import Path
 import torch
 
 import e2_core
-from e2_core.data.open import default_synthetic_root, open_dataset
-from e2_core.data.synthetic import catalog, layout
+from e2_core.data import default_synthetic_root, open_dataset
+from e2_core.data.builders.synthetic import catalog, layout
 from e2_core.loss import contrastive_loss
-from e2_core.training.demo import DEMO, demo_root, pretrain_clip, recipe_run
+from e2_train.demo import DEMO, demo_root, pretrain_clip, recipe_run
 from e2_eval.harness import embed_dataset
 from e2_eval.retrieval import cross_modal_retrieval
 
 
-def retrieval_r1(model, data, device) -> dict:
-    images, texts, _, _ = embed_dataset(model, data, e2_core.get_tokenizer(model), 256, device)
+def retrieval_r1(encoder, data, device) -> dict:
+    images, texts, _, _ = embed_dataset(encoder, data, 256, device)
     scores = cross_modal_retrieval(images, texts)
     return {"t2i_r1": scores["t2i"][1], "i2t_r1": scores["i2t"][1], "sumr": scores["sumr"]}
 
 
 @torch.no_grad()
-def mechanism(model, data, device, batch: int = 64) -> dict:
+def mechanism(encoder, data, device, batch: int = 64) -> dict:
     """Per entity: regional InfoNCE on validation batches (chance: ln(batch)), and the share of the
     entity's selection tokens (fusion block 2) whose patch overlaps the entity's detail (brand: the
     mark; season: the hang-tag), against the share of patches that overlap it."""
     from e2_core.data import E2Collate
 
-    model.eval().to(device)
-    collate = E2Collate(e2_core.get_tokenizer(model), data.spec)
+    encoder.eval().to(device)
+    model = encoder.model
+    collate = E2Collate(encoder.tokenizer, data.spec)
     products = catalog(0)
     per_entity = model.config.tokens_per_entity
     losses = {e: [] for e in model.entities}
@@ -118,9 +119,10 @@ def main() -> None:
     results = {"recipe": recipe.__dict__, "runs": {}}
     for kind in ("clip-ft", "e2"):
         torch.manual_seed(0)  # the step-0 E2's new parts
-        initial = (e2_core.create_clip if kind == "clip-ft" else e2_core.create_e2)(args.model, str(start))
-        _, preprocess = e2_core.image_transforms(initial)
-        val = open_dataset("synthetic", str(data_root), "validation", size="small", transform=preprocess)
+        # the step-0 model; for E2 drawn as the trainer draws it (seed 0: the CLIP, then E2's new parts)
+        initial = e2_core.load_encoder(start) if kind == "clip-ft" else \
+            e2_core.Encoder(e2_core.create_e2(pretrained=str(start)), arch=args.model)
+        val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
         step0 = retrieval_r1(initial, val, device)
         for seed in args.seeds:
             key = f"{kind}/seed{seed}"
@@ -130,7 +132,7 @@ def main() -> None:
                 continue
             run = out / kind / f"seed{seed}"
             best = recipe_run(kind, recipe, out, seed, **common)
-            model = e2_core.load_encoder(pretrained=str(best))
+            model = e2_core.load_encoder(best)
             record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run)}
             if kind == "e2":
                 record["mechanism"] = mechanism(model, val, device)

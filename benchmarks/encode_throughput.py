@@ -46,8 +46,7 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     clip = open_clip.create_model(args.model).to(device).eval()
-    e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model,
-                         open_clip.get_model_config(args.model)).to(device).eval()
+    e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model).to(device).eval()
     size = clip.visual.image_size
     images = torch.randn(args.batch_size, 3, *size, device=device)
     tokenizer = e2_core.get_tokenizer(args.model)

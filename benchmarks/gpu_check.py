@@ -22,15 +22,15 @@ def trainer_check() -> dict:
     import tempfile
     from pathlib import Path
 
-    from e2_core.data.synthetic import write_fashiongen
-    from e2_core.training import TrainConfig, train
+    from e2_core.data.builders.synthetic import write_fashiongen
+    from e2_train import TrainConfig, train
 
     root = Path(tempfile.mkdtemp())
     write_fashiongen(root / "data", {"train": 64, "validation": 16})
     results = {}
     for precision in ("amp_bf16", "amp_fp16"):
         cfg = TrainConfig(out=str(root / precision), model="ViT-B-32", dataset="synthetic", data_root=str(root / "data"),
-                          batch_size=32, stage1_steps=2, stage2_steps=2, precision=precision, device="cuda",
+                          batch_size=32, stages=["stage1:steps=2", "stage2:steps=2"], precision=precision, device="cuda",
                           workers=2, progress=False)
         train(cfg)
         losses = [json.loads(line)["loss"] for stage in ("stage1", "stage2")

@@ -15,7 +15,7 @@ import open_clip
 import torch
 
 import e2_core
-from e2_core.model import encode_text_any_length
+from e2_core.model import text_tower
 from e2_core.runtime import autocast, resolve_device
 
 from encode_throughput import timed
@@ -36,8 +36,7 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     clip = open_clip.create_model(args.model, output_dict=True).to(device).train()
-    e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model,
-                         open_clip.get_model_config(args.model)).to(device).train()
+    e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model).to(device).train()
     b = args.batch_size
     images = torch.randn(b, 3, *clip.visual.image_size, device=device)
     tokenizer = e2_core.get_tokenizer(args.model)
@@ -59,7 +58,7 @@ def main() -> None:
         with autocast(device, args.precision):
             if name == "CLIP-FT":
                 loss = clip_loss(clip.encode_image(images, normalize=True),
-                                 encode_text_any_length(clip, text, normalize=True), clip.logit_scale.exp())
+                                 text_tower(clip, text, normalize=True), clip.logit_scale.exp())
             else:
                 loss = e2_loss(**e2(images, text, entity_text))["loss"]
         optimizers[name].zero_grad(set_to_none=True)

@@ -89,23 +89,19 @@ class PluginLoadError(RuntimeError):
     pass
 
 
-def _as_task(name: str, obj: Any) -> Task:
-    if isinstance(obj, Task):
-        return obj
-    if callable(obj):
-        return Task(name=name, run=obj)
-    raise TypeError(f"entry point must be an e2_core.registry.Task or a function, got {type(obj).__name__}")
+def _wrapper(kind: type, field: str):
+    """An entry point's object as ``kind``: itself, or ``kind(name=..., <field>=function)`` for a plain function."""
+    def wrap(name: str, obj: Any):
+        if isinstance(obj, kind):
+            return obj
+        if callable(obj):
+            return kind(name=name, **{field: obj})
+        raise TypeError(f"entry point must be an e2_core.registry.{kind.__name__} or a function, "
+                        f"got {type(obj).__name__}")
+    return wrap
 
 
-def _as_reader(name: str, obj: Any) -> DatasetReader:
-    if isinstance(obj, DatasetReader):
-        return obj
-    if callable(obj):
-        return DatasetReader(name=name, open=obj)
-    raise TypeError(f"entry point must be an e2_core.registry.DatasetReader or a function, got {type(obj).__name__}")
-
-
-_WRAP = {TASK_GROUP: _as_task, DATASET_GROUP: _as_reader}
+_WRAP = {TASK_GROUP: _wrapper(Task, "run"), DATASET_GROUP: _wrapper(DatasetReader, "open")}
 
 
 def discover(group: str, eps: Optional[Iterable[EntryPoint]] = None) -> List[Plugin]:

@@ -95,7 +95,10 @@ def demo_encoders(recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> 
 
 
 def demo_encoder(name: str, recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> Path:
-    """The checkpoint of the demo encoder ``name`` (``e2`` or ``clip-ft``): the ``demo:NAME`` source."""
+    """The demo encoders demo:e2 and demo:clip-ft: small, trained on synthetic products on first use, cached.
+
+    Returns the checkpoint of ``name`` (``e2`` or ``clip-ft``).
+    """
     if name not in KINDS:
         raise ValueError(f"unknown demo encoder {name!r}; the demo encoders are " + ", ".join(f"demo:{k}" for k in KINDS))
     root = demo_root(recipe)
