@@ -21,7 +21,7 @@ import torch
 from open_clip.model import CLIP
 
 from . import reference
-from .architecture import build_clip, is_supported, list_models
+from .architecture import build_clip, is_supported, list_models, named_config
 from .checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, model_type, read_config
 from .config import E2Config
 from .encoder import Encoder, as_encoder
@@ -64,7 +64,7 @@ def _from_path(path: str) -> Encoder:
         raise CheckpointError(f"{path} is a folder without config.json: not a checkpoint directory. Encoder sources: "
                               + "; ".join(SOURCE_FORMS))
     if reference.is_reference_checkpoint(path):
-        return Encoder(reference.import_checkpoint(path, "ViT-B-32"), name=path, arch="ViT-B-32")
+        return Encoder(_import_reference(path, "ViT-B-32"), name=path, arch="ViT-B-32")
     raise CheckpointError(f"{path} is a file: give its open_clip architecture as MODEL:FILE, e.g. ViT-B-32:{path}")
 
 
@@ -76,10 +76,18 @@ def _from_scheme(text: str) -> Encoder:
         return found if isinstance(found, Encoder) else load_encoder(found, name=text)
     if rest and open_clip.get_model_config(prefix) is not None:
         if os.path.isfile(rest) and reference.is_reference_checkpoint(rest):
-            return Encoder(reference.import_checkpoint(rest, prefix), name=text, arch=prefix)
+            return Encoder(_import_reference(rest, prefix), name=text, arch=prefix)
         return Encoder(_open_clip(prefix, rest), name=text, arch=prefix)
     raise ValueError(f"encoder {text!r} is none of: " + "; ".join(SOURCE_FORMS)
                      + (f". Installed schemes: {', '.join(schemes)}" if schemes else ""))
+
+
+def _import_reference(path: str, arch: str) -> E2Model:
+    """An E2 in ``compat="reference"`` mode on OpenAI's CLIP (QuickGELU) with a reference checkpoint's weights."""
+    clip = build_clip({**named_config(arch), "quick_gelu": True})  # weights follow: no random-init warning
+    model = E2Model(clip, E2Config(compat="reference"), arch)
+    load_state_dict_checked(model, reference.load_state_dict(path, model.config.num_tokens), source=path)
+    return model
 
 
 def _open_clip(arch: str, pretrained: Optional[str]) -> CLIP:

@@ -126,18 +126,3 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], num_tokens: int) -> Di
         else:
             out[key] = value
     return out
-
-
-def import_checkpoint(path: PathLike, arch: str = "ViT-B-32", config: Optional[E2Config] = None):
-    """An ``E2Model`` in ``compat="reference"`` mode with the weights of a reference checkpoint."""
-    import open_clip
-
-    from .checkpoint import load_state_dict_checked
-    from .model import E2Model
-
-    config = (config or E2Config()).replace(compat="reference")
-    clip = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True, output_dict=True)
-    model = E2Model(clip, config, arch)
-    state = load_state_dict(path, config.num_tokens)
-    load_state_dict_checked(model, state, source=str(path))
-    return model
