@@ -108,7 +108,8 @@ def _run(task_name: Optional[str], argv: List[str]) -> int:
 
 def _execute(task: registry.Task, argv: List[str]) -> int:
     options = vars(task_parser(task).parse_args(argv))
-    if "dataset" in options:  # an unknown name lists the installed readers; data to generate is made first
+    if "dataset" in options and not _choices(task, "dataset"):
+        # a product dataset from the registry: an unknown name lists the installed readers; data is made first
         reader = registry.get_dataset(options["dataset"])
         if reader.prepare is not None:
             message = reader.prepare(options.get("data_root"))
@@ -118,6 +119,11 @@ def _execute(task: registry.Task, argv: List[str]) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _choices(task: registry.Task, name: str):
+    """The fixed choices of a task option (a ``Literal``), if it has them."""
+    return _unwrap(typing.get_type_hints(task.run).get(name, str))[1]
 
 
 def task_parser(task: registry.Task) -> argparse.ArgumentParser:

@@ -95,14 +95,19 @@ def test_missing_field_is_named(tmp_path, synthetic):
 
 def test_fashioniq_layout(tmp_path):
     import json
-    counts = write_fashioniq(tmp_path, triplets_per_category=3)
-    assert counts == {"dress": 3, "shirt": 3, "toptee": 3}
-    for category in counts:
-        triplets = json.loads((tmp_path / "captions" / f"cap.{category}.val.json").read_text())
-        gallery = set(json.loads((tmp_path / "image_splits" / f"split.{category}.val.json").read_text()))
+    counts = write_fashioniq(tmp_path, triplets_per_category=3, distractors=2)
+    assert counts == {f"{split}/{c}": 3 for split in ("train", "val") for c in ("dress", "shirt", "toptee")}
+    references = {}
+    for key in counts:
+        split, category = key.split("/")
+        triplets = json.loads((tmp_path / "captions" / f"cap.{category}.{split}.json").read_text())
+        gallery = set(json.loads((tmp_path / "image_splits" / f"split.{category}.{split}.json").read_text()))
         for t in triplets:
             assert {t["candidate"], t["target"]} <= gallery and t["candidate"] != t["target"]
             assert len(t["captions"]) == 2
+        assert 6 < len(gallery) <= 12  # references, targets and distractors
         assert all((tmp_path / "images" / f"{name}.png").is_file() for name in gallery)
+        references[split] = references.get(split, set()) | {t["candidate"] for t in triplets}
+    assert not references["train"] & references["val"]
     references = json.loads((tmp_path / "caption_references.json").read_text())
-    assert len(references) >= 9 and all(len(v) == 3 for v in references.values())
+    assert len(references) >= 18 and all(len(v) == 3 for v in references.values())

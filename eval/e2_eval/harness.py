@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,7 +53,7 @@ def cached_embeddings(encoder, dataset: ProductDataset, cache_dir: Optional[Path
     """:func:`embed_dataset`, read from ``cache_dir`` when this encoder (its weights) already
     embedded this dataset (its files: sizes and modification times)."""
     encoder = as_encoder(encoder)
-    key = cache_key(encoder, dataset)
+    key = cache_key(encoder, dataset.source_files(), f"{type(dataset).__name__}|{len(dataset)}")
     path = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         tensors = load_file(path)
@@ -68,12 +68,12 @@ def cached_embeddings(encoder, dataset: ProductDataset, cache_dir: Optional[Path
     return images, texts, indices, skipped
 
 
-def cache_key(encoder, dataset: ProductDataset) -> str:
-    """The encoder's weights and the dataset's files (path, size, modification time) and length."""
+def cache_key(encoder, files: Sequence[str], label: str = "") -> str:
+    """A digest of the encoder's weights and of the files read (path, size, modification time)."""
     digest = hashlib.sha256(encoder.fingerprint().encode() if hasattr(encoder, "fingerprint")
                             else repr(id(encoder)).encode())
-    digest.update(f"{type(dataset).__name__}|{len(dataset)}".encode())
-    for file in dataset.source_files():
+    digest.update(label.encode())
+    for file in files:
         try:
             stat = os.stat(file)
             digest.update(f"|{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}".encode())

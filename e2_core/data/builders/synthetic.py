@@ -276,49 +276,67 @@ def _modify(product: Product, attribute: str, rng: random.Random, names: Sequenc
 
 
 def write_fashioniq(out_dir: Union[str, os.PathLike], triplets_per_category: int = 20, seed: int = 0,
-                    split: str = "val", num_brands: int = 32) -> Dict[str, int]:
+                    splits: Sequence[str] = ("train", "val"), distractors: int = 2, num_brands: int = 32) -> Dict[str, int]:
     """Write FashionIQ-layout composed-retrieval data: ``captions/cap.{cat}.{split}.json``,
     ``image_splits/split.{cat}.{split}.json``, ``images/<name>.png``, and ``caption_references.json``
     (image name -> reference captions) for captioning.
 
     Each triplet's target differs from its reference in one or two attributes (colour, fabric, brand,
     logo position); its two relative captions each describe one change (or the same change twice,
-    reworded). Targets are in the category's gallery, as in FashionIQ's validation split.
+    reworded). The gallery of a category and split holds its references and targets, plus
+    ``distractors`` products per triplet that share the target's attributes but one (its season or its
+    mark's position) — what the reference image, not the text, tells apart. Splits take disjoint
+    references. Returns the number of triplets per ``split/category``.
     """
     out_dir = Path(out_dir)
     for folder in ("captions", "image_splits", "images"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     names = brand_names(num_brands, seed)
     products = catalog(seed, num_brands)
-    by_key = {(p.subcategory, p.colour, p.brand, p.composition, p.season, p.mark_place): p for p in products}
+    by_key = {_key(p): p for p in products}
     rng = random.Random(f"fashioniq:{seed}")
     references: Dict[str, List[str]] = {}
     counts = {}
     for category, subcategory in FASHIONIQ_CATEGORIES.items():
         # references from the end of the catalog, far from the products write_fashiongen takes
         pool = [p for p in reversed(products) if p.subcategory == subcategory]
-        gallery: Dict[str, Product] = {}
-        triplets = []
-        for reference in pool[:triplets_per_category]:
-            target, captions = reference, []
-            for attribute in rng.sample(["colour", "composition", "brand", "mark_place"], rng.choice([1, 2])):
-                target, caption = _modify(target, attribute, rng, names)
-                captions.append(caption)
-            if len(captions) == 1:  # FashionIQ has two captions per triplet: reword the one change
-                captions.append("it " + captions[0])
-            target = by_key[(target.subcategory, target.colour, target.brand, target.composition, target.season,
-                             target.mark_place)]  # the catalog's product with those attributes
-            for product in (reference, target):
-                gallery[f"syn{product.product_id}"] = product
-            triplets.append({"candidate": f"syn{reference.product_id}", "target": f"syn{target.product_id}",
-                             "captions": captions})
-        for name, product in gallery.items():
-            render(product, 0, seed).save(out_dir / "images" / f"{name}.png")
-            tags = tags_of(product, names)
-            references[name] = [tags["description"], f"A {product.colour} {SINGULAR[product.subcategory]} by {tags['brand']}.",
-                                f"{tags['brand']} {SINGULAR[product.subcategory]} made of {product.composition}."]
-        (out_dir / "captions" / f"cap.{category}.{split}.json").write_text(json.dumps(triplets, indent=1))
-        (out_dir / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(sorted(gallery), indent=1))
-        counts[category] = len(triplets)
+        for s, split in enumerate(splits):
+            gallery: Dict[str, Product] = {}
+            triplets = []
+            for reference in pool[s * triplets_per_category:(s + 1) * triplets_per_category]:
+                target, captions = reference, []
+                for attribute in rng.sample(["colour", "composition", "brand", "mark_place"], rng.choice([1, 2])):
+                    target, caption = _modify(target, attribute, rng, names)
+                    captions.append(caption)
+                if len(captions) == 1:  # FashionIQ has two captions per triplet: reword the one change
+                    captions.append("it " + captions[0])
+                target = by_key[_key(target)]  # the catalog's product with those attributes
+                for product in (reference, target, *_distractors(target, distractors, rng, by_key)):
+                    gallery[f"syn{product.product_id}"] = product
+                triplets.append({"candidate": f"syn{reference.product_id}", "target": f"syn{target.product_id}",
+                                 "captions": captions})
+            for name, product in gallery.items():
+                if not (out_dir / "images" / f"{name}.png").is_file():
+                    render(product, 0, seed).save(out_dir / "images" / f"{name}.png")
+                tags = tags_of(product, names)
+                references[name] = [tags["description"],
+                                    f"A {product.colour} {SINGULAR[product.subcategory]} by {tags['brand']}.",
+                                    f"{tags['brand']} {SINGULAR[product.subcategory]} made of {product.composition}."]
+            (out_dir / "captions" / f"cap.{category}.{split}.json").write_text(json.dumps(triplets, indent=1))
+            (out_dir / "image_splits" / f"split.{category}.{split}.json").write_text(
+                json.dumps(sorted(gallery), indent=1))
+            counts[f"{split}/{category}"] = len(triplets)
     (out_dir / "caption_references.json").write_text(json.dumps(references, indent=1))
     return counts
+
+
+def _key(p: Product) -> Tuple:
+    return p.subcategory, p.colour, p.brand, p.composition, p.season, p.mark_place
+
+
+def _distractors(target: Product, count: int, rng: random.Random, by_key) -> List[Product]:
+    """Products equal to ``target`` but for the season or the mark's position."""
+    options = [Product(**{**target.__dict__, "season": season}) for season in SEASONS if season != target.season]
+    options += [Product(**{**target.__dict__, "mark_place": place}) for place in MARK_PLACES
+                if place != target.mark_place]
+    return [by_key[_key(p)] for p in rng.sample(options, min(count, len(options)))]

@@ -1,0 +1,155 @@
+"""The shape every composed-retrieval method has: ``fit`` (train its small network, if it has one,
+on the training split, encoder frozen), ``queries`` (reference image + relative captions -> query
+embeddings), and its network saved with the encoder it belongs to."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+@dataclass
+class TrainData:
+    """A training split as the methods see it: image embeddings (encoder frozen) and relative captions."""
+
+    image_features: torch.Tensor  # (N, D) L2-normalised
+    captions: List[str]
+
+
+@dataclass
+class QueryBatch:
+    """Queries of one category: the reference images, their embeddings and the prompts built from
+    the relative captions by the convention (``"$"`` marks where the reference image goes)."""
+
+    reference_names: List[str]
+    reference_features: torch.Tensor  # (B, D) L2-normalised
+    prompts: List[List[str]]  # per query, one or more texts (their embeddings are averaged)
+    captions: List[Sequence[str]]  # the raw relative captions
+    category: str
+    load_image: Callable = None
+
+
+class CIRMethod:
+    """A zero-shot composed image retrieval method. Subclasses set ``name`` and ``convention`` and
+    implement :meth:`queries`; those with a network build it in :meth:`build` and train it in :meth:`fit`."""
+
+    name = ""
+    convention = "searle"  # the prompt convention of the method's paper (e2_eval.fashioniq.CONVENTIONS)
+    placeholder = "$"  # the word the pseudo token replaces
+
+    def __init__(self, **options):
+        self.options = options
+        self.network: Optional[nn.Module] = None
+
+    def build(self, encoder) -> Optional[nn.Module]:
+        """A fresh network for ``encoder`` (None: the method trains nothing)."""
+        return None
+
+    def fit(self, encoder, train: TrainData, progress: bool = True) -> None:
+        """Train the network on ``train``; the encoder stays frozen."""
+
+    def prepare(self, encoder, train: TrainData) -> None:
+        """Anything besides the network that the method derives from the training split."""
+
+    def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # --- helpers shared by the pseudo-token methods -----------------------------------------------
+    def encode_prompts(self, encoder, prompts: List[List[str]], pseudo_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each query's prompts encoded (the pseudo token in place of ``$``), normalised, averaged, normalised."""
+        features = []
+        for k in range(max(len(p) for p in prompts)):
+            texts = [p[k % len(p)] for p in prompts]
+            features.append(F.normalize(self.encode_texts(encoder, texts, pseudo_tokens), dim=-1))
+        return F.normalize(torch.stack(features).mean(dim=0), dim=-1)
+
+    def encode_texts(self, encoder, texts: List[str], pseudo_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        device = encoder.device
+        if pseudo_tokens is None:
+            return encoder.encode_text(encoder.tokenizer([t.replace("$", "").replace("  ", " ") for t in texts])
+                                       .to(device))
+        tokens = encoder.tokenizer([t.replace("$", self.placeholder) for t in texts]).to(device)
+        return encoder.encode_text_with_pseudo_tokens(tokens, pseudo_tokens.to(device),
+                                                      encoder.token_id(self.placeholder))
+
+
+class Phi(nn.Module):
+    """The textual-inversion network: an image (or text) embedding -> one pseudo-word token embedding."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, dropout: float = 0.1,
+                 activation: str = "gelu"):
+        super().__init__()
+        act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
+        self.layers = nn.Sequential(nn.Linear(input_dim, hidden_dim), act(), nn.Dropout(dropout),
+                                    nn.Linear(hidden_dim, hidden_dim), act(), nn.Dropout(dropout),
+                                    nn.Linear(hidden_dim, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between the rows of ``a`` and ``b`` (normalised here), pairs on the diagonal."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def frozen(encoder):
+    """The encoder in eval mode with no parameter requiring a gradient (gradients still flow to inputs)."""
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+# --- networks on disk ------------------------------------------------------------------------------
+
+class NetworkMismatch(ValueError):
+    """A saved network that belongs to another method or another encoder."""
+
+
+def save_network(method: CIRMethod, encoder, path: Path) -> Path:
+    """The method's network as safetensors, with the method, its options and the encoder it belongs to."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.network.state_dict().items()}
+    meta = {"method": method.name, "options": json.dumps(method.options), "encoder": encoder.name,
+            "encoder_fingerprint": encoder.fingerprint()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_network(method: CIRMethod, encoder, path: Path) -> None:
+    """Load a saved network into ``method``; one made for another method or encoder is refused, naming both."""
+    with safe_open(str(path), "pt") as f:
+        meta: Dict[str, str] = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("method") != method.name:
+        raise NetworkMismatch(f"{path} holds a {meta.get('method', 'unknown')} network, not a {method.name} one")
+    if meta.get("encoder_fingerprint") != encoder.fingerprint():
+        raise NetworkMismatch(
+            f"{path} was trained for the encoder {meta.get('encoder', '?')} "
+            f"(weights {meta.get('encoder_fingerprint', '?')[:12]}), not for {encoder.name} "
+            f"(weights {encoder.fingerprint()[:12]}): a {method.name} network belongs to one embedding space. "
+            "Train one for this encoder (remove the file, or use another --networks folder)")
+    method.network = method.build(encoder)
+    method.network.load_state_dict(tensors)
+    method.network.eval()
+
+
+@dataclass
+class FitReport:
+    method: str
+    network: Optional[str] = None
+    trained: bool = False
+    losses: List[float] = field(default_factory=list)
