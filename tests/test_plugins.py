@@ -74,7 +74,17 @@ TASK_RECIPES = {
     "retrieval": lambda tmp, data, enc: ["--data-root", data, "--encoder", enc["e2"], "--baseline", enc["clip"],
                                          "--protocol", "full", "--out", str(tmp / "out")],
     "embed": lambda tmp, data, enc: ["--texts", _texts(tmp), "--encoder", enc["clip"], "--out", str(tmp / "e.st")],
+    "cir": lambda tmp, data, enc: ["--data-root", _fashioniq(tmp), "--encoder", enc["e2"], "--baseline", enc["clip"],
+                                   "--category", "toptee", "--method", "image", "pic2word", "cirevl", "--out",
+                                   str(tmp / "out"), "--no-progress"],  # every method: tests/test_cir.py
 }
+
+
+def _fashioniq(tmp: Path) -> str:
+    from e2_core.data.builders.synthetic import write_fashioniq
+
+    write_fashioniq(tmp / "fiq", triplets_per_category=2, distractors=1)
+    return str(tmp / "fiq")
 
 
 def _texts(tmp: Path) -> str:

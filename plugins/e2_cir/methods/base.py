@@ -14,6 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from e2_core import trim_padding
+
 
 @dataclass
 class TrainData:
@@ -71,11 +73,12 @@ class CIRMethod:
         return F.normalize(torch.stack(features).mean(dim=0), dim=-1)
 
     def encode_texts(self, encoder, texts: List[str], pseudo_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Texts encoded, padding trimmed; with ``pseudo_tokens``, each text's ``$`` is its pseudo word."""
         device = encoder.device
         if pseudo_tokens is None:
-            return encoder.encode_text(encoder.tokenizer([t.replace("$", "").replace("  ", " ") for t in texts])
-                                       .to(device))
-        tokens = encoder.tokenizer([t.replace("$", self.placeholder) for t in texts]).to(device)
+            texts = [" ".join(t.replace("$", " ").split()) for t in texts]
+            return encoder.encode_text(trim_padding(encoder.tokenizer(texts)).to(device))
+        tokens = trim_padding(encoder.tokenizer([t.replace("$", self.placeholder) for t in texts])).to(device)
         return encoder.encode_text_with_pseudo_tokens(tokens, pseudo_tokens.to(device),
                                                       encoder.token_id(self.placeholder))
 

@@ -1,0 +1,182 @@
+"""Composed image retrieval: the FashionIQ harness (layouts, protocol, bad input) and the methods."""
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import e2_core
+from e2_core.data import DataError
+from e2_core.data.builders.synthetic import write_fashioniq
+from e2_eval.fashioniq import compose, composed_recall, load_fashioniq, summarize
+from e2_cir.methods import METHODS, NetworkMismatch, QueryBatch, TrainData, load_network, save_network
+from e2_cir.phrases import keyword_phrases, mask_phrase
+
+
+@pytest.fixture(scope="module")
+def fiq(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fiq")
+    write_fashioniq(root, triplets_per_category=3, distractors=1)
+    return root
+
+
+def test_both_public_layouts_are_read(fiq, tmp_path):
+    searle = load_fashioniq(fiq, "dress", "val")
+    assert searle.layout == "captions" and len(searle.triplets) == 3 and len(searle.gallery) >= 6
+    # Pic2Word's layout: json/ instead of captions/, under a fashion-iq/ folder, .jpg images as FashionIQ ships them
+    other = tmp_path / "data" / "fashion-iq"
+    shutil.copytree(fiq / "image_splits", other / "image_splits")
+    shutil.copytree(fiq / "captions", other / "json")
+    (other / "images").mkdir()
+    for png in (fiq / "images").glob("*.png"):
+        Image.open(png).convert("RGB").save(other / "images" / f"{png.stem}.jpg")
+    pic2word = load_fashioniq(tmp_path / "data", "dress", "val")
+    assert pic2word.layout == "json" and pic2word.triplets == searle.triplets and pic2word.gallery == searle.gallery
+    assert pic2word.image_path(searle.gallery[0]).suffix == ".jpg"
+
+
+def test_recall_on_hand_made_features_with_known_ranks():
+    gallery = torch.eye(4)
+    names = ["a", "b", "c", "d"]
+    queries = torch.tensor([[1.0, 0, 0, 0],     # target a: rank 0
+                            [0.9, 0.5, 0, 0],   # target b: a scores higher -> rank 1
+                            [0.5, 0, 0.5, 0],   # target c ties with a; the lower gallery index (a) first -> rank 1
+                            [0, 0, 0, 0.1],     # target d: rank 0
+                            [1.0, 0, 0, 0]])    # target e: not in the gallery -> not scored, not a miss
+    result = composed_recall(queries, gallery, names, ["a", "b", "c", "d", "e"], ks=(1, 2))
+    assert result["ranks"] == [0, 1, 1, 0]
+    assert result["R@1"] == 50.0 and result["R@2"] == 100.0 and result["queries"] == 4
+    assert result["not_scored"] == ["e: not in the gallery"]
+    twice = composed_recall(queries[:1], torch.eye(4)[[0, 0, 1, 2]], ["a", "a", "b", "c"], ["a"])
+    assert twice["queries"] == 0 and twice["not_scored"] == ["a: 2 times in the gallery"]
+    assert summarize({"dress": {"R@10": 10.0, "R@50": 40.0}, "shirt": {"R@10": 20.0, "R@50": 60.0}}) == \
+        {"mean R@10": 15.0, "mean R@50": 50.0}
+
+
+def test_conventions_are_the_methods_own():
+    c = ("is red.", "has a logo?")
+    assert compose("searle", c) == ["a photo of $ that is red and has a logo", "a photo of $ that has a logo and is red"]
+    assert compose("pic2word", c) == ["a photo of $ , has a logo? and is red."]
+    assert compose("cirevl", c) == ["is red and has a logo"]
+    with pytest.raises(ValueError, match="unknown prompt convention 'x'"):
+        compose("x", c)
+
+
+def test_bad_input_is_reported_not_hidden(fiq, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(fiq, root)
+    triplets = json.loads((root / "captions" / "cap.shirt.val.json").read_text())
+    (root / "images" / f"{triplets[0]['target']}.png").unlink()
+    data = load_fashioniq(root, "shirt", "val")
+    assert len(data.triplets) == 2 and data.dropped[0].startswith(f"{triplets[0]['candidate']} -> ")
+    assert data.missing_images == [triplets[0]["target"]]
+    (root / "captions" / "cap.dress.val.json").write_text('[{"candidate": "x", "target": "y", "captions": ["a"]}]')
+    with pytest.raises(DataError, match=r"cap\.dress\.val\.json: entry 0: \"captions\" must be a list of two"):
+        load_fashioniq(root, "dress", "val")
+    (root / "captions" / "cap.dress.val.json").write_text('[{"candidate": "x",')
+    with pytest.raises(DataError, match=r"cap\.dress\.val\.json:1:\d+: malformed JSON"):
+        load_fashioniq(root, "dress", "val")
+    with pytest.raises(ValueError, match="unknown FashionIQ category 'shoes'"):
+        load_fashioniq(root, "shoes", "val")
+    with pytest.raises(ValueError, match="unknown FashionIQ split 'dev'"):
+        load_fashioniq(root, "dress", "dev")
+    with pytest.raises(DataError, match="no captions/cap.dress.val.json or json/cap.dress.val.json"):
+        load_fashioniq(tmp_path / "nowhere", "dress", "val")
+
+
+def test_keyword_phrases_and_masking():
+    assert keyword_phrases("is made of checked wool and has the Arlo logo") == ["checked wool", "Arlo logo"]
+    assert keyword_phrases("is red instead of navy") == ["red", "navy"]
+    assert mask_phrase("has the Arlo logo on the hem", "Arlo logo") == "has the $ on the hem"
+    assert METHODS["lincir"].mask("is beige instead of navy") == "is $ instead of $"
+
+
+def _train_and_queries(encoder, fiq):
+    from e2_eval.fashioniq import embed_images
+
+    splits = [load_fashioniq(fiq, c, "train") for c in ("dress", "shirt", "toptee")]
+    train = TrainData(torch.cat([embed_images(encoder, d.gallery, d) for d in splits]),
+                      [c for d in splits for t in d.triplets for c in t.captions])
+    val = load_fashioniq(fiq, "dress", "val")
+    refs = embed_images(encoder, [t.reference for t in val.triplets], val)
+    return train, val, refs
+
+
+SMALL = {"pic2word": dict(epochs=2), "searle": dict(oti_steps=3, epochs=2), "lincir": dict(epochs=2)}
+
+
+@pytest.mark.parametrize("kind", ["e2", "clip"])
+def test_every_method_gives_normalised_queries_with_either_encoder(kind, fiq, tiny_checkpoints):
+    encoder = e2_core.load_encoder(tiny_checkpoints[kind])
+    train, val, refs = _train_and_queries(encoder, fiq)
+    for name, method_class in METHODS.items():
+        method = method_class(**SMALL.get(name, {}))
+        method.prepare(encoder, train)
+        method.fit(encoder, train, progress=False)
+        batch = QueryBatch([t.reference for t in val.triplets], refs,
+                           [compose(method.convention, t.captions) for t in val.triplets],
+                           [t.captions for t in val.triplets], "dress", val.load_image)
+        queries = method.queries(encoder, batch)
+        assert queries.shape == (3, encoder.embed_dim), name
+        assert torch.allclose(queries.norm(dim=-1), torch.ones(3), atol=1e-5), name
+    assert METHODS["image"]().queries(encoder, batch) is refs
+
+
+def test_pic2word_learns_to_invert_images(fiq, tiny_checkpoints):
+    """Trained on images only, the pseudo-word prompts match their own images better (InfoNCE falls)."""
+    from e2_cir.methods.base import info_nce
+
+    encoder = e2_core.load_encoder(tiny_checkpoints["e2"])
+    train, _, _ = _train_and_queries(encoder, fiq)
+    method = METHODS["pic2word"](epochs=1, lr=1e-3)
+
+    def loss():
+        with torch.no_grad():
+            text = method.encode_texts(encoder, ["a photo of $"] * len(train.image_features),
+                                       method.network(train.image_features))
+        return info_nce(train.image_features, text, 0.07).item()
+
+    method.fit(encoder, train, progress=False)
+    before = loss()
+    method.options["epochs"] = 40
+    method.fit(encoder, train, progress=False)
+    assert loss() < before - 0.1
+
+
+def test_a_network_made_for_another_encoder_is_refused(fiq, tiny_checkpoints, tmp_path):
+    e2, clip = (e2_core.load_encoder(tiny_checkpoints[k]) for k in ("e2", "clip"))
+    train, _, _ = _train_and_queries(e2, fiq)
+    method = METHODS["lincir"](epochs=1)
+    method.fit(e2, train, progress=False)
+    path = save_network(method, e2, tmp_path / "lincir.safetensors")
+    again = METHODS["lincir"]()
+    load_network(again, e2, path)
+    assert all(torch.equal(a, b) for a, b in zip(method.network.state_dict().values(),
+                                                  again.network.state_dict().values()))
+    with pytest.raises(NetworkMismatch, match=rf"trained for the encoder {tiny_checkpoints['e2']} .* not for "
+                                              rf"{tiny_checkpoints['clip']}"):
+        load_network(METHODS["lincir"](), clip, path)
+    with pytest.raises(NetworkMismatch, match="holds a lincir network, not a searle one"):
+        load_network(METHODS["searle"](), e2, path)
+
+
+def test_cir_task_side_by_side_with_json_and_figures(fiq, tiny_checkpoints, tmp_path, capsys):
+    from e2_plugins.cli import main
+
+    out = tmp_path / "out"
+    args = ["run", "cir", "--data-root", str(fiq), "--encoder", tiny_checkpoints["e2"], "--baseline",
+            tiny_checkpoints["clip"], "--method", "image", "text", "cirevl", "--category", "dress", "shirt",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "conventions: image cirevl, text cirevl, cirevl cirevl" in printed and "Recall@10 / Recall@50" in printed
+    results = json.loads((out / "results.json").read_text())
+    scores = results["encoders"][f"E2 ({tiny_checkpoints['e2']})"]["methods"]["cirevl"]
+    assert set(scores) == {"dress", "shirt", "mean R@10", "mean R@50"} and scores["dress"]["queries"] == 3
+    assert scores["mean R@10"] == pytest.approx((scores["dress"]["R@10"] + scores["shirt"]["R@10"]) / 2)
+    assert Image.open(out / "cir-cirevl.png").size[0] > 400
+    assert main(["run", "cir", "--dataset", "fashioniq"]) == 2
+    assert "--dataset fashioniq needs --data-root" in capsys.readouterr().err
+    assert main([*args, "--method", "searle", "--convention", "cirevl"]) == 2
+    assert "gives no place for the reference image" in capsys.readouterr().err
