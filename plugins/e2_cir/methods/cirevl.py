@@ -12,7 +12,7 @@ offline. Both are pluggable here:
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,10 @@ class CIReVL(CIRMethod):
     def __init__(self, captioner: str = "vocabulary", rewriter: str = "template", phrases: int = 3):
         super().__init__(captioner=captioner, rewriter=rewriter, phrases=phrases)
         self.vocabulary = None
-        self._caption_model = _hf_pipeline("image-to-text", captioner) if captioner != "vocabulary" else None
-        self._rewrite_model = _hf_pipeline("text-generation", rewriter) if rewriter != "template" else None
+        self._caption_model = HFCaptioner(_local_path("--captioner", captioner, "vocabulary")) \
+            if captioner != "vocabulary" else None
+        self._rewrite_model = HFRewriter(_local_path("--rewriter", rewriter, "template")) \
+            if rewriter != "template" else None
         self.last_texts: List[str] = []
 
     def prepare(self, encoder, train: TrainData) -> None:
@@ -44,8 +46,7 @@ class CIReVL(CIRMethod):
 
     def caption(self, encoder, batch: QueryBatch) -> List[str]:
         if self._caption_model is not None:
-            return [out[0]["generated_text"].strip() for out in
-                    (self._caption_model(batch.load_image(name)) for name in batch.reference_names)]
+            return self._caption_model([batch.load_image(name) for name in batch.reference_names])
         scores = batch.reference_features.to(self._phrase_features.device) @ self._phrase_features.t()
         top = scores.topk(min(self.options["phrases"], len(self.vocabulary)), dim=1).indices.tolist()
         garment = GARMENTS.get(batch.category, batch.category)
@@ -54,9 +55,7 @@ class CIReVL(CIRMethod):
     def rewrite(self, caption: str, instruction: str) -> str:
         if self._rewrite_model is None:
             return f"{caption} that {instruction}"
-        prompt = REWRITE_PROMPT.format(caption=caption, instruction=instruction)
-        generated = self._rewrite_model(prompt, max_new_tokens=40, do_sample=False,
-                                        return_full_text=False)[0]["generated_text"]
+        generated = self._rewrite_model(REWRITE_PROMPT.format(caption=caption, instruction=instruction))
         return generated.strip().split("\n")[0].strip() or f"{caption} that {instruction}"
 
     @torch.no_grad()
@@ -73,14 +72,48 @@ def _join(phrases: List[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _hf_pipeline(task: str, spec: str) -> Callable:
-    """``hf:PATH`` -> a local transformers pipeline (nothing is downloaded)."""
+def _local_path(flag: str, spec: str, default: str) -> str:
     if not spec.startswith("hf:"):
-        raise ValueError(f"{'--captioner' if task == 'image-to-text' else '--rewriter'} {spec!r}: use "
-                         f"{'vocabulary' if task == 'image-to-text' else 'template'} or hf:PATH to a local "
-                         "Hugging Face model folder")
-    try:
-        from transformers import pipeline
-    except ImportError as err:
-        raise ImportError("hf: captioners and rewriters need transformers: pip install transformers") from err
-    return pipeline(task, model=spec[3:])
+        raise ValueError(f"{flag} {spec!r}: use {default} or hf:PATH to a local Hugging Face model folder")
+    return spec[3:]
+
+
+class HFCaptioner:
+    """A local Hugging Face image-to-text model (BLIP, GIT, a VisionEncoderDecoder, ...): images -> captions.
+    Greedy decoding; nothing is downloaded."""
+
+    def __init__(self, path: str, max_new_tokens: int = 30):
+        import transformers
+
+        self.max_new_tokens = max_new_tokens
+        model_class = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        try:
+            self.model = model_class.from_pretrained(path, local_files_only=True).eval()
+        except ValueError:  # e.g. a VisionEncoderDecoder, which the auto class does not map in every version
+            self.model = transformers.VisionEncoderDecoderModel.from_pretrained(path, local_files_only=True).eval()
+        self.images = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    @torch.no_grad()
+    def __call__(self, images) -> List[str]:
+        pixels = self.images(images=images, return_tensors="pt")["pixel_values"]
+        ids = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+class HFRewriter:
+    """A local Hugging Face causal language model: prompt -> its greedy continuation."""
+
+    def __init__(self, path: str, max_new_tokens: int = 40):
+        import transformers
+
+        self.max_new_tokens = max_new_tokens
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str) -> str:
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
