@@ -1,0 +1,162 @@
+"""What every zero-shot captioner of this task is: a :class:`~e2_caption.decoder.PrefixLM` trained on
+embeddings of one encoder, used from Python as ``captioner(images) -> captions`` (CIReVL's captioner
+too), and saved as safetensors with the encoder it belongs to."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from e2_core import trim_padding
+
+from .decoder import END, START, DecoderConfig, PrefixLM
+
+
+class CaptionerMismatch(ValueError):
+    """A saved decoder that belongs to another method or another encoder."""
+
+
+class Captioner:
+    """Base of DeCap and CapDec. Subclasses set ``name``, turn training captions into the decoder's
+    input embeddings (:meth:`training_inputs`) and test images into them (:meth:`image_inputs`)."""
+
+    name = ""
+
+    def __init__(self, encoder, config: Optional[DecoderConfig] = None, beams: int = 1, max_tokens: int = 30,
+                 **options):
+        self.encoder = encoder
+        self.config = config or DecoderConfig()
+        self.beams, self.max_tokens, self.options = beams, max_tokens, options
+        self.vocab: List[int] = []  # the BPE ids the decoder knows (its own ids are positions in this list)
+        self.decoder: Optional[PrefixLM] = None
+
+    # --- what a method defines ------------------------------------------------------------------------
+    def training_inputs(self, text_features: torch.Tensor, image_features: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_inputs(self, image_features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, captions: Sequence[str], text_features: torch.Tensor) -> None:
+        """What the method keeps from the training captions besides the decoder (DeCap: its memory)."""
+
+    # --- shared ---------------------------------------------------------------------------------------
+    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions as the decoder's ids (start, text, end, 0-padding), cut at ``max_tokens``."""
+        ids = trim_padding(self.encoder.tokenizer(list(captions)))[:, :self.config.max_tokens + 2]
+        index = {bpe: i for i, bpe in enumerate(self.vocab)}
+        return torch.tensor([[index.get(int(t), 0) if t else 0 for t in row] for row in ids.tolist()])
+
+    def fit(self, captions: Sequence[str], text_features: torch.Tensor, image_features: Optional[torch.Tensor] = None,
+            epochs: int = 10, batch_size: int = 64, lr: float = 2e-4, label_smoothing: float = 0.1, seed: int = 0,
+            progress: bool = True) -> List[float]:
+        """Train the decoder to write ``captions`` from the method's inputs; returns the loss per epoch."""
+        torch.manual_seed(seed)
+        used = sorted({int(t) for t in self.encoder.tokenizer(list(captions)).flatten().tolist()} - {0})
+        self.vocab = [0] + [t for t in used if t not in (START, END)] + [START, END]
+        self.config.vocab_size = len(self.vocab)
+        self.prepare(captions, text_features)
+        self.decoder = PrefixLM(self.encoder.embed_dim, self.config).train()
+        optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=lr, weight_decay=0.01)
+        tokens = self.tokens(captions)
+        generator = torch.Generator().manual_seed(seed)
+        history = []
+        for _ in tqdm(range(epochs), desc=f"{self.name} decoder", disable=not progress, dynamic_ncols=True):
+            total = 0.0
+            for rows in torch.randperm(len(captions), generator=generator).split(batch_size):
+                inputs = self.training_inputs(text_features[rows],
+                                              image_features[rows] if image_features is not None else None)
+                loss = self.decoder.loss(inputs, tokens[rows], label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(rows)
+            history.append(total / len(captions))
+        self.decoder.eval()
+        return history
+
+    @torch.no_grad()
+    def caption_features(self, image_features: torch.Tensor) -> List[str]:
+        """Captions of L2-normalised image embeddings."""
+        if self.decoder is None:
+            raise ValueError(f"{self.name}: the decoder is not trained; fit() or load() it first")
+        ids = self.decoder.generate(self.image_inputs(F.normalize(image_features.float(), dim=-1)), self.beams,
+                                    self.max_tokens)
+        return [self.decode(row) for row in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        bpe = [self.vocab[i] for i in ids if 0 < i < len(self.vocab) and self.vocab[i] not in (START, END)]
+        return _decoder().decode(bpe).strip()
+
+    @torch.no_grad()
+    def __call__(self, images) -> List[str]:
+        """PIL images -> captions (the encoder embeds them)."""
+        pixels = torch.stack([self.encoder.preprocess(image) for image in images]).to(self.encoder.device)
+        return self.caption_features(self.encoder.encode_image(pixels, normalize=True))
+
+    # --- on disk --------------------------------------------------------------------------------------
+    def extra_tensors(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_tensors` saved."""
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.decoder.state_dict()
+        if state["lm.lm_head.weight"].data_ptr() == state["lm.transformer.wte.weight"].data_ptr():
+            del state["lm.lm_head.weight"]  # tied to the token embedding: stored once
+        tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+        tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in self.extra_tensors().items()})
+        meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "vocab": json.dumps(self.vocab),
+                "options": json.dumps(self.options), "encoder": self.encoder.name,
+                "encoder_fingerprint": self.encoder.fingerprint()}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    def load(self, path: Path) -> "Captioner":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("method") != self.name:
+            raise CaptionerMismatch(f"{path} holds a {meta.get('method', 'unknown')} decoder, not a {self.name} one")
+        if meta.get("encoder_fingerprint") != self.encoder.fingerprint():
+            raise CaptionerMismatch(
+                f"{path} was trained for the encoder {meta.get('encoder', '?')} (weights "
+                f"{meta.get('encoder_fingerprint', '?')[:12]}), not for {self.encoder.name} (weights "
+                f"{self.encoder.fingerprint()[:12]}): a decoder reads one embedding space. Train one for this "
+                "encoder (remove the file, or use another --decoders folder)")
+        self.config = DecoderConfig(**json.loads(meta["config"]))
+        self.vocab = json.loads(meta["vocab"])
+        self.decoder = PrefixLM(self.encoder.embed_dim, self.config)
+        missing, unexpected = self.decoder.load_state_dict(
+            {k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")}, strict=False)
+        if unexpected or set(missing) - {"lm.lm_head.weight"}:
+            raise CaptionerMismatch(f"{path} does not fit a {self.name} decoder: missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}")
+        self.decoder.lm.tie_weights()
+        self.decoder.eval()
+        self.load_extra({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+        return self
+
+
+_DECODER = None
+
+
+def _decoder():
+    """open_clip's BPE decoder (the tokenizer of every native-text CLIP)."""
+    global _DECODER
+    if _DECODER is None:
+        import open_clip
+
+        _DECODER = open_clip.SimpleTokenizer()
+    return _DECODER

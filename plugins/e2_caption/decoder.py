@@ -1,0 +1,97 @@
+"""The prefix language model DeCap and CapDec share: a mapper turns an embedding into ``prefix_length``
+token embeddings, and a GPT-2-style decoder (transformers ``GPT2LMHeadModel``, built from a config
+with random weights, or loaded from a local path) continues them into a caption. Captions are the
+encoder's own BPE ids (open_clip's tokenizer), so no other tokenizer is needed."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+START, END = 49406, 49407  # open_clip's start-of-text and end-of-text ids
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes of the prefix decoder (every one a config value; upstream DeCap: 4 layers, 4 heads, width 768)."""
+
+    layers: int = 2
+    heads: int = 4
+    width: int = 256
+    prefix_length: int = 1
+    mapper: str = "linear"  # "linear" (DeCap) or "transformer" (CapDec / ClipCap)
+    mapper_layers: int = 2
+    max_tokens: int = 20  # captions are cut here in training
+    vocab_size: int = 49408
+    language_model: Optional[str] = None  # a local GPT-2-style model folder (its own width) instead of a new one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PrefixLM(nn.Module):
+    """``embedding (B, D) -> prefix (B, P, W) -> caption token ids``."""
+
+    def __init__(self, embed_dim: int, config: DecoderConfig):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.config = config
+        if config.language_model:
+            self.lm = GPT2LMHeadModel.from_pretrained(config.language_model, local_files_only=True)
+        else:
+            self.lm = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.prefix_length +
+                                                 config.max_tokens + 16, n_embd=config.width, n_layer=config.layers,
+                                                 n_head=config.heads, bos_token_id=START, eos_token_id=END))
+        width = self.lm.config.n_embd
+        if config.mapper == "linear":
+            self.mapper = nn.Linear(embed_dim, config.prefix_length * width)
+        else:
+            self.mapper = TransformerMapper(embed_dim, width, config.prefix_length, config.mapper_layers)
+
+    def prefix(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.mapper(embedding).view(len(embedding), self.config.prefix_length, -1)
+
+    def loss(self, embedding: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Next-token cross-entropy of caption ``tokens`` (B, L: start, text, end, 0-padding) after the prefix."""
+        tokens = tokens[:, 1:self.config.max_tokens + 1]  # the prefix stands in for the start token
+        prefix = self.prefix(embedding)
+        inputs = torch.cat([prefix, self.lm.transformer.wte(tokens)], dim=1)
+        logits = self.lm(inputs_embeds=inputs).logits[:, prefix.shape[1] - 1:-1]
+        mask = tokens != 0
+        return F.cross_entropy(logits[mask], tokens[mask], label_smoothing=label_smoothing)
+
+    @torch.no_grad()
+    def generate(self, embedding: torch.Tensor, beams: int = 1, max_tokens: int = 30) -> List[List[int]]:
+        """Token ids of each embedding's caption (greedy when ``beams`` is 1, else beam search), end token cut."""
+        out = self.lm.generate(inputs_embeds=self.prefix(embedding), max_new_tokens=max_tokens, num_beams=beams,
+                               do_sample=False, eos_token_id=END, pad_token_id=0,
+                               attention_mask=torch.ones(len(embedding), self.config.prefix_length, dtype=torch.long,
+                                                         device=embedding.device))
+        captions = []
+        for row in out.tolist():
+            row = [t for t in row if t not in (0, START)]
+            captions.append(row[:row.index(END)] if END in row else row)
+        return captions
+
+
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapper: the embedding projected to ``length`` tokens plus learned
+    constants, refined by a small transformer encoder."""
+
+    def __init__(self, embed_dim: int, width: int, length: int, layers: int):
+        super().__init__()
+        self.length = length
+        self.project = nn.Linear(embed_dim, length * width)
+        self.constants = nn.Parameter(torch.randn(length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, nhead=max(1, width // 64), dim_feedforward=2 * width,
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        x = self.project(embedding).view(len(embedding), self.length, -1)
+        x = torch.cat([x, self.constants.expand(len(embedding), -1, -1)], dim=1)
+        return self.transformer(x)[:, self.length:].reshape(len(embedding), -1)
