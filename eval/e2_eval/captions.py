@@ -95,13 +95,20 @@ def _meteor(refs, preds, notes: List[str]) -> Optional[float]:
     if not java_available():
         notes.append("METEOR skipped: it needs Java (install a JRE, e.g. apt-get install default-jre-headless)")
         return None
-    from pycocoevalcap.meteor.meteor import Meteor
+    return float(_meteor_scorer().compute_score(refs, preds)[0])
 
-    scorer = Meteor()
-    try:
-        return float(scorer.compute_score(refs, preds)[0])
-    finally:
-        scorer.close() if hasattr(scorer, "close") else None
+
+_METEOR = None
+
+
+def _meteor_scorer():
+    """One METEOR process for the whole run (its JVM takes seconds to start)."""
+    global _METEOR
+    if _METEOR is None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
 
 
 def _spice(refs, preds, notes: List[str]) -> Optional[float]:

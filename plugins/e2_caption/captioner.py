@@ -4,6 +4,7 @@ too), and saved as safetensors with the encoder it belongs to."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -92,7 +93,7 @@ class Captioner:
 
     def decode(self, ids: Sequence[int]) -> str:
         bpe = [self.vocab[i] for i in ids if 0 < i < len(self.vocab) and self.vocab[i] not in (START, END)]
-        return _decoder().decode(bpe).strip()
+        return re.sub(r" ([.,!?;:%])", r"\1", _decoder().decode(bpe).strip())
 
     @torch.no_grad()
     def __call__(self, images) -> List[str]:

@@ -89,7 +89,7 @@ class TransformerMapper(nn.Module):
         self.constants = nn.Parameter(torch.randn(length, width) * 0.02)
         layer = nn.TransformerEncoderLayer(width, nhead=max(1, width // 64), dim_feedforward=2 * width,
                                            batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         x = self.project(embedding).view(len(embedding), self.length, -1)

@@ -1,0 +1,135 @@
+"""Zero-shot captioning: the decoders, the memory projection, the noise, the metrics, the task."""
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import e2_core
+from e2_caption import METHODS, caption_text
+from e2_caption.capdec import inject_noise
+from e2_caption.captioner import CaptionerMismatch, _decoder
+from e2_caption.decap import project_to_memory
+from e2_caption.decoder import DecoderConfig
+from e2_eval.captions import caption_metrics, coco_results
+
+SMALL = dict(layers=1, heads=2, width=64, max_tokens=16)
+CAPTIONS = ["a red wool coat by acme", "blue denim jeans with a logo", "a white silk shirt",
+            "a black leather jacket with zips", "a green cotton dress"]
+
+
+def _features(encoder, texts):
+    with torch.no_grad():
+        return encoder.encode_text(e2_core.trim_padding(encoder.tokenizer(texts)), normalize=True)
+
+
+@pytest.mark.parametrize("name", ["decap", "capdec"])
+def test_a_decoder_overfits_a_handful_of_captions_and_regenerates_them(name, tiny_checkpoints):
+    encoder = e2_core.load_encoder(tiny_checkpoints["e2"])
+    features = _features(encoder, CAPTIONS)
+    mapper = "linear" if name == "decap" else "transformer"
+    captioner = METHODS[name](encoder, DecoderConfig(**SMALL, prefix_length=1 if name == "decap" else 2,
+                                                     mapper=mapper, mapper_layers=1))
+    if name == "capdec":
+        captioner.options["noise_variance"] = 0.0  # memorise exactly
+    losses = captioner.fit(CAPTIONS, features, epochs=100, batch_size=5, lr=5e-3, label_smoothing=0.0,
+                           progress=False)
+    assert losses[-1] < 0.2 * losses[0]
+    regenerated = [captioner.decode(ids) for ids in captioner.decoder.generate(features, beams=1)]
+    expected = [_decoder().decode([t for t in encoder.tokenizer([c])[0].tolist() if t not in (0, 49406, 49407)]).strip()
+                for c in CAPTIONS]  # open_clip's normalisation: lower case, one space between words
+    assert regenerated == expected
+    beamed = [captioner.decode(ids) for ids in captioner.decoder.generate(features, beams=3)]
+    assert beamed == expected
+
+
+def test_memory_projection_is_a_convex_combination_of_memory_rows():
+    memory = torch.eye(4)
+    features = torch.tensor([[0.9, 0.3, -0.2, 0.1], [-1.0, -1.0, -1.0, 0.2]])
+    out = project_to_memory(features, memory, tau=0.5)
+    assert torch.all(out >= 0) and torch.allclose(out.norm(dim=-1), torch.ones(2))  # in the cone of the rows
+    sharp = project_to_memory(features, memory, tau=1e-4)
+    assert torch.allclose(sharp, torch.eye(4)[[0, 3]], atol=1e-6)  # tau -> 0: the nearest row
+
+
+def test_noise_injection_has_the_stated_variance():
+    torch.manual_seed(0)
+    d, variance = 256, 0.016
+    x = F.normalize(torch.randn(1, d), dim=-1).expand(20000, -1)
+    noisy = inject_noise(x, variance, torch.Generator().manual_seed(1))
+    assert torch.allclose(noisy.norm(dim=-1), torch.ones(20000), atol=1e-5)
+    # before re-normalisation ||x + n||^2 = 1 + d * variance on average: the kept component shrinks by it
+    along = (noisy * x).sum(dim=-1)
+    assert along.mean().item() == pytest.approx((1 + d * variance) ** -0.5, rel=0.02)
+    residual = noisy - along[:, None] * x
+    per_coordinate = residual.pow(2).sum(dim=-1).mean().item() / (d - 1) * (1 + d * variance)
+    assert per_coordinate == pytest.approx(variance, rel=0.05)
+
+
+def test_metrics_on_hand_checked_cases():
+    refs = {"1": ["a red wool coat by acme", "red coat"], "2": ["blue jeans with a logo on the pocket"]}
+    same = caption_metrics({"1": "a red wool coat by acme", "2": "blue jeans with a logo on the pocket"}, refs,
+                           spice=False)["metrics"]
+    assert same["BLEU-1"] == same["BLEU-4"] == same["ROUGE-L"] == 100.0 and same["METEOR"] == pytest.approx(100, abs=1)
+    disjoint = caption_metrics({"1": "zebra piano", "2": "quantum orbit"}, refs, spice=False)["metrics"]
+    assert all(value == pytest.approx(0.0, abs=1e-6) for value in disjoint.values())
+    unscored = caption_metrics({"1": "red coat", "3": "a hat"}, {**refs, "3": ["  "]}, spice=False)
+    assert unscored["not_scored"] == ["3"] and unscored["scored"] == 1
+    assert coco_results({"1": "red coat"}) == [{"image_id": "1", "caption": "red coat"}]
+
+
+def test_without_java_the_java_metrics_are_skipped_and_the_rest_reported(monkeypatch):
+    import e2_eval.captions as captions
+
+    monkeypatch.setattr(captions.shutil, "which", lambda name: None)
+    result = caption_metrics({"1": "a red coat."}, {"1": ["A red coat!"]})
+    assert "METEOR" not in result["metrics"] and result["metrics"]["BLEU-1"] == pytest.approx(100.0)
+    assert any(n.startswith("METEOR skipped: it needs Java") for n in result["notes"])
+    assert any("regex tokenisation (no Java" in n for n in result["notes"])
+
+
+def test_awkward_captions_train_and_a_decoder_for_another_encoder_is_refused(tiny_checkpoints, tmp_path):
+    e2, clip = (e2_core.load_encoder(tiny_checkpoints[k]) for k in ("e2", "clip"))
+    awkward = ["", "long " * 300, "café crème — 日本の服", "a coat"]
+    captioner = METHODS["decap"](e2, DecoderConfig(**SMALL))
+    captioner.fit(awkward, _features(e2, awkward), epochs=1, progress=False)
+    assert len(captioner.caption_features(_features(e2, ["a coat"]))) == 1
+    path = captioner.save(tmp_path / "decap.safetensors")
+    again = METHODS["decap"](e2).load(path)
+    assert again.caption_features(_features(e2, ["a coat"])) == captioner.caption_features(_features(e2, ["a coat"]))
+    with pytest.raises(CaptionerMismatch, match=rf"trained for the encoder {tiny_checkpoints['e2']} .* not for "
+                                                rf"{tiny_checkpoints['clip']}"):
+        METHODS["decap"](clip).load(path)
+
+
+def test_caption_text_prefers_the_description():
+    assert caption_text({"description": " A  red coat. ", "brand": "Acme"}) == "A red coat."
+    assert caption_text({"title": "Jeans", "brand": "Acme"}) == "Jeans"
+
+
+def test_caption_task_side_by_side_with_page(data_root, tiny_checkpoints, tmp_path, capsys):
+    from e2_plugins.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", "caption", "--data-root", data_root, "--encoder", tiny_checkpoints["e2"], "--baseline",
+                 tiny_checkpoints["clip"], "--method", "decap", "--epochs", "1", "--max-images", "8", "--page-images", "3", "--out",
+                 str(out), "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "BLEU-4" in printed and "CIDEr" in printed and "SPICE skipped" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["encoders"]) == {f"E2 ({tiny_checkpoints['e2']})", f"CLIP ({tiny_checkpoints['clip']})"}
+    scores = results["encoders"][f"E2 ({tiny_checkpoints['e2']})"]["methods"]["decap"]
+    assert scores["scored"] == 8 and {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} <= set(scores["metrics"])
+    predictions = json.loads(next(out.glob("captions-e2-*-decap.json")).read_text())
+    assert len(predictions) == 8 and set(predictions[0]) == {"image_id", "caption"}
+    page = (out / "captions.html").read_text()
+    assert page.count('class="item"') == 3 and "References:" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:  # looked at in a real headless browser: it renders the images
+        shot = tmp_path / "page.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=900,700", (out / "captions.html").as_uri()], capture_output=True, timeout=120)
+        from PIL import Image
+        assert shot.is_file() and Image.open(shot).convert("L").getextrema()[0] < 200
