@@ -234,3 +234,26 @@ def test_cirevl_takes_local_hugging_face_captioners_and_rewriters(fiq, tiny_chec
     assert rewriter("a photo of red")  # the continuation of a greedy decode
     with pytest.raises(ValueError, match=r"--rewriter 'gpt-4': use template or hf:PATH"):
         METHODS["cirevl"](rewriter="gpt-4")
+
+
+def test_cirevl_captions_with_a_decoder_of_the_caption_task(fiq, tiny_checkpoints, tmp_path):
+    from e2_caption import METHODS as CAPTIONERS
+    from e2_caption.captioner import CaptionerMismatch
+    from e2_caption.decoder import DecoderConfig
+
+    e2, clip = (e2_core.load_encoder(tiny_checkpoints[k]) for k in ("e2", "clip"))
+    train, val, refs = _train_and_queries(e2, fiq)
+    texts = ["a red wool dress", "a blue cotton shirt with a logo"]
+    with torch.no_grad():
+        features = e2.encode_text(e2_core.trim_padding(e2.tokenizer(texts)), normalize=True)
+    decap = CAPTIONERS["decap"](e2, DecoderConfig(layers=1, heads=2, width=32, max_tokens=12))
+    decap.fit(texts, features, epochs=2, progress=False)
+    path = decap.save(tmp_path / "decap.safetensors")
+    method = METHODS["cirevl"](captioner=str(path))
+    method.prepare(e2, train)
+    batch = QueryBatch([t.reference for t in val.triplets], refs, [compose("cirevl", t.captions) for t in val.triplets],
+                       [t.captions for t in val.triplets], "dress", val.load_image)
+    method.queries(e2, batch)
+    assert method.last_texts == [method.rewrite(c, p[0]) for c, p in zip(decap.caption_features(refs), batch.prompts)]
+    with pytest.raises(CaptionerMismatch, match="was trained for the encoder"):
+        METHODS["cirevl"](captioner=str(path)).prepare(clip, train)

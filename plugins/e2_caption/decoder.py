@@ -43,8 +43,7 @@ class PrefixLM(nn.Module):
         if config.language_model:
             self.lm = GPT2LMHeadModel.from_pretrained(config.language_model, local_files_only=True)
         else:
-            self.lm = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.prefix_length +
-                                                 config.max_tokens + 16, n_embd=config.width, n_layer=config.layers,
+            self.lm = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.prefix_length + 64, n_embd=config.width, n_layer=config.layers,
                                                  n_head=config.heads, bos_token_id=START, eos_token_id=END))
         width = self.lm.config.n_embd
         if config.mapper == "linear":
@@ -67,6 +66,7 @@ class PrefixLM(nn.Module):
     @torch.no_grad()
     def generate(self, embedding: torch.Tensor, beams: int = 1, max_tokens: int = 30) -> List[List[int]]:
         """Token ids of each embedding's caption (greedy when ``beams`` is 1, else beam search), end token cut."""
+        max_tokens = min(max_tokens, self.lm.config.n_positions - self.config.prefix_length)
         out = self.lm.generate(inputs_embeds=self.prefix(embedding), max_new_tokens=max_tokens, num_beams=beams,
                                do_sample=False, eos_token_id=END, pad_token_id=0,
                                attention_mask=torch.ones(len(embedding), self.config.prefix_length, dtype=torch.long,

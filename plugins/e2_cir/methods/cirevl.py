@@ -6,7 +6,8 @@ offline. Both are pluggable here:
 
 * captioner ``vocabulary`` (default, offline): the encoder itself tags the image with the keyword
   phrases of the training captions it matches best (``a photo of {phrase}``, zero-shot) and writes
-  ``a {garment} with {p1}, {p2} and {p3}``; or ``hf:PATH``, any local Hugging Face image-to-text model;
+  ``a {garment} with {p1}, {p2} and {p3}``; a decoder file of the ``caption`` task (``*.safetensors``:
+  DeCap or CapDec trained for this encoder); or ``hf:PATH``, any local Hugging Face image-to-text model;
 * rewriter ``template`` (default, deterministic): ``{caption} that {c1} and {c2}``; or ``hf:PATH``,
   any local Hugging Face text-generation model, prompted with the caption and the instruction.
 """
@@ -32,21 +33,29 @@ class CIReVL(CIRMethod):
     def __init__(self, captioner: str = "vocabulary", rewriter: str = "template", phrases: int = 3):
         super().__init__(captioner=captioner, rewriter=rewriter, phrases=phrases)
         self.vocabulary = None
-        self._caption_model = HFCaptioner(_local_path("--captioner", captioner, "vocabulary")) \
-            if captioner != "vocabulary" else None
+        self._caption_model = None  # a caption-task decoder file is loaded for the encoder in prepare()
+        if captioner != "vocabulary" and not captioner.endswith(".safetensors"):
+            self._caption_model = HFCaptioner(_local_path("--captioner", captioner, "vocabulary"))
         self._rewrite_model = HFRewriter(_local_path("--rewriter", rewriter, "template")) \
             if rewriter != "template" else None
         self.last_texts: List[str] = []
 
     def prepare(self, encoder, train: TrainData) -> None:
+        if self.options["captioner"].endswith(".safetensors"):
+            from e2_caption import load_captioner  # the caption task's DeCap / CapDec, refused for another encoder
+
+            decoder = load_captioner(self.options["captioner"], encoder)
+            self._caption_model = lambda images, features: decoder.caption_features(features)
         self.vocabulary = Vocabulary(train.captions)
         with torch.no_grad():
             self._phrase_features = F.normalize(
                 self.encode_texts(encoder, [f"a photo of {p}" for p in self.vocabulary.phrases], None), dim=-1)
 
     def caption(self, encoder, batch: QueryBatch) -> List[str]:
-        if self._caption_model is not None:
+        if isinstance(self._caption_model, HFCaptioner):
             return self._caption_model([batch.load_image(name) for name in batch.reference_names])
+        if self._caption_model is not None:
+            return self._caption_model(None, batch.reference_features)
         scores = batch.reference_features.to(self._phrase_features.device) @ self._phrase_features.t()
         top = scores.topk(min(self.options["phrases"], len(self.vocabulary)), dim=1).indices.tolist()
         garment = GARMENTS.get(batch.category, batch.category)
@@ -60,7 +69,7 @@ class CIReVL(CIRMethod):
 
     @torch.no_grad()
     def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:
-        if self.vocabulary is None and self._caption_model is None:
+        if self.vocabulary is None:
             raise ValueError("cirevl: call prepare() with the training split first (its captioner's vocabulary)")
         captions = self.caption(encoder, batch)
         texts = [self.rewrite(caption, prompts[0]) for caption, prompts in zip(captions, batch.prompts)]
