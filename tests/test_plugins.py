@@ -74,6 +74,9 @@ TASK_RECIPES = {
     "retrieval": lambda tmp, data, enc: ["--data-root", data, "--encoder", enc["e2"], "--baseline", enc["clip"],
                                          "--protocol", "full", "--out", str(tmp / "out")],
     "embed": lambda tmp, data, enc: ["--texts", _texts(tmp), "--encoder", enc["clip"], "--out", str(tmp / "e.st")],
+    "caption": lambda tmp, data, enc: ["--data-root", data, "--encoder", enc["e2"], "--baseline", enc["clip"],
+                                       "--method", "decap", "--epochs", "1", "--max-images", "4", "--page-images", "1",
+                                       "--out", str(tmp / "out"), "--no-progress"],  # both methods: test_caption.py
     "cir": lambda tmp, data, enc: ["--data-root", _fashioniq(tmp), "--encoder", enc["e2"], "--baseline", enc["clip"],
                                    "--category", "toptee", "--method", "image", "pic2word", "cirevl", "--out",
                                    str(tmp / "out"), "--no-progress"],  # every method: tests/test_cir.py
