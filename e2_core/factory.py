@@ -51,8 +51,7 @@ def load_encoder(source: Any, *, device: Union[str, torch.device] = "cpu", name:
         return as_encoder(source, name=name).to(device)
     text = str(source)
     encoder = _from_path(text) if os.path.exists(text) else _from_scheme(text)
-    if name is not None or encoder.name == encoder.kind or not encoder.name:
-        encoder.name = name or text
+    encoder.name = name or text
     return encoder.to(device)
 
 

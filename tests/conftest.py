@@ -71,3 +71,35 @@ def tiny_checkpoints(tmp_path_factory):
     e2_core.save_pretrained(e2_core.create_e2(TINY), root / "e2")
     e2_core.save_pretrained(open_clip.create_model(TINY), root / "clip", arch=TINY)
     return {"e2": str(root / "e2"), "clip": str(root / "clip")}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory):
+    """A tiny local text-generation model and a tiny image-to-text model, built from configs (random weights)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("hf")
+    words = "a photo of dress shirt top red blue with logo that is and the made wool cotton <unk> <eos>".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                                                     pad_token="<eos>")
+    eos = len(words) - 1
+    torch.manual_seed(0)
+    small = dict(vocab_size=len(words), n_positions=256, n_embd=16, n_layer=1, n_head=2, eos_token_id=eos,
+                 bos_token_id=eos)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**small)).save_pretrained(root / "rewriter")
+    tokenizer.save_pretrained(root / "rewriter")
+    vision = transformers.ViTModel(transformers.ViTConfig(image_size=32, patch_size=16, hidden_size=16,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=32))
+    decoder = transformers.GPT2LMHeadModel(transformers.GPT2Config(**small, add_cross_attention=True))
+    captioner = transformers.VisionEncoderDecoderModel(encoder=vision, decoder=decoder)
+    captioner.config.decoder_start_token_id = captioner.config.pad_token_id = 0
+    captioner.generation_config.decoder_start_token_id = 0
+    captioner.generation_config.eos_token_id = captioner.generation_config.pad_token_id = eos
+    captioner.save_pretrained(root / "captioner")
+    tokenizer.save_pretrained(root / "captioner")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "captioner")
+    return root

@@ -4,7 +4,6 @@ too), and saved as safetensors with the encoder it belongs to."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -14,9 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from e2_core import trim_padding
-
-from .decoder import END, START, DecoderConfig, PrefixLM
+from .decoder import DecoderConfig, PrefixLM
+from .vocab import BPEVocab, HFVocab, vocab_from_state
 
 
 class CaptionerMismatch(ValueError):
@@ -34,7 +32,7 @@ class Captioner:
         self.encoder = encoder
         self.config = config or DecoderConfig()
         self.beams, self.max_tokens, self.options = beams, max_tokens, options
-        self.vocab: List[int] = []  # the BPE ids the decoder knows (its own ids are positions in this list)
+        self.vocab = None  # BPEVocab or HFVocab: captions <-> the decoder's ids
         self.decoder: Optional[PrefixLM] = None
 
     # --- what a method defines ------------------------------------------------------------------------
@@ -48,24 +46,18 @@ class Captioner:
         """What the method keeps from the training captions besides the decoder (DeCap: its memory)."""
 
     # --- shared ---------------------------------------------------------------------------------------
-    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
-        """Captions as the decoder's ids (start, text, end, 0-padding), cut at ``max_tokens``."""
-        ids = trim_padding(self.encoder.tokenizer(list(captions)))[:, :self.config.max_tokens + 2]
-        index = {bpe: i for i, bpe in enumerate(self.vocab)}
-        return torch.tensor([[index.get(int(t), 0) if t else 0 for t in row] for row in ids.tolist()])
-
     def fit(self, captions: Sequence[str], text_features: torch.Tensor, image_features: Optional[torch.Tensor] = None,
             epochs: int = 10, batch_size: int = 64, lr: float = 2e-4, label_smoothing: float = 0.1, seed: int = 0,
             progress: bool = True) -> List[float]:
         """Train the decoder to write ``captions`` from the method's inputs; returns the loss per epoch."""
         torch.manual_seed(seed)
-        used = sorted({int(t) for t in self.encoder.tokenizer(list(captions)).flatten().tolist()} - {0})
-        self.vocab = [0] + [t for t in used if t not in (START, END)] + [START, END]
-        self.config.vocab_size = len(self.vocab)
+        self.vocab = HFVocab(self.config.language_model) if self.config.language_model else \
+            BPEVocab.from_captions(self.encoder.tokenizer, captions)
+        self.config.vocab_size, self.config.eos_id = self.vocab.size, self.vocab.eos
         self.prepare(captions, text_features)
         self.decoder = PrefixLM(self.encoder.embed_dim, self.config).train()
         optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=lr, weight_decay=0.01)
-        tokens = self.tokens(captions)
+        tokens, mask = self.vocab.encode(captions, self.config.max_tokens)
         generator = torch.Generator().manual_seed(seed)
         history = []
         for _ in tqdm(range(epochs), desc=f"{self.name} decoder", disable=not progress, dynamic_ncols=True):
@@ -73,7 +65,7 @@ class Captioner:
             for rows in torch.randperm(len(captions), generator=generator).split(batch_size):
                 inputs = self.training_inputs(text_features[rows],
                                               image_features[rows] if image_features is not None else None)
-                loss = self.decoder.loss(inputs, tokens[rows], label_smoothing)
+                loss = self.decoder.loss(inputs, tokens[rows], mask[rows], label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -92,8 +84,7 @@ class Captioner:
         return [self.decode(row) for row in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
-        bpe = [self.vocab[i] for i in ids if 0 < i < len(self.vocab) and self.vocab[i] not in (START, END)]
-        return re.sub(r" ([.,!?;:%])", r"\1", _decoder().decode(bpe).strip())
+        return self.vocab.decode(ids)
 
     @torch.no_grad()
     def __call__(self, images) -> List[str]:
@@ -116,7 +107,7 @@ class Captioner:
             del state["lm.lm_head.weight"]  # tied to the token embedding: stored once
         tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in self.extra_tensors().items()})
-        meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "vocab": json.dumps(self.vocab),
+        meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "vocab": json.dumps(self.vocab.state()),
                 "options": json.dumps(self.options), "encoder": self.encoder.name,
                 "encoder_fingerprint": self.encoder.fingerprint()}
         tmp = path.with_suffix(".tmp")
@@ -137,7 +128,7 @@ class Captioner:
                 f"{self.encoder.fingerprint()[:12]}): a decoder reads one embedding space. Train one for this "
                 "encoder (remove the file, or use another --decoders folder)")
         self.config = DecoderConfig(**json.loads(meta["config"]))
-        self.vocab = json.loads(meta["vocab"])
+        self.vocab = vocab_from_state(json.loads(meta["vocab"]), self.encoder.tokenizer)
         self.decoder = PrefixLM(self.encoder.embed_dim, self.config)
         missing, unexpected = self.decoder.load_state_dict(
             {k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")}, strict=False)
@@ -148,16 +139,3 @@ class Captioner:
         self.decoder.eval()
         self.load_extra({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
         return self
-
-
-_DECODER = None
-
-
-def _decoder():
-    """open_clip's BPE decoder (the tokenizer of every native-text CLIP)."""
-    global _DECODER
-    if _DECODER is None:
-        import open_clip
-
-        _DECODER = open_clip.SimpleTokenizer()
-    return _DECODER

@@ -1,7 +1,8 @@
 """The prefix language model DeCap and CapDec share: a mapper turns an embedding into ``prefix_length``
 token embeddings, and a GPT-2-style decoder (transformers ``GPT2LMHeadModel``, built from a config
-with random weights, or loaded from a local path) continues them into a caption. Captions are the
-encoder's own BPE ids (open_clip's tokenizer), so no other tokenizer is needed."""
+with random weights, or loaded from a local path) continues them into a caption. A new decoder writes
+the encoder's own BPE ids (open_clip's tokenizer, kept to the ids the training captions use); a local
+language model writes its own tokenizer's ids (:mod:`e2_caption.vocab`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -10,8 +11,6 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-START, END = 49406, 49407  # open_clip's start-of-text and end-of-text ids
 
 
 @dataclass
@@ -25,8 +24,9 @@ class DecoderConfig:
     mapper: str = "linear"  # "linear" (DeCap) or "transformer" (CapDec / ClipCap)
     mapper_layers: int = 2
     max_tokens: int = 20  # captions are cut here in training
-    vocab_size: int = 49408
-    language_model: Optional[str] = None  # a local GPT-2-style model folder (its own width) instead of a new one
+    vocab_size: int = 49408  # set from the vocabulary
+    eos_id: int = 0  # set from the vocabulary
+    language_model: Optional[str] = None  # a local GPT-2-style model folder (its own width and tokenizer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +44,8 @@ class PrefixLM(nn.Module):
             self.lm = GPT2LMHeadModel.from_pretrained(config.language_model, local_files_only=True)
         else:
             self.lm = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab_size, n_positions=config.prefix_length + 64, n_embd=config.width, n_layer=config.layers,
-                                                 n_head=config.heads, bos_token_id=START, eos_token_id=END))
+                                                 n_head=config.heads, bos_token_id=config.eos_id,
+                                                 eos_token_id=config.eos_id))
         width = self.lm.config.n_embd
         if config.mapper == "linear":
             self.mapper = nn.Linear(embed_dim, config.prefix_length * width)
@@ -54,28 +55,24 @@ class PrefixLM(nn.Module):
     def prefix(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.mapper(embedding).view(len(embedding), self.config.prefix_length, -1)
 
-    def loss(self, embedding: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Next-token cross-entropy of caption ``tokens`` (B, L: start, text, end, 0-padding) after the prefix."""
-        tokens = tokens[:, 1:self.config.max_tokens + 1]  # the prefix stands in for the start token
+    def loss(self, embedding: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """Next-token cross-entropy of caption ``tokens`` (B, L: text then end; ``mask`` marks them) after the prefix."""
         prefix = self.prefix(embedding)
-        inputs = torch.cat([prefix, self.lm.transformer.wte(tokens)], dim=1)
+        inputs = torch.cat([prefix, self.lm.get_input_embeddings()(tokens)], dim=1)
         logits = self.lm(inputs_embeds=inputs).logits[:, prefix.shape[1] - 1:-1]
-        mask = tokens != 0
         return F.cross_entropy(logits[mask], tokens[mask], label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def generate(self, embedding: torch.Tensor, beams: int = 1, max_tokens: int = 30) -> List[List[int]]:
-        """Token ids of each embedding's caption (greedy when ``beams`` is 1, else beam search), end token cut."""
+        """Token ids of each embedding's caption (greedy when ``beams`` is 1, else beam search), cut at the end token."""
+        eos = self.config.eos_id
         max_tokens = min(max_tokens, self.lm.config.n_positions - self.config.prefix_length)
         out = self.lm.generate(inputs_embeds=self.prefix(embedding), max_new_tokens=max_tokens, num_beams=beams,
-                               do_sample=False, eos_token_id=END, pad_token_id=0,
+                               do_sample=False, eos_token_id=eos, pad_token_id=eos,
                                attention_mask=torch.ones(len(embedding), self.config.prefix_length, dtype=torch.long,
                                                          device=embedding.device))
-        captions = []
-        for row in out.tolist():
-            row = [t for t in row if t not in (0, START)]
-            captions.append(row[:row.index(END)] if END in row else row)
-        return captions
+        return [row[:row.index(eos)] if eos in row else row for row in out.tolist()]
 
 
 class TransformerMapper(nn.Module):
