@@ -47,8 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _execute(COMMANDS["train"], rest)
         if args.command == "data":
             if args.what not in DATA_BUILDERS:
-                print(f"usage: e2-plugins data {{{','.join(DATA_BUILDERS)}}} [options]", file=sys.stderr)
-                return 2
+                asked = args.what in ("-h", "--help") or any(a in ("-h", "--help") for a in rest)
+                print(f"usage: e2-plugins data {{{','.join(DATA_BUILDERS)}}} [options]\n"
+                      + "".join(f"  {name:<16}{task.summary}\n" for name, task in DATA_BUILDERS.items())
+                      + "(e2-plugins data NAME --help for its options)", file=sys.stdout if asked else sys.stderr)
+                return 0 if asked else 2
             return _execute(DATA_BUILDERS[args.what], rest)
     except (KeyError, ValueError, TypeError, FileNotFoundError, registry.PluginLoadError) as err:
         print(f"e2-plugins: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

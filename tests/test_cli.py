@@ -114,3 +114,17 @@ def test_embed_task_reports_unreadable_images(tmp_path, capsys, tiny_checkpoints
 def test_embed_task_missing_input_is_a_clear_error(tmp_path, tiny_checkpoints):
     with pytest.raises(FileNotFoundError, match="no such folder or list file"):
         registry.get_task("embed").run(images=tmp_path / "nowhere", encoder=tiny_checkpoints["e2"])
+
+
+def test_run_and_data_explain_themselves(capsys):
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: e2-plugins run TASK" in out and "cir" in out and "caption" in out
+    assert main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic" in out and "amazon-fashion" in out
+    assert main(["data"]) == 2
+    with pytest.raises(SystemExit):
+        main(["run", "cir", "--help"])
+    help_text = capsys.readouterr().out
+    assert "usage: e2-plugins run cir" in help_text and "(default: demo:e2)" in help_text
