@@ -102,11 +102,21 @@ def _info(model_name: str, pretrained: Optional[str]) -> int:
 
 
 def _run(task_name: Optional[str], argv: List[str]) -> int:
-    if not task_name or task_name in ("-h", "--help"):
-        names = ", ".join(p.name for p in registry.discover(registry.TASK_GROUP)) or "none installed"
-        print(f"usage: e2-plugins run TASK [options]\ninstalled tasks: {names}")
-        return 0 if task_name else 2
+    asked = task_name in ("-h", "--help") or (not task_name and any(a in ("-h", "--help") for a in argv))
+    if not task_name or asked:
+        tasks = registry.discover(registry.TASK_GROUP)
+        print("usage: e2-plugins run TASK [options]   (e2-plugins run TASK --help for its options)\n"
+              + "".join(f"  {p.name:<12}{_summary(p)}\n" for p in tasks) if tasks else "no task installed",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     return _execute(registry.get_task(task_name), argv)
+
+
+def _summary(plugin: registry.Plugin) -> str:
+    try:
+        return plugin.load().summary
+    except registry.PluginLoadError:
+        return f"FAILED TO LOAD: {plugin.error}"
 
 
 def _execute(task: registry.Task, argv: List[str]) -> int:
