@@ -16,6 +16,7 @@ from e2_eval.fashioniq import (CATEGORIES, CONVENTIONS, FashionIQ, composed_reca
 
 from .figures import save_query_grid
 from .methods import METHODS, CIRMethod, QueryBatch, TrainData, load_network, save_network
+from .methods.base import PseudoWordMethod
 from .phrases import tagger
 
 SYNTHETIC_TRIPLETS = 100  # per category and split, for the embedded default data
@@ -141,8 +142,7 @@ def _options(name: str, captioner: str, rewriter: str) -> Dict:
 
 
 def _check_convention(runner: CIRMethod, convention: str) -> None:
-    pseudo_word = type(runner).build is not CIRMethod.build  # the method trains a network for a pseudo word
-    if pseudo_word and "$" not in compose(convention, ("c1", "c2"))[0]:
+    if isinstance(runner, PseudoWordMethod) and "$" not in compose(convention, ("c1", "c2"))[0]:
         raise ValueError(f"--convention {convention} gives no place for the reference image, which {runner.name} "
                          "puts in as a pseudo word; use searle or pic2word")
 
@@ -160,7 +160,7 @@ def _train_data(encoder, splits: List[FashionIQ], cache: Path, batch_size: int, 
 def _fit(runner: CIRMethod, encoder, train: TrainData, networks: Path, progress: bool) -> None:
     if train.captions:
         runner.prepare(encoder, train)
-    if type(runner).build is CIRMethod.build:  # nothing to train
+    if not isinstance(runner, PseudoWordMethod):  # nothing to train
         return
     path = networks / f"{runner.name}-{encoder.fingerprint()[:16]}.safetensors"
     if path.is_file():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from e2_core import trim_padding
 
@@ -81,6 +82,32 @@ class CIRMethod:
         tokens = trim_padding(encoder.tokenizer([t.replace("$", self.placeholder) for t in texts])).to(device)
         return encoder.encode_text_with_pseudo_tokens(tokens, pseudo_tokens.to(device),
                                                       encoder.token_id(self.placeholder))
+
+
+class PseudoWordMethod(CIRMethod):
+    """A method whose network turns the reference image's embedding into a pseudo word (``$`` in the prompt)."""
+
+    def train_network(self, encoder, count: int, loss_of, desc: str, progress: bool, weight_decay: float = 0.01,
+                      min_batch: int = 2) -> None:
+        """AdamW over ``options["epochs"]`` shuffled passes of ``count`` items; ``loss_of(rows)`` scores a batch."""
+        o = self.options
+        self.network = self.build(encoder).to(encoder.device).train()
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=o["lr"], weight_decay=weight_decay)
+        generator = torch.Generator().manual_seed(o["seed"])
+        for _ in tqdm(range(o["epochs"]), desc=desc, disable=not progress, dynamic_ncols=True):
+            for rows in torch.randperm(count, generator=generator).split(o["batch_size"]):
+                if len(rows) < min_batch:
+                    continue
+                loss = loss_of(rows)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        self.network.eval()
+
+    @torch.no_grad()
+    def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:
+        pseudo = self.network(batch.reference_features.to(encoder.device))
+        return self.encode_prompts(encoder, batch.prompts, pseudo)
 
 
 class Phi(nn.Module):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..phrases import keyword_phrases, mask_phrase
-from .base import CIRMethod, Phi, QueryBatch, TrainData, frozen
+from .base import Phi, PseudoWordMethod, TrainData, frozen
 
 
-class LinCIR(CIRMethod):
+class LinCIR(PseudoWordMethod):
     name = "lincir"
     convention = "searle"
 
@@ -37,21 +36,17 @@ class LinCIR(CIRMethod):
         with torch.no_grad():
             targets = torch.cat([F.normalize(self.encode_texts(encoder, [c for c, _ in pairs[i:i + 256]], None), dim=-1)
                                  for i in range(0, len(pairs), 256)])
-        self.network = self.build(encoder).to(encoder.device).train()
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=o["lr"], weight_decay=0.01)
         generator = torch.Generator().manual_seed(o["seed"])
-        for _ in tqdm(range(o["epochs"]), desc="lincir", disable=not progress, dynamic_ncols=True):
-            for batch in torch.randperm(len(pairs), generator=generator).split(o["batch_size"]):
-                target = targets[batch]
-                scale = torch.rand(len(batch), 1, generator=generator) * o["noise"]
-                noisy = target + scale.to(target.device) * torch.randn(target.shape, generator=generator).to(target.device)
-                pseudo = self.network(F.normalize(noisy, dim=-1))
-                masked = F.normalize(self.encode_texts(encoder, [pairs[i][1] for i in batch.tolist()], pseudo), dim=-1)
-                loss = (masked - target).pow(2).sum(dim=-1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        self.network.eval()
+
+        def loss_of(rows):
+            target = targets[rows]
+            scale = torch.rand(len(rows), 1, generator=generator).to(target.device) * o["noise"]
+            noisy = target + scale * torch.randn(target.shape, generator=generator).to(target.device)
+            pseudo = self.network(F.normalize(noisy, dim=-1))
+            masked = F.normalize(self.encode_texts(encoder, [pairs[i][1] for i in rows.tolist()], pseudo), dim=-1)
+            return (masked - target).pow(2).sum(dim=-1).mean()
+
+        self.train_network(encoder, len(pairs), loss_of, "lincir", progress, min_batch=1)
 
     @staticmethod
     def mask(caption: str) -> str:
@@ -59,8 +54,3 @@ class LinCIR(CIRMethod):
         for phrase in sorted(keyword_phrases(caption), key=len, reverse=True):
             caption = mask_phrase(caption, phrase)
         return caption
-
-    @torch.no_grad()
-    def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:
-        pseudo = self.network(batch.reference_features.to(encoder.device))
-        return self.encode_prompts(encoder, batch.prompts, pseudo)

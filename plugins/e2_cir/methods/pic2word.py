@@ -4,12 +4,11 @@ word), encoder frozen. Query: ``a photo of * , {c2} and {c1}``."""
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
-from .base import CIRMethod, Phi, QueryBatch, TrainData, frozen, info_nce
+from .base import Phi, PseudoWordMethod, TrainData, frozen, info_nce
 
 
-class Pic2Word(CIRMethod):
+class Pic2Word(PseudoWordMethod):
     name = "pic2word"
     convention = "pic2word"
     placeholder = "*"
@@ -23,26 +22,13 @@ class Pic2Word(CIRMethod):
         return Phi(encoder.embed_dim, encoder.embed_dim, encoder.token_width, self.options["dropout"], "relu")
 
     def fit(self, encoder, train: TrainData, progress: bool = True) -> None:
-        o = self.options
-        torch.manual_seed(o["seed"])
+        torch.manual_seed(self.options["seed"])
         frozen(encoder)
-        self.network = self.build(encoder).to(encoder.device).train()
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=o["lr"], weight_decay=0.1)
         features = train.image_features.to(encoder.device)
-        generator = torch.Generator().manual_seed(o["seed"])
-        for _ in tqdm(range(o["epochs"]), desc="pic2word", disable=not progress, dynamic_ncols=True):
-            for batch in torch.randperm(len(features), generator=generator).split(o["batch_size"]):
-                if len(batch) < 2:
-                    continue
-                images = features[batch]
-                text = self.encode_texts(encoder, ["a photo of $"] * len(batch), self.network(images))
-                loss = info_nce(images, text, o["temperature"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        self.network.eval()
 
-    @torch.no_grad()
-    def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:
-        pseudo = self.network(batch.reference_features.to(encoder.device))
-        return self.encode_prompts(encoder, batch.prompts, pseudo)
+        def loss_of(rows):
+            images = features[rows]
+            text = self.encode_texts(encoder, ["a photo of $"] * len(rows), self.network(images))
+            return info_nce(images, text, self.options["temperature"])
+
+        self.train_network(encoder, len(features), loss_of, "pic2word", progress, weight_decay=0.1)

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..phrases import Vocabulary, mask_phrase
-from .base import CIRMethod, Phi, QueryBatch, TrainData, frozen, info_nce
+from .base import Phi, PseudoWordMethod, TrainData, frozen, info_nce
 
 
-class SEARLE(CIRMethod):
+class SEARLE(PseudoWordMethod):
     name = "searle"
     convention = "searle"
 
@@ -74,21 +74,8 @@ class SEARLE(CIRMethod):
             oti[rows] = tokens.detach()
 
         # 2. phi distilled from the OTI pseudo words
-        self.network = self.build(encoder).to(device).train()
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=o["lr"], weight_decay=0.01)
-        generator = torch.Generator().manual_seed(o["seed"])
-        for _ in tqdm(range(o["epochs"]), desc="searle phi", disable=not progress, dynamic_ncols=True):
-            for rows in torch.randperm(len(images), generator=generator).split(o["batch_size"]):
-                if len(rows) < 2:
-                    continue
-                estimated = self.network(images[rows])
-                loss = info_nce(oti[rows], estimated, 0.25) + 0.75 * regulariser(rows.tolist(), estimated)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        self.network.eval()
+        def loss_of(rows):
+            estimated = self.network(images[rows])
+            return info_nce(oti[rows], estimated, 0.25) + 0.75 * regulariser(rows.tolist(), estimated)
 
-    @torch.no_grad()
-    def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:
-        pseudo = self.network(batch.reference_features.to(encoder.device))
-        return self.encode_prompts(encoder, batch.prompts, pseudo)
+        self.train_network(encoder, len(images), loss_of, "searle phi", progress)
