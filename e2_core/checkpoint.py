@@ -58,11 +58,20 @@ def save_pretrained(model, path: PathLike, *, arch: Optional[str] = None,
     if is_e2:
         config["e2_config"] = model.config.to_dict()
     state_dict = model.state_dict() if state_dict is None else state_dict
-    tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": FORMAT}))
+    save_tensors(state_dict, path / WEIGHTS_NAME, {"format": FORMAT})
     _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
+    return path
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                 metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """A safetensors file, written atomically with the user's normal permissions (contiguous CPU copies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(path, lambda f: save_file(data, f, metadata=dict(metadata) if metadata else None))
     return path
 
 

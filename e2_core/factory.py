@@ -102,8 +102,18 @@ def _open_clip(arch: str, pretrained: Optional[str]) -> CLIP:
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
         hint = ("the download failed; on an offline machine give a local CLIP weights file as MODEL:FILE"
                 if not os.path.exists(str(pretrained)) else "is it a CLIP weights file of this architecture?")
-        raise CheckpointError(f"could not load CLIP weights {pretrained!r} for {arch}: "
-                              f"{str(err).splitlines()[0][:300]} ({hint})") from err
+        raise CheckpointError(f"could not load CLIP weights {pretrained!r} for {arch}: {_first_sentence(err)} "
+                              f"({hint})") from err
+
+
+def _first_sentence(err: Exception, limit: int = 240) -> str:
+    """The start of an error message, cut at a sentence or word boundary."""
+    text = (str(err).splitlines() or [type(err).__name__])[0]
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    return cut[:end + 1] if end > limit // 3 else cut[:cut.rfind(" ")] + " ..."
 
 
 def _resolve_config(base: Optional[E2Config], config: Union[E2Config, Mapping, None],

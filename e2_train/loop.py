@@ -58,20 +58,21 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
     """
     ctx = distributed.setup(cfg.device)
     out = Path(cfg.out)
+    method_class = METHODS[cfg.method]
+    stages = [s for s in resolve_stages(cfg.stages, method_class.default_stages) if s.length() > 0]
+    if stages and all((out / s.name / "done.json").is_file() for s in stages):  # finished before: nothing to build
+        _claim_run_folder(out, cfg, ctx)  # still refuses other settings
+        return {s.name: str(out / s.name / "best") for s in stages}
     torch.manual_seed(cfg.seed)  # E2's new parts; resumed runs restore the RNG from the checkpoint
     random.seed(cfg.seed)
-    method_class = METHODS[cfg.method]
     start = _start_encoder(cfg)
     for dataset in (train_set, val_set):
         if dataset is not None and dataset.transform is None:
             dataset.transform = start.preprocess
-    stages = resolve_stages(cfg.stages, method_class.default_stages)
     method = method_class.start(start, cfg, train_set.spec.entities)
     _claim_run_folder(out, cfg, ctx)  # only once the data and the start are known to be usable
     results = {}
     for stage in stages:
-        if stage.length() <= 0:
-            continue
         results[stage.name] = str(_run_stage(stage, method, cfg, ctx, train_set, val_set, evaluate, callbacks))
         # the next stage starts from this stage's best
         method = method_class.start(load_encoder(results[stage.name]), cfg, train_set.spec.entities)
@@ -295,7 +296,8 @@ class _Log:
             self.metrics = open(folder / "metrics.jsonl", "a")
             self.skipped_file = folder / "skipped_images.txt"
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=folder.name, disable=not progress, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=f"{folder.parent.name} {folder.name}",
+                            disable=not progress, dynamic_ncols=True)
         self.start = time.time()
 
     def write(self, record: Dict) -> None:

@@ -99,6 +99,9 @@ def test_embed_task_reports_unreadable_images(tmp_path, capsys, tiny_checkpoints
                  "--encoder", tiny_checkpoints["e2"], "--out", str(out), "--device", "cpu", "--regions",
                  "--batch-size", "2"])
     assert code == 0
+    umask = __import__("os").umask(0)
+    __import__("os").umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the user's normal permissions, not 0600
     report = capsys.readouterr().out
     assert '"images": 3' in report and "broken.jpg" in report
     with safe_open(str(out), "pt") as f:

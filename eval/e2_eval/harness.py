@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from e2_core import as_encoder
+from e2_core.checkpoint import save_tensors
 from e2_core.data import E2Collate, ProductDataset
 from e2_core.runtime import autocast
 
@@ -64,7 +65,7 @@ def cached_embeddings(encoder, dataset: ProductDataset, cache_dir: Optional[Path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".json").write_text(json.dumps({"encoder": encoder.name, "indices": indices,
                                                          "skipped": skipped}))
-        save_file({"image_features": images, "text_features": texts}, str(path))
+        save_tensors({"image_features": images, "text_features": texts}, path)
     return images, texts, indices, skipped
 
 

@@ -10,8 +10,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
+
+from e2_core.checkpoint import save_tensors
 
 from .decoder import DecoderConfig, PrefixLM
 from .vocab import BPEVocab, HFVocab, vocab_from_state
@@ -110,10 +111,7 @@ class Captioner:
         meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "vocab": json.dumps(self.vocab.state()),
                 "options": json.dumps(self.options), "encoder": self.encoder.name,
                 "encoder_fingerprint": self.encoder.fingerprint()}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return save_tensors(tensors, path, meta)
 
     def load(self, path: Path) -> "Captioner":
         with safe_open(str(path), "pt") as f:

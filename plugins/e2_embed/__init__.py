@@ -7,9 +7,9 @@ from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import save_file
 
 from e2_core import load_encoder
+from e2_core.checkpoint import save_tensors
 from e2_core.registry import Task
 from e2_core.runtime import autocast, resolve_device
 
@@ -90,7 +90,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
             metadata["texts"] = json.dumps(lines)
             report["texts"] = len(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(out),
+    save_tensors(tensors, out,
               metadata={**metadata, "encoder": net.name, "entities": json.dumps(list(net.entities))})
     return {"out": str(out), "encoder": net.name, **report}
 

@@ -36,6 +36,7 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     protocols = ("full", "sample-100") if protocol == "both" else (protocol,)
     out.mkdir(parents=True, exist_ok=True)
     results, embeddings, encoders = {}, {}, {}
+    open_dataset(dataset, data_root, "validation", train=False)  # a data problem is reported before any model loads
     for role, source in (("baseline", baseline), ("encoder", encoder)):
         model = load_encoder(source, device=dev)
         label = _label(model, results)
@@ -50,6 +51,7 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
                           "skipped_images": skipped, **evaluate_retrieval(images, texts, groups, protocols)}
         embeddings[label], encoders[label] = (images, texts, indices, data), model
     _print_table(results, protocols)
+    results = _rounded(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     figures = {"top5": str(save_top5_figure(embeddings, out / "top5.png"))}
     regional = [label for label, model in encoders.items() if model.has_regions]
@@ -59,6 +61,17 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
                                                          out / "selection.png", dev))
     return {"results": str(out / "results.json"), **figures,
             **{name: {p: r[p].get("sumr", r[p].get("error")) for p in protocols} for name, r in results.items()}}
+
+
+def _rounded(value, digits: int = 4):
+    """Scores as written: floats rounded (no 96.89999999999999)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def _label(encoder, taken) -> str:

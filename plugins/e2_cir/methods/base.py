@@ -11,11 +11,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from e2_core import trim_padding
+from e2_core.checkpoint import save_tensors
 
 
 @dataclass
@@ -153,10 +153,7 @@ def save_network(method: CIRMethod, encoder, path: Path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.network.state_dict().items()}
     meta = {"method": method.name, "options": json.dumps(method.options), "encoder": encoder.name,
             "encoder_fingerprint": encoder.fingerprint()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_tensors(tensors, path, meta)
 
 
 def load_network(method: CIRMethod, encoder, path: Path) -> None:
