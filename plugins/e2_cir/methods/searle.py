@@ -25,7 +25,7 @@ class SEARLE(PseudoWordMethod):
     name = "searle"
     convention = "searle"
 
-    def __init__(self, oti_steps: int = 60, oti_lr: float = 2e-2, epochs: int = 30, batch_size: int = 64,
+    def __init__(self, oti_steps: int = 30, oti_lr: float = 2e-2, epochs: int = 20, batch_size: int = 64,
                  lr: float = 1e-4, top_k_concepts: int = 5, dropout: float = 0.5, seed: int = 0):
         super().__init__(oti_steps=oti_steps, oti_lr=oti_lr, epochs=epochs, batch_size=batch_size, lr=lr,
                          top_k_concepts=top_k_concepts, dropout=dropout, seed=seed)
