@@ -27,7 +27,7 @@ METHODS = {m.name: m for m in (DeCap, CapDec, ClipCap)}
 
 
 def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method: Optional[List[str]] = None,
-            encoder: str = "demo:e2", baseline: str = "demo:clip-ft", beams: int = 1, epochs: int = 8,
+            encoder: str = "demo:e2", baseline: str = "demo:clip-ft", beams: int = 1, epochs: int = 3,
             decoders: Optional[Path] = None, max_images: int = 500, out: Path = Path("runs/caption"),
             batch_size: int = 64, device: str = "auto", page_images: int = 12, progress: bool = True) -> Dict:
     """Zero-shot image captioning (BLEU-1..4, METEOR, ROUGE-L, CIDEr), a baseline and E2 side by side.
