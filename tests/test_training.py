@@ -206,3 +206,40 @@ def test_two_processes_stay_in_step_when_one_shard_has_an_unreadable_image(tmp_p
     assert json.loads((folder / "done.json").read_text())["skipped"] == 1
     assert "p5.png" in (folder / "skipped_images.txt").read_text()
     assert len(losses(folder)) == 1  # 16 items = one step of 2 x 8; max_steps caps at the epoch's end
+
+
+def test_e2_takes_the_entities_of_the_dataset_it_trains_on(tmp_path, tiny_checkpoints):
+    """A catalog with two entity columns: E2 gets exactly those, saves them, and the retrieval task runs on it."""
+    from PIL import Image
+    from e2_plugins.cli import main
+
+    root = tmp_path / "catalog"
+    root.mkdir()
+    for split, count in (("train", 16), ("validation", 8)):
+        rows = []
+        for i in range(count):
+            Image.new("RGB", (64, 64), (i * 15, 80, 160)).save(root / f"{split}{i}.png")
+            rows.append(json.dumps({"image": f"{split}{i}.png", "text": f"coat {i}", "brand": f"b{i % 3}",
+                                    "season": ["FW2016", "SS2017"][i % 2]}))
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = config(tmp_path, str(root), dataset="catalog", pretrained=tiny_checkpoints["clip"], batch_size=8,
+                 stages=["stage1:steps=1", "stage2:steps=1"])
+    result = train(cfg)
+    encoder = e2_core.load_encoder(result["stage2"])
+    assert encoder.entities == ("brand", "season")
+    assert e2_core.load_encoder(result["stage1"]).entities == ("brand", "season")
+    assert main(["run", "retrieval", "--dataset", "catalog", "--data-root", str(root / "validation.jsonl"),
+                 "--encoder", result["stage2"], "--baseline", tiny_checkpoints["clip"], "--protocol", "full",
+                 "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "selection.png").is_file()
+
+
+def test_e2_trains_on_amazon_fashion_with_its_one_entity(tmp_path, tiny_checkpoints):
+    from test_plugins import _amazon
+
+    root = _amazon(tmp_path / "amazon")  # 4 training products, 2 test products, brands "Acme" and "Unknown"
+    cfg = config(tmp_path, root, dataset="amazon-fashion", pretrained=tiny_checkpoints["clip"], batch_size=4,
+                 stages=["stage1:steps=1", "stage2:steps=1"])
+    result = train(cfg)
+    assert e2_core.load_encoder(result["stage2"]).entities == ("brand",)
+    assert len(losses(tmp_path / "run" / "stage2")) == 1
