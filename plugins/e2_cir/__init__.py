@@ -205,6 +205,8 @@ def _print_table(results: Dict, methods: List[str], categories: List[str]) -> No
             cells = "".join(f"{_fmt(scores[c]['R@10'])}/{_fmt(scores[c]['R@50']):<6}".rjust(14) for c in categories)
             mean = f"{_fmt(scores['mean R@10'])}/{_fmt(scores['mean R@50']):<6}".rjust(14)
             print(f"{name:<12}{label:<{width}}{cells}{mean}")
+    first = next(iter(results["encoders"].values()))["methods"][methods[0]]
+    print("queries scored per category: " + ", ".join(f"{c} {first[c]['queries']}" for c in categories))
     unscored = {f"{label}/{m}/{c}": v["not_scored"] for label, r in results["encoders"].items()
                 for m, per in r["methods"].items() for c, v in per.items() if isinstance(v, dict) and v["not_scored"]}
     for key, items in unscored.items():
