@@ -33,6 +33,13 @@ def is_supported(cfg: Optional[Mapping[str, Any]]) -> bool:
             and not text.get("hf_model_name"))
 
 
+def tokenizer_for(arch: Optional[str], context_length: int):
+    """open_clip's tokenizer of a named architecture, else its plain BPE tokenizer at ``context_length``."""
+    if arch and open_clip.get_model_config(arch) is not None:
+        return open_clip.get_tokenizer(arch, context_length=context_length)
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
 def named_config(arch: str, clip: Optional[CLIP] = None) -> Dict[str, Any]:
     """open_clip's config of ``arch``, with ``quick_gelu`` as the given CLIP was built."""
     cfg = open_clip.get_model_config(arch)

@@ -21,18 +21,17 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Optional, Tuple
 
-import open_clip
 import torch
 from open_clip.model import CLIP
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from .architecture import clip_config_of
+from .architecture import clip_config_of, tokenizer_for
 from .model import E2VisionOutput, text_tower
 
 #: What a stand-in for :class:`Encoder` must have.
 CONTRACT = ("name", "embed_dim", "token_width", "tokenizer", "preprocess", "encode_image", "encode_text",
-            "token_id", "encode_text_with_pseudo_tokens", "has_regions", "entities", "encode_image_regions")
+            "token_id", "encode_text_with_pseudo_tokens", "has_regions", "entities", "encode_image_regions", "label")
 
 
 class Encoder(nn.Module):
@@ -53,6 +52,8 @@ class Encoder(nn.Module):
         self.arch = arch or getattr(model, "clip_model", None)
         self.name = name or f"{self.kind} {self.arch or ''}".strip()
         self._tokenizer = None
+        self._token_ids: dict = {}
+        self._digest = (None, "")
 
     # --- what it is ------------------------------------------------------------------------------
     @property
@@ -98,10 +99,7 @@ class Encoder(nn.Module):
     def tokenizer(self) -> Callable:
         """open_clip's tokenizer of the architecture: ``tokenizer(list_of_str) -> (N, context) int64``."""
         if self._tokenizer is None:
-            if self.arch and open_clip.get_model_config(self.arch) is not None:
-                self._tokenizer = open_clip.get_tokenizer(self.arch, context_length=self.context_length)
-            else:
-                self._tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+            self._tokenizer = tokenizer_for(self.arch, self.context_length)
         return self._tokenizer
 
     @property
@@ -120,10 +118,12 @@ class Encoder(nn.Module):
 
     def token_id(self, word: str) -> int:
         """The id of a word the tokenizer keeps as one token (e.g. a placeholder such as ``"$"``)."""
-        ids = [int(t) for t in self.tokenizer([word])[0] if int(t) != 0]
-        if len(ids) != 3:  # start, the word, end
-            raise ValueError(f"{word!r} is {len(ids) - 2} tokens for this tokenizer; a placeholder must be one token")
-        return ids[1]
+        if word not in self._token_ids:
+            ids = [int(t) for t in self.tokenizer([word])[0] if int(t) != 0]
+            if len(ids) != 3:  # start, the word, end
+                raise ValueError(f"{word!r} is {len(ids) - 2} tokens for this tokenizer; a placeholder must be one token")
+            self._token_ids[word] = ids[1]
+        return self._token_ids[word]
 
     # --- embeddings ------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -181,20 +181,29 @@ class Encoder(nn.Module):
         return getattr(self.model, "clip_config", None) or clip_config_of(self.model, self.arch)
 
     def fingerprint(self) -> str:
-        """A digest of the weights: equal digests, equal encoders (caches are keyed on it)."""
-        digest = hashlib.blake2b(digest_size=12)
-        digest.update(self.kind.encode())
-        for name, tensor in self.model.state_dict().items():
-            digest.update(name.encode())
-            data = tensor.detach().cpu().contiguous()
-            digest.update(data.reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        """A digest of the weights: equal digests, equal encoders (caches are keyed on it). Computed again
+        only when a tensor was replaced or changed in place (its storage or version counter moved)."""
+        state = self.model.state_dict()
+        stamp = tuple((t.data_ptr(), t._version) for t in state.values())
+        if self._digest[0] != stamp:
+            digest = hashlib.blake2b(digest_size=12)
+            digest.update(self.kind.encode())
+            for name, tensor in state.items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._digest = (stamp, digest.hexdigest())
+        return self._digest[1]
 
     def save_pretrained(self, path) -> Any:
         """Write a checkpoint directory that :func:`e2_core.load_encoder` reads back exactly."""
         from .checkpoint import save_pretrained
 
         return save_pretrained(self.model, path, arch=self.arch)
+
+    @property
+    def label(self) -> str:
+        """A short name for result tables: the demo encoders by their method, others by kind and source."""
+        return {"demo:e2": "E2", "demo:clip-ft": "CLIP-FT"}.get(self.name, f"{self.kind} ({self.name})")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, arch={self.arch!r}, embed_dim={self.embed_dim}"

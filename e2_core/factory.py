@@ -21,7 +21,7 @@ import torch
 from open_clip.model import CLIP
 
 from . import reference
-from .architecture import build_clip, is_supported, list_models, named_config
+from .architecture import build_clip, is_supported, list_models, named_config, tokenizer_for
 from .checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, model_type, read_config
 from .config import E2Config
 from .encoder import Encoder, as_encoder
@@ -218,11 +218,7 @@ def get_tokenizer(model: Union[str, CLIP, Encoder, PathLike] = "ViT-B-32"):
         return Encoder(model).tokenizer
     if is_checkpoint(model):
         saved = read_config(model)
-        context = saved["clip_config"].get("text_cfg", {}).get("context_length", 77)
-        arch = saved.get("clip_model")
-        if arch and open_clip.get_model_config(arch) is not None:
-            return open_clip.get_tokenizer(arch, context_length=context)
-        return open_clip.SimpleTokenizer(context_length=context)
+        return tokenizer_for(saved.get("clip_model"), saved["clip_config"].get("text_cfg", {}).get("context_length", 77))
     return open_clip.get_tokenizer(str(model))
 
 

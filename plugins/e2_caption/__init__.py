@@ -61,7 +61,7 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     val_refs: Dict[str, List[str]] = {}
     for role, source in (("baseline", baseline), ("encoder", encoder)):
         model = load_encoder(source, device=dev).eval()
-        label = {"demo:e2": "E2", "demo:clip-ft": "CLIP-FT"}.get(model.name, f"{model.kind} ({model.name})")
+        label = model.label
         train = open_dataset(dataset, data_root, "train", train=False, transform=model.preprocess)
         val = open_dataset(dataset, data_root, "validation", train=False, transform=model.preprocess)
         texts = [caption_text(train.product(i).tags) for i in range(len(train))]

@@ -71,7 +71,7 @@ def cir(dataset: Literal["synthetic", "fashioniq"] = "synthetic", data_root: Opt
     figures = {}
     for role, source in (("baseline", baseline), ("encoder", encoder)):
         model = load_encoder(source, device=dev)
-        label = {"demo:e2": "E2", "demo:clip-ft": "CLIP-FT"}.get(model.name, f"{model.kind} ({model.name})")
+        label = model.label
         cache = out / "embeddings"
         train = _train_data(model, train_split, cache, batch_size, str(dev))
         galleries = {c: embed_images(model, d.gallery, d, cache, batch_size, str(dev)) for c, d in val.items()}

@@ -39,7 +39,7 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     open_dataset(dataset, data_root, "validation", train=False)  # a data problem is reported before any model loads
     for role, source in (("baseline", baseline), ("encoder", encoder)):
         model = load_encoder(source, device=dev)
-        label = _label(model, results)
+        label = model.label if model.label not in results else f"{model.label} #2"
         data = open_dataset(dataset, data_root, "validation", train=False, transform=model.preprocess, strict=strict)
         images, texts, indices, skipped = cached_embeddings(
             model, data, Path(out) / "embeddings", batch_size=batch_size, device=str(dev), workers=workers)
@@ -72,13 +72,6 @@ def _rounded(value, digits: int = 4):
     if isinstance(value, list):
         return [_rounded(v, digits) for v in value]
     return value
-
-
-def _label(encoder, taken) -> str:
-    """A short row name: the demo encoders by their method, others by kind and source."""
-    names = {"demo:e2": "E2", "demo:clip-ft": "CLIP-FT"}
-    label = names.get(encoder.name, f"{encoder.kind} ({encoder.name})")
-    return label if label not in taken else f"{label} #2"
 
 
 def _print_table(results: Dict, protocols) -> None:
