@@ -155,6 +155,8 @@ def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, trai
     scaler = grad_scaler(ctx.device, cfg.precision)
     state = _load_latest(folder, model, optimizer, scheduler, scaler, ctx)
     step, best = state.get("step", 0), state.get("best", -math.inf)
+    if ctx.is_main:
+        _discard_after(folder, step, state.get("skipped_count", 0))
     net = method
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
@@ -281,6 +283,35 @@ def _load_latest(folder: Path, model, optimizer, scheduler, scaler, ctx) -> Dict
     return state
 
 
+def _discard_after(folder: Path, step: int, skipped_count: int) -> None:
+    """Undo what an interrupted run wrote after the checkpoint it resumes from (``step``; 0 for a fresh
+    start): half-written ``*.tmp`` files, newer checkpoint folders, ``metrics.jsonl`` records of later
+    steps and unreadable images listed since."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.rglob("*.tmp"):
+        tmp.unlink()
+    for newer in (folder / "checkpoints").glob("step_*"):
+        if newer.name[5:].isdigit() and int(newer.name[5:]) > step:
+            shutil.rmtree(newer, ignore_errors=True)
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():
+        metrics.write_text("".join(line for line in metrics.read_text().splitlines(keepends=True)
+                                   if _record_step(line) <= step))
+    skipped = folder / "skipped_images.txt"
+    if skipped.is_file():
+        skipped.write_text("".join(skipped.read_text().splitlines(keepends=True)[:skipped_count]))
+
+
+def _record_step(line: str) -> float:
+    """The step a ``metrics.jsonl`` line was written at; infinite for a line cut off mid-write."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    return record.get("step", record.get("eval_step", 0))
+
+
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -316,7 +347,7 @@ class _Log:
             self.skipped_count += len(errors)
             if self.main:
                 with open(self.skipped_file, "a") as f:
-                    f.write("".join(e + "\n" for e in errors))
+                    f.write("".join(" ".join(e.splitlines()) + "\n" for e in errors))  # one line each
                 self.bar.write(f"skipped {len(errors)} unreadable image(s), e.g. {errors[0]} "
                                f"(all listed in {self.skipped_file})")
 

@@ -59,8 +59,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
     a = weights(tmp_path / "a" / "run" / "stage1" / "best")
     b = weights(tmp_path / "b" / "run" / "stage1" / "best")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(tmp_path / "a" / "run" / "stage1") == losses(tmp_path / "b" / "run" / "stage1")[:2] + \
-        losses(tmp_path / "b" / "run" / "stage1")[3:]  # step 3 ran twice: before the crash and after resuming
+    assert losses(tmp_path / "a" / "run" / "stage1") == losses(tmp_path / "b" / "run" / "stage1")  # step 3 once
 
 
 def test_clip_ft_baseline_and_gradient_accumulation(tmp_path, data_root):
@@ -243,3 +242,37 @@ def test_e2_trains_on_amazon_fashion_with_its_one_entity(tmp_path, tiny_checkpoi
     result = train(cfg)
     assert e2_core.load_encoder(result["stage2"]).entities == ("brand",)
     assert len(losses(tmp_path / "run" / "stage2")) == 1
+
+
+def test_a_resumed_run_repeats_no_metrics_or_skipped_images_and_clears_stale_files(tmp_path):
+    """Crash after step 3 is logged but before its checkpoint: the resumed run's files equal an uninterrupted run's."""
+    data = tmp_path / "catalog"
+    _catalog(data, products=32, corrupt=-1)
+    for i in range(0, 32, 3):  # every third image unreadable: every batch skips some
+        (data / f"p{i}.png").write_bytes(b"\x89PNG not really")
+    common = dict(dataset="catalog", method="clip-ft", batch_size=8, checkpoint_every=1)
+    train(config(tmp_path / "a", str(data), **common))
+
+    def crash(stage, step, model, logs):
+        if step == 3:
+            raise Interrupt
+
+    interrupted = config(tmp_path / "b", str(data), **common)
+    with pytest.raises(Interrupt):
+        train(interrupted, callbacks=[crash])
+    a, b = tmp_path / "a" / "run" / "finetune", tmp_path / "b" / "run" / "finetune"
+    stale = [b / "latest.tmp", b / "checkpoints" / "step_0000002" / ".model.safetensors.x1.tmp",
+             b / "checkpoints" / "step_0000009" / ".config.json.x2.tmp"]  # left by a write cut off mid-way
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("partial")
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "finetune", "loss": 1.')  # a record cut off mid-line
+    train(interrupted)
+    steps = [json.loads(line)["step"] for line in open(b / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4] and losses(b) == losses(a)
+    assert (b / "skipped_images.txt").read_text() == (a / "skipped_images.txt").read_text()
+    assert len((b / "skipped_images.txt").read_text().splitlines()) == 11
+    assert json.loads((b / "done.json").read_text())["skipped"] == json.loads((a / "done.json").read_text())["skipped"]
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
