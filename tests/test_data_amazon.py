@@ -108,8 +108,9 @@ def test_reader_corrupt_and_missing_images(tmp_path):
         AmazonFashion(root, split="train", strict=True)[bad]
     assert path in str(info.value)
     os.remove(root / "Fashion" / "B000000001" / "B000000001_0.png")
-    missing = data[0]
-    assert "B000000001_0.png: no such image file" in missing.error
+    missing = data[0]  # its second view stands in, counted
+    assert missing.error is None and missing.image is not None and len(missing.unread) == 1
+    assert missing.unread[0].endswith("B000000001_0.png: no such image file (view 2 used instead)")
 
 
 def test_reader_errors_name_file_line_and_asin(tmp_path):
@@ -324,3 +325,13 @@ def test_build_argument_and_input_errors(tmp_path):
         build_amazon_fashion(array, tmp_path / "out", images_dir=tmp_path / "nothing")
     report = json.loads((tmp_path / "out" / "build-report.json").read_text())
     assert report["records"] == 4 and report["skipped"]["no_images"] == 3 and report["kept"] == 0
+
+
+def test_a_metadata_file_that_is_not_utf8_is_named_with_the_encoding_option(tmp_path):
+    root = write_reference(tmp_path)
+    meta = root / "meta-fashion.json"
+    meta.write_bytes(meta.read_text().replace("Levi", "Lévi", 1).encode("latin-1"))
+    with pytest.raises(DataError, match=r"meta-fashion\.json:\d+: byte 0xe9 is not utf-8 text; give the file's "
+                                        r"encoding, e\.g\. --encoding latin-1"):
+        AmazonFashion(root, split="train")
+    assert AmazonFashion(root, split="train", encoding="latin-1").product(0).tags["brand"] == "Lévi's"

@@ -110,3 +110,49 @@ def test_empty_files_and_unreadable_images(tmp_path):
     assert str(tmp_path / "broken.png") in data[1].error and data[1].image is None
     with pytest.raises(DataError, match="broken.png"):
         Catalog(path, strict=True)[1]
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_encoding_option(tmp_path):
+    save(tmp_path / "a.png", (1, 1, 1))
+    path = tmp_path / "shop.csv"
+    path.write_bytes("image,text,brand\na.png,Robe bleue,Hermès\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        Catalog(path)
+    assert str(err.value) == (f"{path}:2: byte 0xe8 is not utf-8 text; give the file's encoding, "
+                              "e.g. --encoding latin-1 or --encoding cp1252 (encoding=... from Python), or save "
+                              "the file as UTF-8")
+    assert Catalog(path, encoding="latin-1").product(0).tags["brand"] == "Hermès"
+    with pytest.raises(DataError, match="unknown text encoding 'latin-9x'"):
+        Catalog(path, encoding="latin-9x")
+
+
+def test_an_unreadable_first_view_falls_back_to_the_next_readable_one(tmp_path):
+    from e2_core.data import E2Collate
+    from e2_core import get_tokenizer
+
+    save(tmp_path / "back.png", (9, 9, 9))
+    (tmp_path / "front.png").write_bytes(b"\x89PNG not really")
+    path = tmp_path / "shop.jsonl"
+    path.write_text('{"id": "p1", "image": "front.png", "text": "Coat", "brand": "Acne"}\n'
+                    '{"id": "p1", "image": "back.png"}\n{"id": "p2", "image": "gone.png", "text": "Hat", "brand": "B"}\n')
+    data = Catalog(path)
+    sample = data[0]
+    assert sample.error is None and sample.image.getpixel((0, 0)) == (9, 9, 9)
+    assert sample.unread == [f"{tmp_path / 'front.png'}: not a readable image (unknown format or corrupt header) "
+                             "(view 2 used instead)"]
+    data.transform = lambda image: __import__("torch").zeros(3, 4, 4)
+    batch = E2Collate(get_tokenizer("ViT-Ti-16-64"), data.spec)([data[0], data[1]])
+    assert batch.indices == [0] and batch.skipped == sample.unread + [f"{tmp_path / 'gone.png'}: no such image file"]
+
+
+def test_strict_in_a_dataloader_worker_raises_the_readers_message_not_a_traceback(tmp_path):
+    from torch.utils.data import DataLoader
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    path = tmp_path / "shop.jsonl"
+    path.write_text('{"image": "broken.png", "text": "Coat", "brand": "Acne"}\n')
+    loader = DataLoader(Catalog(path, strict=True), num_workers=1, collate_fn=list)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert str(err.value) == (f"{tmp_path / 'broken.png'}: not a readable image (unknown format or corrupt header) "
+                              "(run without --strict to skip and report unreadable images)")

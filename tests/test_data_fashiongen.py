@@ -111,3 +111,18 @@ def test_fashioniq_layout(tmp_path):
     assert not references["train"] & references["val"]
     references = json.loads((tmp_path / "caption_references.json").read_text())
     assert len(references) >= 18 and all(len(v) == 3 for v in references.values())
+
+
+def test_truncated_or_foreign_h5_files_are_named_with_what_to_do(tmp_path, synthetic):
+    whole = (synthetic / "fashiongen_256_256_validation.h5").read_bytes()
+    truncated = tmp_path / "fashiongen_256_256_validation.h5"
+    truncated.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError) as err:
+        FashionGen(tmp_path, split="validation")
+    assert str(err.value) == (f"{truncated}: truncated HDF5 file ({len(whole) // 2:,} of its {len(whole):,} bytes), "
+                              "as an interrupted download or copy leaves it; fetch the file again")
+    truncated.write_text("id,image\n1,a.jpg\n")
+    with pytest.raises(DataError) as err:
+        FashionGen(truncated)
+    assert str(err.value) == (f"{truncated}: not an HDF5 file (no HDF5 signature); FashionGen is read from the "
+                              "fashiongen_256_256_<split>.h5 files as distributed: fetch the file again")

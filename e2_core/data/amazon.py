@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..texts import AMAZON_FASHION
 from .base import DataError, ProductDataset, Sample
-from .base import json_error, open_image
+from .base import json_error, open_image, open_text
 
 META_FILE = "meta-fashion.json"
 SPLIT_FILE = "split.json"
@@ -43,7 +43,7 @@ class AmazonFashion(ProductDataset):
         split: a key of ``split.json``.
         image_dir: the image folder under ``root``; default ``"Fashion"``, or ``root`` itself
             (images at ``<root>/<asin>/``) when ``<root>/Fashion`` does not exist.
-        **kwargs: ``train``, ``transform``, ``seed``, ``strict`` (see :class:`ProductDataset`).
+        **kwargs: ``train``, ``transform``, ``seed``, ``strict``, ``encoding`` (see :class:`ProductDataset`).
 
     Example:
         >>> data = AmazonFashion("data/amazon", split="test", transform=preprocess)  # doctest: +SKIP
@@ -65,13 +65,13 @@ class AmazonFashion(ProductDataset):
             self.image_root = self.root / image_dir
             if not self.image_root.is_dir():
                 raise DataError(f"{self.image_root}: no such image folder")
-        splits = _load_json(self.root / SPLIT_FILE)
+        splits = _load_json(self.root / SPLIT_FILE, self.encoding)
         if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
             raise DataError(f"{self.root / SPLIT_FILE}: expected {{\"train\": [asins], \"test\": [asins]}}")
         if split not in splits:
             raise ValueError(f"AmazonFashion split must be one of {sorted(splits)} (the splits in "
                              f"{self.root / SPLIT_FILE}), got {split!r}")
-        meta = _load_json(self.root / META_FILE)
+        meta = _load_json(self.root / META_FILE, self.encoding)
         if not isinstance(meta, dict):
             raise DataError(f"{self.root / META_FILE}: expected an object mapping ASIN -> product, "
                             f"got {type(meta).__name__}")
@@ -113,17 +113,15 @@ class AmazonFashion(ProductDataset):
         return open_image(self.image_path(index, view))
 
 
-def _load_json(path: Path):
+def _load_json(path: Path, encoding: str = "utf-8"):
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open_text(path, encoding) as f:
             return json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (an AmazonFashion folder holds {META_FILE} and {SPLIT_FILE}; "
                         f"build one with `e2-plugins data amazon-fashion`)") from None
     except json.JSONDecodeError as err:
         raise json_error(path, err) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
 
 
 def _clean(value) -> str:

@@ -7,11 +7,14 @@ it gives a :class:`Sample`; an image that cannot be read gives a sample with ``e
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -21,7 +24,17 @@ from ..texts import TextSpec, build_texts, tokenize_entities, trim_padding
 
 
 class DataError(ValueError):
-    """Input data that cannot be used as it is; the message names the file, field or line."""
+    """Input data that cannot be used as it is; the message names the file, field or line.
+
+    Raised in a DataLoader worker, it reaches the main process with its own message, not the
+    worker's traceback that torch wraps around it.
+    """
+
+    def __init__(self, message: str = "", *args):
+        marker = f"\n{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message, *args)
 
 
 def open_image(path: Union[str, os.PathLike]) -> Image.Image:
@@ -44,13 +57,38 @@ def json_error(path: Union[str, os.PathLike], err: json.JSONDecodeError, line: O
     return DataError(f"{path}:{line if line is not None else err.lineno}:{err.colno}: malformed JSON ({err.msg})")
 
 
+@contextlib.contextmanager
+def open_text(path: Union[str, os.PathLike], encoding: str = "utf-8") -> Iterator[TextIO]:
+    """A text file opened for reading (UTF-8 with or without a BOM by default), as a context manager;
+    a byte the encoding cannot decode is a ``DataError`` that names the file and the encoding option."""
+    try:
+        encoding = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding  # spreadsheets write a BOM
+    except LookupError:
+        raise DataError(f"unknown text encoding {encoding!r} for {path}; use a codec name such as utf-8, latin-1 "
+                        "or cp1252") from None
+    try:
+        with open(path, "r", encoding=encoding, newline="") as f:
+            yield f
+    except UnicodeDecodeError:
+        raw = Path(path).read_bytes()  # the error's position is within a chunk: find the byte in the file
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise DataError(f"{path}:{line}: byte 0x{raw[err.start]:02x} is not "
+                            f"{err.encoding.removesuffix('-sig')} text; give the file's encoding, e.g. --encoding "
+                            "latin-1 or --encoding cp1252 (encoding=... from Python), or save the file as UTF-8") from None
+        raise
+
+
 @dataclass
 class Sample:
     index: int
     product_id: str
     tags: Dict[str, str]
     image: Optional[object] = None  # PIL image, or a tensor once transformed
-    error: Optional[str] = None  # "where: why" when the image could not be read
+    error: Optional[str] = None  # "where: why" when no view of the product could be read
+    unread: List[str] = field(default_factory=list)  # "where: why" of each view that could not be read
 
 
 class ProductDataset(Dataset):
@@ -65,8 +103,9 @@ class ProductDataset(Dataset):
     spec: TextSpec
 
     def __init__(self, train: bool = False, transform: Optional[Callable] = None, seed: int = 0,
-                 strict: bool = False):
+                 strict: bool = False, encoding: str = "utf-8"):
         self.train, self.transform, self.seed, self.strict = train, transform, seed, strict
+        self.encoding = encoding  # of the reader's text files (CSV, JSON); binary formats ignore it
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -97,14 +136,22 @@ class ProductDataset(Dataset):
         return [self.product(i).tags.get(field_name, "") for i in range(len(self))]
 
     def __getitem__(self, index: int) -> Sample:
+        """The product with its view's image; an unreadable view falls back to the product's next
+        readable one, and each view that could not be read is listed in ``unread``."""
         sample = self.product(index)
-        try:
-            image = self.load_image(index, self.view_for(index)).convert("RGB")
+        first = self.view_for(index)
+        for view in [first] + [v for v in range(self.num_views(index)) if v != first]:
+            try:
+                image = self.load_image(index, view).convert("RGB")
+            except (DataError, OSError) as err:
+                if self.strict:
+                    raise DataError(f"{err} (run without --strict to skip and report unreadable images)") from err
+                sample.unread.append(str(err))
+                continue
             sample.image = self.transform(image) if self.transform is not None else image
-        except (DataError, OSError) as err:
-            if self.strict:
-                raise DataError(f"{err} (run without --strict to skip and report unreadable images)") from err
-            sample.error = str(err)
+            sample.unread = [f"{message} (view {view + 1} used instead)" for message in sample.unread]
+            return sample
+        sample.error = sample.unread[0]
         return sample
 
 
@@ -114,7 +161,7 @@ class Batch:
     text: torch.Tensor  # (B, L) global texts, padding trimmed
     entity_text: object  # EntityTokens
     indices: List[int]
-    skipped: List[str] = field(default_factory=list)  # "where: why" of samples dropped from this batch
+    skipped: List[str] = field(default_factory=list)  # "where: why" of the images that could not be read
 
     def to(self, device) -> "Batch":
         return Batch(self.images.to(device, non_blocking=True), self.text.to(device, non_blocking=True),
@@ -129,7 +176,7 @@ class E2Collate:
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         good = [s for s in samples if s.error is None]
-        skipped = [s.error for s in samples if s.error is not None]
+        skipped = [message for s in samples for message in s.unread]
         if not good:
             return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), None, [], skipped)
         texts = [build_texts(s.tags, self.spec) for s in good]

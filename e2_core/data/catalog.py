@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from PIL import Image
 
 from ..texts import TextSpec
-from .base import DataError, ProductDataset, Sample, json_error, open_image
+from .base import DataError, ProductDataset, Sample, json_error, open_image, open_text
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv",)
@@ -45,7 +45,8 @@ class Catalog(ProductDataset):
         entities: the tag columns that are E2 entities, in order. ``None``: every column other
             than the image, text and id columns, in file order.
         image_root: the folder relative image paths resolve against; default the file's folder.
-        **kwargs: ``train``, ``transform``, ``seed``, ``strict`` (see :class:`ProductDataset`).
+        **kwargs: ``train``, ``transform``, ``seed``, ``strict``, ``encoding`` (see :class:`ProductDataset`;
+            ``encoding="latin-1"``, ``--encoding`` on the command line, reads a file that is not UTF-8).
 
     ``spec`` is ``TextSpec(entities=tuple(entities), global_fields=(text_column,))``.
     """
@@ -58,13 +59,12 @@ class Catalog(ProductDataset):
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such catalog file")
         suffix = self.path.suffix.lower()
-        if suffix in JSON_SUFFIXES:
-            columns, rows = _read_jsonl(self.path)
-        elif suffix in CSV_SUFFIXES:
-            columns, rows = _read_csv(self.path)
-        else:
+        if suffix not in JSON_SUFFIXES + CSV_SUFFIXES:
             raise DataError(f"{self.path}: unknown catalog format {suffix!r}; use one of "
                             f"{JSON_SUFFIXES + CSV_SUFFIXES} (JSON lines or CSV with a header)")
+        read = _read_jsonl if suffix in JSON_SUFFIXES else _read_csv
+        with open_text(self.path, self.encoding) as f:
+            columns, rows = read(self.path, f)
         if not rows:
             raise DataError(f"{self.path}: empty file, no products")
         if id_column is None:
@@ -122,39 +122,37 @@ class Catalog(ProductDataset):
 Row = Dict[str, object]
 
 
-def _read_jsonl(path: Path) -> Tuple[List[str], List[Tuple[str, Row]]]:
+def _read_jsonl(path: Path, f) -> Tuple[List[str], List[Tuple[str, Row]]]:
     rows: List[Tuple[str, Row]] = []
-    with open(path, "r", encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                raise json_error(path, err, line_no) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected one JSON object per line, got {type(record).__name__}")
-            rows.append((f"{path}:{line_no}", record))
+    for line_no, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            raise json_error(path, err, line_no) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_no}: expected one JSON object per line, got {type(record).__name__}")
+        rows.append((f"{path}:{line_no}", record))
     return (list(rows[0][1]) if rows else []), rows
 
 
-def _read_csv(path: Path) -> Tuple[List[str], List[Tuple[str, Row]]]:
+def _read_csv(path: Path, f) -> Tuple[List[str], List[Tuple[str, Row]]]:
     rows: List[Tuple[str, Row]] = []
-    with open(path, "r", encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheet exports start with a BOM
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                return [], []
-            header = [h.strip() for h in header]
-            duplicated = sorted({h for h in header if header.count(h) > 1})
-            if duplicated:
-                raise DataError(f"{path}:1: column(s) {duplicated} appear more than once in the header")
-            for values in _nonblank(reader):
-                row = dict(zip(header, values))  # a short row lacks its last columns
-                rows.append((f"{path}:{reader.line_num}", row))
-        except csv.Error as err:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
+    reader = csv.reader(f)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        header = [h.strip() for h in header]
+        duplicated = sorted({h for h in header if header.count(h) > 1})
+        if duplicated:
+            raise DataError(f"{path}:1: column(s) {duplicated} appear more than once in the header")
+        for values in _nonblank(reader):
+            row = dict(zip(header, values))  # a short row lacks its last columns
+            rows.append((f"{path}:{reader.line_num}", row))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
     return header, rows
 
 

@@ -6,6 +6,7 @@ Rows are views; products are grouped by ``input_productID``. Pixels are streamed
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -72,7 +73,10 @@ class FashionGen(ProductDataset):
         import h5py  # imported here: only FashionGen needs it
 
         if self._file is None or self._pid != os.getpid():  # h5py handles do not survive fork
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+            try:
+                self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+            except OSError as err:
+                raise DataError(_unreadable_h5(self.path, str(err))) from None
         return self._file
 
     def __len__(self) -> int:
@@ -106,6 +110,17 @@ class FashionGen(ProductDataset):
         state = dict(self.__dict__)
         state["_file"], state["_pid"] = None, None
         return state
+
+
+def _unreadable_h5(path: Path, why: str) -> str:
+    size = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", why)
+    if size:
+        return (f"{path}: truncated HDF5 file ({int(size[1]):,} of its {int(size[2]):,} bytes), as an interrupted "
+                "download or copy leaves it; fetch the file again")
+    if "signature not found" in why:
+        return (f"{path}: not an HDF5 file (no HDF5 signature); FashionGen is read from the "
+                "fashiongen_256_256_<split>.h5 files as distributed: fetch the file again")
+    return f"{path}: unreadable HDF5 file ({why}); fetch the file again"
 
 
 def _group_rows(ids: np.ndarray) -> List[np.ndarray]:
