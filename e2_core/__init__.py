@@ -12,7 +12,7 @@ from .checkpoint import save_pretrained
 from .config import E2Config, FASHIONGEN_ENTITIES
 from .encoder import CONTRACT, Encoder, as_encoder
 from .errors import CheckpointError
-from .factory import create_e2, create_e2_and_transforms, get_tokenizer, load_encoder
+from .factory import adapt, create_e2, create_e2_and_transforms, get_tokenizer, load_encoder
 from .fusion import FusionBlock, SelectionTokens, TemperatureSchedule
 from .heads import RegionalHeads
 from .loss import RegionalContrastiveLoss, contrastive_loss
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AMAZON_FASHION", "CONTRACT", "CheckpointError", "E2Config", "E2Model", "E2VisionOutput", "E2VisionTransformer",
     "Encoder", "EntityTokens", "FASHIONGEN", "FASHIONGEN_ENTITIES", "FusionBlock", "RegionalContrastiveLoss",
-    "RegionalHeads", "SelectionTokens", "TemperatureSchedule", "TextSpec", "as_encoder", "build_texts",
+    "RegionalHeads", "SelectionTokens", "TemperatureSchedule", "TextSpec", "adapt", "as_encoder", "build_texts",
     "contrastive_loss", "create_e2", "create_e2_and_transforms", "get_tokenizer", "list_models", "load_encoder",
     "save_pretrained", "tokenize_entities", "trim_padding",
 ]

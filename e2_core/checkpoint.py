@@ -46,6 +46,17 @@ def save_pretrained(model, path: PathLike, *, arch: Optional[str] = None,
         arch, model = arch or model.arch, model.model
     if not isinstance(model, CLIP):
         raise TypeError(f"save_pretrained takes an Encoder, an E2Model or an open_clip CLIP, got {type(model).__name__}")
+    config = checkpoint_config(model, arch)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_tensors(state_dict, path / WEIGHTS_NAME, {"format": FORMAT})
+    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
+    return path
+
+
+def checkpoint_config(model: CLIP, arch: Optional[str] = None) -> Dict[str, Any]:
+    """The ``config.json`` that rebuilds ``model`` (an ``E2Model`` or an open_clip ``CLIP``) with :func:`build_model`."""
     is_e2 = isinstance(model, E2Model)
     config = {
         "format": FORMAT,
@@ -57,12 +68,7 @@ def save_pretrained(model, path: PathLike, *, arch: Optional[str] = None,
     }
     if is_e2:
         config["e2_config"] = model.config.to_dict()
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_tensors(state_dict, path / WEIGHTS_NAME, {"format": FORMAT})
-    _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
-    return path
+    return config
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
@@ -122,13 +128,7 @@ def model_type(saved: Mapping[str, Any]) -> str:
 def load_checkpoint(path: PathLike, config: Optional[E2Config] = None) -> Union[E2Model, CLIP]:
     """Build the architecture a checkpoint directory describes and load its weights exactly: an
     ``E2Model`` (``config`` overrides the saved ``E2Config``) or an open_clip ``CLIP``."""
-    saved = read_config(path)
-    clip = build_clip(saved["clip_config"], saved.get("preprocess_cfg"))
-    if model_type(saved) == "e2":
-        model = E2Model(clip, config or E2Config.from_dict(saved["e2_config"]), saved.get("clip_model"),
-                        saved["clip_config"])
-    else:
-        model = clip
+    model = build_model(read_config(path), config)
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing: the checkpoint directory {path} has a config but no weights")
@@ -139,6 +139,14 @@ def load_checkpoint(path: PathLike, config: Optional[E2Config] = None) -> Union[
                               "was the save interrupted? Use an earlier checkpoint") from err
     load_state_dict_checked(model, state_dict, source=str(weights))
     return model
+
+
+def build_model(saved: Mapping[str, Any], config: Optional[E2Config] = None) -> Union[E2Model, CLIP]:
+    """The architecture a checkpoint config describes (:func:`checkpoint_config`), with fresh weights."""
+    clip = build_clip(saved["clip_config"], saved.get("preprocess_cfg"))
+    if model_type(saved) != "e2":
+        return clip
+    return E2Model(clip, config or E2Config.from_dict(saved["e2_config"]), saved.get("clip_model"), saved["clip_config"])
 
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

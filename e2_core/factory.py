@@ -27,7 +27,7 @@ from .config import E2Config
 from .encoder import Encoder, as_encoder
 from .errors import CheckpointError
 from .model import E2Model
-from .registry import ENCODER_GROUP, discover
+from .registry import ENCODER_GROUP, discover, get_adapter
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,6 +53,19 @@ def load_encoder(source: Any, *, device: Union[str, torch.device] = "cpu", name:
     encoder = _from_path(text) if os.path.exists(text) else _from_scheme(text)
     encoder.name = name or text
     return encoder.to(device)
+
+
+def adapt(encoder: Any, target: str, **options) -> Any:
+    """``encoder`` (any :func:`load_encoder` source or encoder object) in the form of library ``target``,
+    through the adapter registered under that name (``e2-plugins list`` shows them).
+
+    Example:
+        >>> model = adapt("demo:e2", "transformers")    # a CLIPModel-compatible E2   # doctest: +SKIP
+        >>> model = adapt("demo:e2", "open_clip")       # an open_clip CLIP           # doctest: +SKIP
+        >>> image_encoder = adapt("demo:e2", "diffusers")  # a pipeline's image_encoder  # doctest: +SKIP
+    """
+    adapter = get_adapter(target)
+    return adapter.adapt(load_encoder(encoder), **options)
 
 
 def _from_path(path: str) -> Encoder:
@@ -222,5 +235,5 @@ def get_tokenizer(model: Union[str, CLIP, Encoder, PathLike] = "ViT-B-32"):
     return open_clip.get_tokenizer(str(model))
 
 
-__all__ = ["SOURCE_FORMS", "create_e2", "create_e2_and_transforms", "get_tokenizer", "list_models", "load_encoder",
+__all__ = ["SOURCE_FORMS", "adapt", "create_e2", "create_e2_and_transforms", "get_tokenizer", "list_models", "load_encoder",
            "model_type"]

@@ -29,6 +29,9 @@ class E2VisionOutput:
     image_features: torch.Tensor  # (B, D) global embedding (CLS -> ln_post -> proj_cls)
     regional_features: Optional[torch.Tensor]  # (B, K, D) one embedding per tag entity
     selected_patches: torch.Tensor  # (B, 2, T) patch index each selection token picked, per fusion block
+    # with output_hidden_states: the sequence entering layer 0, then each layer's output; [tokens, CLS, patches]
+    # up to the second fusion block, [tokens, CLS] after it (the patches are dropped there)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
 
 class E2VisionTransformer(nn.Module):
@@ -86,38 +89,33 @@ class E2VisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {"trunk.positional_embedding", "trunk.class_embedding", "selection_tokens.tokens"}
 
-    def _run_layers(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        transformer = self.trunk.transformer
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
-        for block in islice(transformer.resblocks, start, stop):  # slicing would build a ModuleList
-            if transformer.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, None, None, None, use_reentrant=False)
-            else:
-                x = block(x)
-        return x if transformer.batch_first else x.transpose(0, 1)
-
-    def forward_features(self, image: torch.Tensor, regional: bool = True) -> E2VisionOutput:
+    def forward_features(self, image: torch.Tensor, regional: bool = True,
+                         output_hidden_states: bool = False) -> E2VisionOutput:
         self._check_image(image)
+        hidden = [] if output_hidden_states else None
+        transformer = self.trunk.transformer
         num_tokens = self.config.num_tokens
         first, second = self.fusion_layers
 
         x = self.trunk._embeds(image)  # [CLS, patches] + positions, after ln_pre
         tokens = self.trunk.ln_pre(self.selection_tokens(x.shape[0]).to(x.dtype))
         x = torch.cat([tokens, x], dim=1)  # [selection tokens, CLS, patches]
+        if hidden is not None:
+            hidden.append(x)
 
-        x = self._run_layers(x, 0, first)
+        x = run_layers(transformer, x, 0, first, hidden)
         tokens, picked_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
 
-        x = self._run_layers(x, first, second)
+        x = run_layers(transformer, x, first, second, hidden)
         tokens, picked_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
 
-        x = self._run_layers(x, second, None)  # CLS now sees only the selected regions
+        x = run_layers(transformer, x, second, None, hidden)  # CLS now sees only the selected regions
         image_features = self.trunk.ln_post(x[:, num_tokens]) @ self.proj_cls.to(x.dtype)
         regional_features = self.regional_heads(x[:, :num_tokens]) if regional else None
-        return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1))
+        return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1),
+                              None if hidden is None else tuple(hidden))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_features(image, regional=False).image_features
@@ -128,6 +126,22 @@ class E2VisionTransformer(nn.Module):
             raise ValueError(
                 f"E2 image tower expects images of shape (B, {', '.join(map(str, expected))}), got "
                 f"{tuple(image.shape)}; preprocess with the transforms from create_e2_and_transforms()")
+
+
+def run_layers(transformer: nn.Module, x: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+               hidden: Optional[list] = None) -> torch.Tensor:
+    """Blocks ``start:stop`` of an open_clip ``Transformer`` on a batch-first sequence (gradient
+    checkpointing honoured); each block's output is appended to ``hidden`` when given."""
+    if not transformer.batch_first:
+        x = x.transpose(0, 1)
+    for block in islice(transformer.resblocks, start, stop):  # slicing would build a ModuleList
+        if transformer.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, None, None, None, use_reentrant=False)
+        else:
+            x = block(x)
+        if hidden is not None:
+            hidden.append(x if transformer.batch_first else x.transpose(0, 1))
+    return x if transformer.batch_first else x.transpose(0, 1)
 
 
 def _check_supported_trunk(trunk: nn.Module) -> None:

@@ -3,7 +3,8 @@ third parties' alike.
 
 * ``e2_plugins.tasks``: a :class:`Task` (or a plain function, named after its entry point); its
   ``run`` function's keyword parameters are its options.
-* ``e2_plugins.adapters``: any object that swaps E2 into another library.
+* ``e2_plugins.adapters``: an :class:`Adapter` (or a plain function ``encoder -> object``) that
+  puts an encoder into another library's form (``e2_core.adapt(encoder, NAME)``).
 * ``e2_plugins.datasets``: a :class:`DatasetReader` (or a plain function
   ``open(root, split, **options) -> ProductDataset``), opened by ``--dataset NAME``.
 * ``e2_plugins.encoders``: a function ``NAME -> Encoder or checkpoint path``, making the encoder
@@ -61,6 +62,25 @@ class DatasetReader:
         return self.description or (inspect.getdoc(self.open) or "").split("\n")[0]
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """Puts an :class:`~e2_core.Encoder` into another library's form: ``adapt(encoder, **options)``.
+
+    ``requires`` names the library it needs and ``install`` how to get it; both are shown by
+    ``e2-plugins list`` and in the error when the library is missing.
+    """
+
+    name: str
+    adapt: Callable[..., Any]
+    description: str = ""
+    requires: str = ""
+    install: str = ""
+
+    @property
+    def summary(self) -> str:
+        return self.description or (inspect.getdoc(self.adapt) or "").split("\n")[0]
+
+
 @dataclass
 class Plugin:
     """An entry point, the distribution that provides it, and, once loaded, its object or error."""
@@ -101,7 +121,8 @@ def _wrapper(kind: type, field: str):
     return wrap
 
 
-_WRAP = {TASK_GROUP: _wrapper(Task, "run"), DATASET_GROUP: _wrapper(DatasetReader, "open")}
+_WRAP = {TASK_GROUP: _wrapper(Task, "run"), DATASET_GROUP: _wrapper(DatasetReader, "open"),
+         ADAPTER_GROUP: _wrapper(Adapter, "adapt")}
 
 
 def discover(group: str, eps: Optional[Iterable[EntryPoint]] = None) -> List[Plugin]:
@@ -127,6 +148,11 @@ def get(group: str, name: str, eps: Optional[Iterable[EntryPoint]] = None) -> An
 def get_task(name: str, eps: Optional[Iterable[EntryPoint]] = None) -> Task:
     """Load one task by name; an unknown name lists the installed ones."""
     return get(TASK_GROUP, name, eps)
+
+
+def get_adapter(name: str, eps: Optional[Iterable[EntryPoint]] = None) -> Adapter:
+    """Load one adapter by name; an unknown name lists the installed ones."""
+    return get(ADAPTER_GROUP, name, eps)
 
 
 def get_dataset(name: str, eps: Optional[Iterable[EntryPoint]] = None) -> DatasetReader:
