@@ -86,6 +86,7 @@ class TrainConfig:
         global_weight: weight of the global loss against the mean regional loss
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
+        encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
         progress: show a progress bar
     """
 
@@ -111,6 +112,7 @@ class TrainConfig:
     global_weight: float = 0.5
     lora_rank: int = 0
     strict: bool = False
+    encoding: str = "utf-8"
     progress: bool = True
 
     def __post_init__(self):

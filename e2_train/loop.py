@@ -42,7 +42,7 @@ def train(cfg: TrainConfig, evaluate: Optional[Evaluator] = None, callbacks: Lis
     Example:
         >>> train(TrainConfig(out="runs/demo", model="ViT-S-16-128", dataset="synthetic"))  # doctest: +SKIP
     """
-    options = dict(seed=cfg.seed, strict=cfg.strict)
+    options = dict(seed=cfg.seed, strict=cfg.strict, encoding=cfg.encoding)
     train_set = open_dataset(cfg.dataset, cfg.data_root, "train", train=True, **options)
     val_set = open_dataset(cfg.dataset, cfg.data_root, "validation", train=False, **options)
     return fit(cfg, train_set, val_set, evaluate, callbacks)
@@ -209,6 +209,9 @@ def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, trai
             if step == total or epoch_end:
                 break
     if ctx.is_main:
+        if log.skipped_count:
+            log.bar.write(f"{stage.name}: {log.skipped_count} unreadable image(s) skipped in all, listed in "
+                          f"{log.skipped_file}")
         if not (folder / "best").is_dir():  # no evaluator: the last model is the result
             _save_model(method, folder / "best")
         (folder / "done.json").write_text(json.dumps({"steps": step, "best": best, "skipped": log.skipped_count}))
@@ -342,14 +345,16 @@ class _Log:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.2e}")
 
-    def skipped(self, errors: List[str]) -> None:
+    def skipped(self, errors: List[str], shown: int = 3) -> None:
+        """Count and list unreadable images; the first ``shown`` are also printed."""
         if errors:
-            self.skipped_count += len(errors)
+            before, self.skipped_count = self.skipped_count, self.skipped_count + len(errors)
             if self.main:
                 with open(self.skipped_file, "a") as f:
                     f.write("".join(" ".join(e.splitlines()) + "\n" for e in errors))  # one line each
-                self.bar.write(f"skipped {len(errors)} unreadable image(s), e.g. {errors[0]} "
-                               f"(all listed in {self.skipped_file})")
+                if before < shown:
+                    self.bar.write(f"skipped unreadable image(s): {'; '.join(errors[:shown - before])} "
+                                   f"(all listed in {self.skipped_file})")
 
     def close(self) -> None:
         if self.main:

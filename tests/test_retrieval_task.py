@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -82,3 +83,53 @@ def test_embedding_cache_follows_the_checkpoints_weights(setup, tmp_path):
     e2_core.save_pretrained(e2_core.create_e2(TINY), tmp_path / "e2")
     second = cached_embeddings(e2_core.load_encoder(tmp_path / "e2"), data, tmp_path / "cache")[0]
     assert not torch.allclose(first, second) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_sample_100_on_small_groups_names_the_commands_option(setup, capsys):
+    out = setup / "small-groups"
+    args = ["run", "retrieval", "--data-root", str(setup / "data"), "--encoder", str(setup / "clip"), "--baseline",
+            str(setup / "clip"), "--out", str(out), "--device", "cpu", "--protocol", "sample-100"]
+    assert main(args) == 0
+    error = json.loads((out / "results.json").read_text())[f"CLIP ({setup / 'clip'})"]["sample-100"]["error"]
+    groups = e2_core.data.FashionGen(setup / "data", split="validation").groups("subcategory")
+    name = min(set(groups), key=groups.count)
+    size = groups.count(name)
+    assert error == (f"group {name!r} has only {size} item(s), so {size - 1} possible negatives per item, but "
+                     f"--num-negatives=100; use --num-negatives <= {size - 1} (or --protocol full)")
+    assert main(args + ["--num-negatives", str(size - 1)]) == 0
+    scores = json.loads((out / "results.json").read_text())[f"CLIP ({setup / 'clip'})"]["sample-100"]
+    assert scores["negatives"] == f"{size - 1} drawn from the query's sub-category" and "sumr" in scores
+
+
+def _catalog(root, products=12, broken=(3,)):
+    root.mkdir()
+    rows = []
+    for i in range(products):
+        if i in broken:
+            (root / f"p{i}.png").write_bytes(b"\x89PNG not really")
+        else:
+            Image.new("RGB", (64, 64), (i * 20, 80, 160)).save(root / f"p{i}.png")
+        rows.append(json.dumps({"image": f"p{i}.png", "text": f"coat {i}", "brand": f"b{i % 3}"}))
+    (root / "products.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "products.jsonl"
+
+
+def test_skips_are_reported_on_the_console_and_sample_100_states_its_protocol(setup, tmp_path, capsys):
+    catalog = _catalog(tmp_path / "catalog")
+    args = ["run", "retrieval", "--dataset", "catalog", "--data-root", str(catalog), "--encoder", str(setup / "clip"),
+            "--baseline", str(setup / "clip"), "--out", str(tmp_path / "out"), "--device", "cpu", "--num-negatives", "5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    broken = tmp_path / "catalog" / "p3.png"
+    assert (f"CLIP ({setup / 'clip'}): 1 unreadable image(s) skipped, e.g. {broken}: not a readable image (unknown "
+            f"format or corrupt header) (all listed under \"skipped_images\" in {tmp_path / 'out' / 'results.json'})"
+            ) in printed
+    assert "sample-100 protocol: negatives per query, 5 drawn from all products (the dataset has no sub-category)" \
+        in printed
+    # the embeddings are cached now; --strict still stops at the unreadable image, with workers too
+    for workers in ("0", "1"):
+        assert main(args + ["--strict", "--workers", workers]) == 2
+        error = capsys.readouterr().err
+        assert error == (f"e2-plugins: error: {broken}: not a readable image (unknown format or corrupt header) "
+                         "(run without --strict to skip and report unreadable images)\n")
+        shutil.rmtree(tmp_path / "out" / "embeddings", ignore_errors=True)  # the second round reads the images

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from e2_core import as_encoder
 from e2_core.checkpoint import save_tensors
-from e2_core.data import E2Collate, ProductDataset
+from e2_core.data import DataError, E2Collate, ProductDataset
 from e2_core.runtime import autocast
 
 from .retrieval import cross_modal_retrieval, sampled_retrieval
@@ -59,6 +59,8 @@ def cached_embeddings(encoder, dataset: ProductDataset, cache_dir: Optional[Path
     if path is not None and path.is_file():
         tensors = load_file(path)
         meta = json.loads((path.with_suffix(".json")).read_text())
+        if dataset.strict and meta["skipped"]:  # the same files as when they were skipped: still unreadable
+            raise DataError(f"{meta['skipped'][0]} (run without --strict to skip and report unreadable images)")
         return tensors["image_features"], tensors["text_features"], meta["indices"], meta["skipped"]
     images, texts, indices, skipped = embed_dataset(encoder, dataset, **kwargs)
     if path is not None:
