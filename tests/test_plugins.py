@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import e2_core
@@ -102,8 +103,27 @@ def test_every_installed_task_runs_on_tiny_data(name, tmp_path, data_root, tiny_
     assert main(["run", name, *args, "--device", "cpu"]) == 0, capsys.readouterr().err
 
 
+def _adapted_image_embeds(adapter, checkpoints, call):
+    """The adapter's image embedding of a probe batch equals the encoder's own (fp32, 1e-5)."""
+    encoder = e2_core.load_encoder(checkpoints["e2"]).eval()
+    adapted = adapter.adapt(encoder)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = call(adapted, pixels)
+        assert (got - encoder.encode_image(pixels)).abs().max() < 1e-5
+
+
+def _transformers_image_features(model, pixels):
+    out = model.get_image_features(pixel_values=pixels)
+    return getattr(out, "pooler_output", out)  # transformers 5: an output object; 4.x: the tensor
+
+
 #: adapter name -> a check that it swaps a tiny E2 in
-ADAPTER_RECIPES = {}
+ADAPTER_RECIPES = {
+    "open_clip": lambda adapter, ckpt: _adapted_image_embeds(adapter, ckpt, lambda m, x: m.encode_image(x)),
+    "transformers": lambda adapter, ckpt: _adapted_image_embeds(adapter, ckpt, _transformers_image_features),
+    "diffusers": lambda adapter, ckpt: _adapted_image_embeds(adapter, ckpt, lambda m, x: m(x).image_embeds),
+}
 
 
 @pytest.mark.parametrize("name", _names(registry.ADAPTER_GROUP))

@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModel
 
 from e2_core.registry import Adapter
 
-from .modeling import (E2CLIPConfig, E2CLIPModel, E2VisionConfig, E2VisionModelWithProjection, HiddenStates,
-                       clip_model, clip_text_model)
+from .modeling import (FEATURES_AS_OUTPUT, E2CLIPConfig, E2CLIPModel, E2VisionConfig, E2VisionModelWithProjection,
+                       HiddenStates, clip_model, clip_text_model)
 from .processing import clip_image_processor, clip_processor, clip_tokenizer
 
 for _config, _model in ((E2CLIPConfig, E2CLIPModel), (E2VisionConfig, E2VisionModelWithProjection)):
@@ -59,6 +59,7 @@ ADAPTER = Adapter(name="transformers", adapt=to_transformers, requires="transfor
                   install="pip install transformers",
                   description="Hugging Face transformers: CLIPModel-compatible E2, its vision/text parts, CLIPProcessor")
 
-__all__ = ["ADAPTER", "E2CLIPConfig", "E2CLIPModel", "E2VisionConfig", "E2VisionModelWithProjection", "HiddenStates",
+__all__ = ["ADAPTER", "E2CLIPConfig", "E2CLIPModel", "E2VisionConfig", "E2VisionModelWithProjection", "FEATURES_AS_OUTPUT",
+           "HiddenStates",
            "PARTS", "clip_image_processor", "clip_model", "clip_processor", "clip_text_model", "clip_tokenizer",
            "to_transformers"]
