@@ -326,3 +326,88 @@ def test_clip_benchmark_runs_e2_on_a_local_retrieval_set(tiny_checkpoints, produ
     want = recall_at_k(text, image, targets, ks=(1, 5))  # text -> image, in percent
     assert metrics["image_retrieval_recall@1"] == pytest.approx(want[1] / 100, abs=1e-6)
     assert metrics["image_retrieval_recall@5"] == pytest.approx(want[5] / 100, abs=1e-6)
+
+
+# --- a third party's package ----------------------------------------------------------------------------------
+THIRD_PARTY = {
+    "pyproject.toml": '''
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "shop-plugins"
+        version = "0.0.1"
+
+        [project.entry-points."e2_plugins.tasks"]
+        shop-count = "shop_plugins:task"
+
+        [project.entry-points."e2_plugins.adapters"]
+        shop = "shop_plugins:adapter"
+
+        [project.entry-points."e2_plugins.datasets"]
+        shop = "shop_plugins:open_shop"
+    ''',
+    "shop_plugins/__init__.py": '''
+        """A shop's own task, adapter and dataset reader, found by e2-plugins through entry points."""
+        import torch
+        import e2_core
+        from e2_core import registry
+
+
+        def open_shop(root, split, **options):
+            """the shop's product list (a catalog file)"""
+            return registry.get_dataset("catalog").open(root, split, **options)
+
+
+        def adapter(encoder):
+            """the shop's search function: text -> normalised embedding"""
+            return lambda text: encoder.encode_text(encoder.tokenizer([text]), normalize=True)[0]
+
+
+        def count(encoder: str, data_root: str, dataset: str = "shop") -> dict:
+            """Count the shop's products and embed their first title through the shop adapter.
+
+            Args:
+                encoder: an encoder source
+                data_root: the shop's catalog file
+                dataset: a dataset reader
+            """
+            products = registry.get_dataset(dataset).open(data_root, "validation")
+            search = e2_core.adapt(encoder, "shop")
+            with torch.no_grad():
+                vector = search(products[0]["text"] if isinstance(products[0], dict) else "a dress")
+            return {"products": len(products), "norm": round(float(vector.norm()), 4), "dim": int(vector.shape[0])}
+
+
+        task = registry.Task(name="shop-count", run=count, description="count and embed the shop's products")
+    ''',
+}
+
+
+def test_a_third_party_package_adds_a_task_an_adapter_and_a_dataset(tmp_path, tiny_checkpoints, product_images):
+    source = tmp_path / "shop-plugins"
+    for name, text in THIRD_PARTY.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(textwrap.dedent(text).lstrip())
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(source)], check=True, capture_output=True, timeout=300)
+    catalog = tmp_path / "shop.jsonl"
+    catalog.write_text("".join(json.dumps({"image": str(p), "text": caption, "id": i}) + "\n"
+                               for i, (p, caption, _) in enumerate(product_images)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    cli = [sys.executable, "-c", "import sys; from e2_plugins.cli import main; sys.exit(main())"]
+
+    listing = subprocess.run(cli + ["list"], capture_output=True, text=True, env=env, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    for line in ("shop-count     shop-plugins 0.0.1     count and embed the shop's products",
+                 "shop           shop-plugins 0.0.1     the shop's search function: text -> normalised embedding",
+                 "shop           shop-plugins 0.0.1     the shop's product list (a catalog file)"):
+        assert line in listing.stdout, listing.stdout
+
+    run = subprocess.run(cli + ["run", "shop-count", "--encoder", tiny_checkpoints["e2"], "--data-root", str(catalog)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout[run.stdout.index("{"):])
+    assert result == {"products": 6, "norm": 1.0, "dim": 64}
