@@ -411,3 +411,18 @@ def test_a_third_party_package_adds_a_task_an_adapter_and_a_dataset(tmp_path, ti
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout[run.stdout.index("{"):])
     assert result == {"products": 6, "norm": 1.0, "dim": 64}
+
+
+def test_unknown_or_missing_targets_say_what_to_do(encoders, monkeypatch):
+    with pytest.raises(KeyError, match="unknown adapter 'tensorflow'; installed adapters: .*diffusers, open_clip, "
+                                       "transformers"):
+        e2_core.adapt(encoders["e2"], "tensorflow")
+    import e2_clip_benchmark
+
+    monkeypatch.setitem(sys.modules, "clip_benchmark", None)
+    with pytest.raises(ImportError, match=r"CLIP_benchmark is not installed: pip install 'e2-plugins\[clip-benchmark\]'"):
+        e2_clip_benchmark.register()
+    import e2_transformers
+
+    with pytest.raises(ValueError, match="is a CLIP: e2_transformers.clip_model gives it as transformers' CLIPModel"):
+        e2_transformers.E2CLIPModel.from_encoder(encoders["clip"])
