@@ -53,12 +53,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       + "(e2-plugins data NAME --help for its options)", file=sys.stdout if asked else sys.stderr)
                 return 0 if asked else 2
             return _execute(DATA_BUILDERS[args.what], rest)
-    except (KeyError, ValueError, TypeError, FileNotFoundError, registry.PluginLoadError) as err:
-        print(f"e2-plugins: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+    except ERRORS as err:
+        print(f"e2-plugins: error: {_message(err)}", file=sys.stderr)
         return 2
     _reject_extra(parser, rest)
     parser.print_help()
     return 0
+
+
+ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, registry.PluginLoadError)
+
+
+def _message(err: Exception) -> str:
+    return str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+
+
+def in_flags(message: str, names) -> str:
+    """A message about Python parameters in the command line's words: ``data_root`` -> ``--data-root``,
+    ``download=True`` -> ``--download``, ``strict=False`` -> ``--no-strict``."""
+    for name in names:
+        flag = name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){name}=True\b", f"--{flag}", message)
+        message = re.sub(rf"(?<![\w-]){name}=False\b", f"--no-{flag}", message)
+        if "_" in name:  # a one-word name is also an English word: left alone
+            message = re.sub(rf"(?<![\w-]){name}\b", f"--{flag}", message)
+    return message
 
 
 def _reject_extra(parser: argparse.ArgumentParser, rest: List[str]) -> None:
@@ -128,7 +147,10 @@ def _execute(task: registry.Task, argv: List[str]) -> int:
             message = reader.prepare(options.get("data_root"))
             if message:
                 print(message, file=sys.stderr)
-    result = task.run(**options)
+    try:
+        result = task.run(**options)
+    except ERRORS as err:
+        raise ValueError(in_flags(_message(err), options)) from err
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
@@ -167,8 +189,12 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
             kwargs["type"] = kind
             if choices:
                 kwargs["choices"] = choices
-        if kwargs.get("help") and "default" in kwargs and kwargs["default"] is not None and kind is not bool:
-            kwargs["help"] += f" (default: {kwargs['default']})"
+        if "default" in kwargs:  # every option says what it is when not given
+            default = kwargs["default"]
+            shown = (f"--{'' if default else 'no-'}{flag[2:]}" if kind is bool
+                     else "not set" if default is None else " ".join(map(str, default))
+                     if isinstance(default, (list, tuple)) else default)
+            kwargs["help"] = f"{kwargs['help'] or ''} (default: {shown})".lstrip()
         parser.add_argument(flag, **kwargs)
     return parser
 

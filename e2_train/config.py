@@ -66,7 +66,7 @@ class TrainConfig:
     Args:
         out: run folder (checkpoints, metrics.jsonl, best model); a run already there is resumed
         method: e2, or clip-ft for the CLIP fine-tuning baseline trained by the same loop
-        model: open_clip architecture of a random start (when pretrained is not given)
+        model: open_clip architecture of a random start (when --pretrained is not given)
         pretrained: where to start: an encoder source (MODEL:TAG, MODEL:FILE, checkpoint directory, demo:NAME) or an open_clip tag of --model
         dataset: an installed dataset reader (e2-plugins list)
         data_root: the dataset's folder or file

@@ -131,3 +131,21 @@ def test_run_and_data_explain_themselves(capsys):
         main(["run", "cir", "--help"])
     help_text = capsys.readouterr().out
     assert "usage: e2-plugins run cir" in help_text and "(default: demo:e2)" in help_text
+
+
+def test_every_option_shows_its_default_and_errors_use_the_flag_names(tmp_path, capsys):
+    from e2_plugins.cli import task_parser
+    from e2_plugins.commands import COMMANDS, DATA_BUILDERS
+
+    tasks = [registry.get_task(p.name) for p in registry.discover(registry.TASK_GROUP)]
+    for task in tasks + list(COMMANDS.values()) + list(DATA_BUILDERS.values()):
+        for action in task_parser(task)._actions:
+            if action.dest != "help" and not action.required:
+                assert "(default: " in (action.help or ""), (task.name, action.dest)
+    assert "(default: --no-strict)" in task_parser(registry.get_task("retrieval")).format_help()
+    assert main(["data", "amazon-fashion", "--metadata", str(tmp_path / "meta.json"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "e2-plugins: error: no image source: pass --images-dir=<folder with one sub-folder of images per ASIN> to use "
+        "images you have, or --download to download the image URLs of the metadata\n")
+    assert main(["data", "amazon-fashion", "--metadata", "m.json", "--download", "--test-fraction", "2"]) == 2
+    assert capsys.readouterr().err == "e2-plugins: error: --test-fraction must be in [0, 1), got 2.0\n"

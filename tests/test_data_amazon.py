@@ -280,7 +280,7 @@ def test_build_with_downloads_retries_and_resume(tmp_path, monkeypatch):
 
     assert dict(fetch.calls) == {URLS["A1"]: 3, URLS["B"]: 3, URLS["D"]: 1, URLS["C0"]: 1, URLS["C1large"]: 3}
     assert sorted(sleeps) == [0.5, 0.5, 0.5, 1.0, 1.0, 1.0]  # exponential backoff before retries 1 and 2
-    assert report["images"] == {"downloaded": 2, "reused": 1, "failed": 3, "linked": 0, "copied": 0}
+    assert report["images"] == {"downloaded": 2, "reused": 1, "failed": 3, "linked": 0, "copied": 0, "unreadable": 0}
     assert report["kept"] == 2
     assert report["skipped"] == {"malformed": 1, "wrong_category": 2, "no_title": 1, "duplicate": 1,
                                  "no_images": 1, "download_failed": 2}  # F has no URL; every image of B, D failed
@@ -335,3 +335,23 @@ def test_a_metadata_file_that_is_not_utf8_is_named_with_the_encoding_option(tmp_
                                         r"encoding, e\.g\. --encoding latin-1"):
         AmazonFashion(root, split="train")
     assert AmazonFashion(root, split="train", encoding="latin-1").product(0).tags["brand"] == "Lévi's"
+
+
+def test_the_builder_checks_the_local_images_it_links(tmp_path):
+    dumps = write_dumps(tmp_path / "dumps")
+    local = tmp_path / "local"
+    for asin, names in {A: ["a.png", "b.png"], B: ["x.png"], C: ["c.png"]}.items():
+        (local / asin).mkdir(parents=True)
+        for name in names:
+            (local / asin / name).write_bytes(image_bytes((9, 9, 9), "PNG"))
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    (local / A / "b.png").write_bytes(noise.getvalue()[:len(noise.getvalue()) // 2])  # cut off mid-transfer
+    (local / B / "x.png").write_bytes(b"not an image")
+    report = build_amazon_fashion(dumps, tmp_path / "out", images_dir=local, test_fraction=0.34, seed=5)
+    assert report["images"]["unreadable"] == 2 and report["kept"] == 2 and report["skipped"]["no_images"] == 3
+    truncated, foreign = sorted(report["unreadable_examples"])
+    assert truncated.startswith(f"{local / A / 'b.png'}: unreadable image (")
+    assert foreign == f"{local / B / 'x.png'}: not a readable image (unknown format or corrupt header)"
+    meta = json.loads((tmp_path / "out" / "meta-fashion.json").read_text())
+    assert meta[A]["images"] == ["a.png"] and B not in meta

@@ -21,7 +21,7 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     """Cross-modal retrieval (I2T, T2I R@1/5/10 and SumR), a baseline and E2 side by side.
 
     Args:
-        dataset: an installed dataset reader: synthetic (default), fashiongen, amazon-fashion, catalog, ...
+        dataset: an installed dataset reader: synthetic, fashiongen, amazon-fashion, catalog, ...
         data_root: the dataset's folder or file
         encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft (trained on first use)
         baseline: the encoder it is compared with, in the same forms

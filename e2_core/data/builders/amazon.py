@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..amazon import IMAGE_DIR, META_FILE, REPORT_FILE, SPLIT_FILE, UNKNOWN_BRAND, _clean
-from ..base import DataError, json_error
+from ..base import DataError, json_error, open_image
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def build_amazon_fashion(metadata: Union[PathLike, Sequence[PathLike]], out_dir:
     skipped = Counter({k: 0 for k in ("malformed", "wrong_category", "no_title", "duplicate", "no_images",
                                       "download_failed")})
     layouts, images = Counter({"2018": 0, "2023": 0}), Counter({k: 0 for k in ("downloaded", "reused", "failed",
-                                                                                "linked", "copied")})
+                                                                                "linked", "copied", "unreadable")})
     malformed_examples: List[str] = []
     failed_examples: List[str] = []
     records = 0
@@ -320,8 +320,12 @@ def build_amazon_fashion(metadata: Union[PathLike, Sequence[PathLike]], out_dir:
 
     files: Dict[str, List[str]] = {}
     pending: List[_Product] = []
-    for asin, product in products.items():
+    unreadable_examples: List[str] = []
+    for asin, product in _progress(products.items(), len(products) if images_dir is not None else 0, "products"):
         local = _local_images(Path(images_dir) / asin) if images_dir is not None else []
+        readable = [src for src in local if _decodes(src, unreadable_examples)]
+        images["unreadable"] += len(local) - len(readable)
+        local = readable
         if local and len(local) >= min_images:
             (image_root / asin).mkdir(exist_ok=True)
             for src in local:
@@ -381,6 +385,7 @@ def build_amazon_fashion(metadata: Union[PathLike, Sequence[PathLike]], out_dir:
         "layouts": dict(layouts),
         "images": dict(images),
         "failed_examples": failed_examples,
+        "unreadable_examples": unreadable_examples,
         "splits": {name: len(v) for name, v in split.items()},
         "seed": seed,
         "test_fraction": test_fraction,
@@ -396,9 +401,20 @@ def build_amazon_fashion(metadata: Union[PathLike, Sequence[PathLike]], out_dir:
     return report
 
 
-def _progress(iterable, total: int):
+def _progress(iterable, total: int, unit: str = "images"):
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
-    return tqdm(iterable, total=total, desc="images", unit="img", disable=None)  # silent when not a terminal
+    return tqdm(iterable, total=total, desc=unit, disable=None if total else True)  # silent when not a terminal
+
+
+def _decodes(path: Path, problems: List[str], keep: int = 10) -> bool:
+    """Whether a local image decodes completely; the first ``keep`` problems are listed."""
+    try:
+        open_image(path)
+        return True
+    except DataError as err:
+        if len(problems) < keep:
+            problems.append(str(err))
+        return False
