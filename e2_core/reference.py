@@ -68,7 +68,7 @@ def load_state_dict(path: PathLike, num_tokens: int) -> Dict[str, torch.Tensor]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the restricted unpickler raises several types for foreign objects
         raise CheckpointError(
-            f"{path} holds more than tensors ({_unpickling_reason(err)}), so it is not read. Training-state files "
+            f"{path} holds more than tensors ({unpickling_reason(err)}), so it is not read. Training-state files "
             "such as ckpt.pth.tar also pickle their arguments; use the best.pth the reference code writes") from None
     state = raw
     if isinstance(raw, dict):
@@ -83,7 +83,7 @@ def load_state_dict(path: PathLike, num_tokens: int) -> Dict[str, torch.Tensor]:
     return convert_state_dict({k.removeprefix("module."): v for k, v in state.items()}, num_tokens)
 
 
-def _unpickling_reason(err: Exception) -> str:
+def unpickling_reason(err: Exception) -> str:
     """The line of torch's message that names what was refused, without its advice to unpickle anyway."""
     for line in str(err).splitlines():
         line = line.strip()

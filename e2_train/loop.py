@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 
 from e2_core import Encoder, load_encoder, save_pretrained
 from e2_core.checkpoint import WEIGHTS_NAME, load_state_dict_checked
+from e2_core.errors import CheckpointError
+from e2_core.reference import unpickling_reason
 from e2_core.data import E2Collate, ProductDataset, open_dataset
 from e2_core.runtime import autocast, grad_scaler
 
@@ -269,7 +271,12 @@ def _load_latest(folder: Path, model, optimizer, scheduler, scaler, ctx) -> Dict
     if not latest.is_file():
         return {}
     target = folder / "checkpoints" / json.loads(latest.read_text())["path"]
-    state = torch.load(target / "training_state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(target / "training_state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # the restricted unpickler raises several types for foreign objects
+        raise CheckpointError(f"{target / 'training_state.pt'} holds more than tensors ({unpickling_reason(err)}), "
+                              f"so it is not read; it is not a file this trainer wrote: remove {target} and "
+                              f"{latest} to start the stage afresh") from None
     if "unmerged_model" in state:  # a LoRA run: the model already has its adapters (add_lora ran first)
         model.load_state_dict(state.pop("unmerged_model"))
     else:

@@ -276,3 +276,20 @@ def test_a_resumed_run_repeats_no_metrics_or_skipped_images_and_clears_stale_fil
     assert json.loads((b / "done.json").read_text())["skipped"] == json.loads((a / "done.json").read_text())["skipped"]
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+
+
+def test_a_training_state_that_pickles_objects_is_refused_without_torchs_advice(tmp_path, data_root):
+    import argparse
+    from e2_core.errors import CheckpointError
+
+    cfg = config(tmp_path, data_root, method="clip-ft", max_steps=1, checkpoint_every=1)
+    train(cfg)
+    folder = tmp_path / "run" / "finetune"
+    (folder / "done.json").unlink()
+    state = folder / "checkpoints" / "step_0000001" / "training_state.pt"
+    torch.save({"step": 1, "args": argparse.Namespace(lr=1)}, state)
+    with pytest.raises(CheckpointError) as err:
+        train(cfg)
+    assert str(err.value) == (f"{state} holds more than tensors (Unsupported global: GLOBAL argparse.Namespace), so "
+                              f"it is not read; it is not a file this trainer wrote: remove {state.parent} and "
+                              f"{folder / 'latest.json'} to start the stage afresh")
