@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2_eval import (RetrievalRecall, cross_modal_retrieval, recall_at_k, sample_negatives, sampled_retrieval,
-                     topk_indices)
+from e2_eval import (FaissIndex, RetrievalRecall, cross_modal_retrieval, recall_at_k, sample_negatives,
+                     sampled_retrieval, topk_indices)
 
 # ---------------------------------------------------------------------------------------------------------
 # Independent numpy references: the whole similarity matrix at once, ranked with a stable argsort on -score
@@ -95,6 +95,30 @@ def test_topk_matches_reference_on_gaussian_features(seed):
     for chunk_size in (13, 4096):
         np.testing.assert_array_equal(topk_indices(queries, gallery, 10, chunk_size=chunk_size).numpy(),
                                       ranking[:, :10])
+
+
+@pytest.mark.parametrize("chunk_size", [32, 96, 200])
+def test_topk_screened_chunks_match_reference(chunk_size):
+    # Chunks of 32 columns or more are screened group by group, with a remainder taken whole.
+    for seed, (queries, gallery) in enumerate([(quarter_vectors(70, 8, 7), quarter_vectors(900, 8, 8)),
+                                               (gaussian_unit(70, 16, 9), gaussian_unit(900, 16, 10))]):
+        ranking = ref_ranking(queries, gallery)
+        for k in (1, 10, 40, 500):
+            np.testing.assert_array_equal(topk_indices(queries, gallery, k, chunk_size=chunk_size).numpy(),
+                                          ranking[:, :k], err_msg=f"data {seed}, k={k}")
+
+
+def test_topk_reads_a_memory_mapped_gallery(tmp_path):
+    queries, gallery = quarter_vectors(30, 12, 11), quarter_vectors(500, 12, 12)
+    np.save(tmp_path / "gallery.npy", gallery.numpy().astype(np.float16))
+    mapped = np.load(tmp_path / "gallery.npy", mmap_mode="r")
+    assert torch.equal(topk_indices(queries, mapped, 10, chunk_size=64), topk_indices(queries, gallery, 10))
+    mapped = np.array(mapped)
+    mapped[300, 2] = np.nan
+    with pytest.raises(ValueError, match="gallery rows 256:320 contains NaN"):
+        topk_indices(queries, mapped, 10, chunk_size=64)
+    with pytest.raises(ValueError, match="2-D float tensor or array"):
+        topk_indices(queries, np.zeros((5, 12), dtype=np.int64), 10)
 
 
 def test_topk_all_equal_scores_rank_lower_index_first_across_chunks():
@@ -362,3 +386,23 @@ def test_retrieval_recall_reset_and_errors():
     assert metric.compute()["sumr"] == 50.0          # only the new, tied features count
     with pytest.raises(ValueError, match="3 items but text_features has 2"):
         metric.update(torch.eye(3), torch.eye(3)[:2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FaissIndex (optional dependency)
+
+
+def test_faiss_index_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+    with pytest.raises(ImportError, match=r"pip install 'e2-plugins\[faiss\]'"):
+        FaissIndex(torch.eye(4), "Flat")
+
+
+def test_faiss_index_exact_and_approximate():
+    pytest.importorskip("faiss")
+    queries, gallery = gaussian_unit(50, 16, 20), gaussian_unit(3000, 16, 21)
+    exact = topk_indices(queries, gallery, 10)
+    assert torch.equal(FaissIndex(gallery, "Flat").search(queries, 10), exact)
+    index = FaissIndex(gallery.numpy(), "auto", nprobe=219, chunk_size=500)   # every list searched
+    assert index.spec == "IVF219,Flat" and torch.equal(index.search(queries, 10), exact)
+    assert FaissIndex(gallery, "HNSW16").search(queries, 10).shape == (50, 10)
