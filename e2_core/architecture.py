@@ -6,8 +6,10 @@ built any other way it is read off the modules (:func:`clip_config_of`) and chec
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import open_clip
 import torch
@@ -17,6 +19,21 @@ from torch import nn
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
+
+
+@contextlib.contextmanager
+def weights_follow() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" warning while a
+    model is built whose trained weights are loaded next (it would read as "this model is random")."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def list_models() -> List[str]:

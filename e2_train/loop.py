@@ -6,6 +6,7 @@ Exact resume: the data order depends only on ``(seed, epoch)``, the view drawn f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from e2_core import Encoder, load_encoder, save_pretrained
+from e2_core import Encoder, architecture, load_encoder, save_pretrained
 from e2_core.checkpoint import WEIGHTS_NAME, load_state_dict_checked
 from e2_core.errors import CheckpointError
 from e2_core.reference import unpickling_reason
@@ -67,7 +68,8 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
         return {s.name: str(out / s.name / "best") for s in stages}
     torch.manual_seed(cfg.seed)  # E2's new parts; resumed runs restore the RNG from the checkpoint
     random.seed(cfg.seed)
-    start = _start_encoder(cfg)
+    resuming = any((out / s.name / "latest.json").is_file() for s in stages)
+    start = _start_encoder(cfg, weights_follow=resuming)
     for dataset in (train_set, val_set):
         if dataset is not None and dataset.transform is None:
             dataset.transform = start.preprocess
@@ -81,11 +83,13 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
     return results
 
 
-def _start_encoder(cfg: TrainConfig) -> Encoder:
-    """The run's starting point: an encoder source, an open_clip tag of ``cfg.model``, or random weights."""
+def _start_encoder(cfg: TrainConfig, weights_follow: bool = False) -> Encoder:
+    """The run's starting point: an encoder source, an open_clip tag of ``cfg.model``, or random weights
+    (``weights_follow``: a checkpoint's are loaded next, so open_clip's random-init warning is not shown)."""
     source = cfg.pretrained
     if source is None:
-        return Encoder(_random_clip(cfg.model), arch=cfg.model)
+        with architecture.weights_follow() if weights_follow else contextlib.nullcontext():
+            return Encoder(_random_clip(cfg.model), arch=cfg.model)
     if not os.path.exists(source) and ":" not in source:
         source = f"{cfg.model}:{source}"
     return load_encoder(source)

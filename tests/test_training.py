@@ -293,3 +293,18 @@ def test_a_training_state_that_pickles_objects_is_refused_without_torchs_advice(
     assert str(err.value) == (f"{state} holds more than tensors (Unsupported global: GLOBAL argparse.Namespace), so "
                               f"it is not read; it is not a file this trainer wrote: remove {state.parent} and "
                               f"{folder / 'latest.json'} to start the stage afresh")
+
+
+def test_open_clips_random_init_warning_only_when_the_start_is_random(tmp_path, data_root, caplog):
+    cfg = config(tmp_path, data_root, method="clip-ft", stages=["finetune:steps=2"], checkpoint_every=1)
+
+    def crash(stage, step, model, logs):
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, callbacks=[crash])
+    assert "No pretrained weights loaded" in caplog.text  # a fresh run from random weights says so
+    caplog.clear()
+    train(cfg)  # resumed: the checkpoint's weights replace the random ones
+    assert "No pretrained weights loaded" not in caplog.text
