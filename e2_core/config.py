@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Tuple
 FASHIONGEN_ENTITIES = ("subcategory", "brand", "description", "season", "composition")
 
 COMPAT_MODES = ("native", "reference")
+TOKEN_ATTENTION = ("one-way", "full")
 
 
 @dataclass
@@ -43,6 +44,11 @@ class E2Config:
     # Value projection Wv at init: "identity" passes the selected patch token through unchanged,
     # so the last layer sees in-distribution tokens at step 0; "random" is the reference init.
     value_init: str = "identity"
+    # Before fusion block 2, "one-way": the selection tokens read CLS and patches but CLIP's own tokens do not
+    # read them, so CLIP's computation is untouched until the last layer (E2 starts where its CLIP is);
+    # "full": every token attends to every token, as in the paper. Checkpoints saved before this field
+    # existed were trained with "full" and load as such.
+    token_attention: str = "one-way"
     # "native", or "reference" to reproduce the authors' forward pass exactly (token order,
     # the dropped last token, the last group sharing the previous group's LayerNorm).
     compat: str = "native"
@@ -59,6 +65,10 @@ class E2Config:
             raise ValueError(f"E2Config.tokens_per_entity must be >= 1, got {self.tokens_per_entity}")
         if self.value_init not in ("identity", "random"):
             raise ValueError(f"E2Config.value_init must be 'identity' or 'random', got {self.value_init!r}")
+        if self.token_attention not in TOKEN_ATTENTION:
+            raise ValueError(f"E2Config.token_attention must be one of {TOKEN_ATTENTION}, got {self.token_attention!r}")
+        if self.compat == "reference" and self.token_attention != "full":
+            self.token_attention = "full"  # the authors' forward pass
         if self.compat not in COMPAT_MODES:
             raise ValueError(f"E2Config.compat must be one of {COMPAT_MODES}, got {self.compat!r}")
         if self.compat == "reference" and (len(self.entities), self.tokens_per_entity) != (5, 2):
@@ -91,7 +101,7 @@ class E2Config:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown E2Config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return cls(**{"token_attention": "full", **data})  # saved before the field existed: trained with "full"
 
     def replace(self, **overrides) -> "E2Config":
         return self.from_dict({**self.to_dict(), **overrides})
@@ -100,4 +110,4 @@ class E2Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-__all__ = ["E2Config", "FASHIONGEN_ENTITIES", "COMPAT_MODES"]
+__all__ = ["E2Config", "FASHIONGEN_ENTITIES", "COMPAT_MODES", "TOKEN_ATTENTION"]

@@ -103,11 +103,13 @@ class E2VisionTransformer(nn.Module):
         if hidden is not None:
             hidden.append(x)
 
-        x = run_layers(transformer, x, 0, first, hidden)
+        # one-way: CLS and patches do not read the selection tokens before the last layers (CLIP's path unchanged)
+        mask = self._one_way_mask(x) if self.config.token_attention == "one-way" else None
+        x = run_layers(transformer, x, 0, first, hidden, mask)
         tokens, picked_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
 
-        x = run_layers(transformer, x, first, second, hidden)
+        x = run_layers(transformer, x, first, second, hidden, mask)
         tokens, picked_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
 
@@ -116,6 +118,13 @@ class E2VisionTransformer(nn.Module):
         regional_features = self.regional_heads(x[:, :num_tokens]) if regional else None
         return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1),
                               None if hidden is None else tuple(hidden))
+
+    def _one_way_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask (L, L): rows of CLS and patches may not attend to the selection tokens."""
+        num_tokens, length = self.config.num_tokens, x.shape[1]
+        mask = torch.zeros(length, length, dtype=x.dtype, device=x.device)
+        mask[num_tokens:, :num_tokens] = float("-inf")
+        return mask
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_features(image, regional=False).image_features
@@ -129,16 +138,17 @@ class E2VisionTransformer(nn.Module):
 
 
 def run_layers(transformer: nn.Module, x: torch.Tensor, start: int = 0, stop: Optional[int] = None,
-               hidden: Optional[list] = None) -> torch.Tensor:
+               hidden: Optional[list] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Blocks ``start:stop`` of an open_clip ``Transformer`` on a batch-first sequence (gradient
-    checkpointing honoured); each block's output is appended to ``hidden`` when given."""
+    checkpointing honoured, optional additive ``attn_mask``); each block's output is appended to
+    ``hidden`` when given."""
     if not transformer.batch_first:
         x = x.transpose(0, 1)
     for block in islice(transformer.resblocks, start, stop):  # slicing would build a ModuleList
         if transformer.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block, x, None, None, None, use_reentrant=False)
+            x = checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
         else:
-            x = block(x)
+            x = block(x, attn_mask=attn_mask)
         if hidden is not None:
             hidden.append(x if transformer.batch_first else x.transpose(0, 1))
     return x if transformer.batch_first else x.transpose(0, 1)

@@ -84,6 +84,7 @@ class TrainConfig:
         eval_every: optimizer steps between validation runs (0: at every epoch end)
         multi_positive: items sharing an entity value are positives of each other
         global_weight: weight of the global loss against the mean regional loss
+        token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP) or full (the paper's)
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
@@ -110,6 +111,7 @@ class TrainConfig:
     eval_every: int = 0
     multi_positive: bool = False
     global_weight: float = 0.5
+    token_attention: Literal["one-way", "full"] = "one-way"
     lora_rank: int = 0
     strict: bool = False
     encoding: str = "utf-8"

@@ -7,8 +7,8 @@ import e2_core
 from conftest import TINY
 
 
-def pinned_model():
-    model = e2_core.create_e2(TINY).eval()
+def pinned_model(token_attention="full"):
+    model = e2_core.create_e2(TINY, token_attention=token_attention).eval()
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
@@ -21,7 +21,7 @@ def pinned_model():
 
 
 def test_pinned_forward():
-    model = pinned_model()
+    model = pinned_model("full")  # the paper's attention; numbers pinned before "one-way" existed
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     tokens = e2_core.get_tokenizer(TINY)(["a red wool coat", "SHIRTS"])
     with torch.no_grad():
@@ -38,3 +38,28 @@ REGIONAL = [[1.513586, 1.190382, 0.302692, 2.977107, 0.357338], [2.352457, 1.338
 TEXT = [[0.391723, 0.390422, 0.576555, 2.328581], [0.369373, -1.027773, 0.565471, 0.837609]]
 SELECTED = [[[4, 9, 5, 4, 3, 9, 15, 4, 1, 9], [5, 4, 12, 5, 6, 11, 15, 12, 4, 4]],
             [[5, 15, 15, 12, 2, 11, 12, 2, 6, 2], [1, 1, 2, 12, 15, 1, 9, 15, 1, 15]]]
+
+
+def test_one_way_attention_leaves_clip_untouched_until_fusion_block_2():
+    """With one-way attention, CLS and patches before fusion block 2 are exactly the CLIP's own, whatever
+    the selection tokens hold; with full attention they are not."""
+    from e2_core.model import run_layers
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for mode, same in (("one-way", True), ("full", False)):
+        model = pinned_model(mode)
+        visual = model.visual
+        second = visual.fusion_layers[1]
+        with torch.no_grad():
+            out = visual.forward_features(images, output_hidden_states=True)
+            clip = run_layers(visual.trunk.transformer, visual.trunk._embeds(images), 0, second)
+        e2_state = out.hidden_states[second][:, model.config.num_tokens:]
+        assert torch.allclose(e2_state, clip, atol=1e-5) == same, mode
+
+
+def test_checkpoints_saved_before_token_attention_existed_load_with_full_attention():
+    saved = e2_core.E2Config().to_dict()
+    del saved["token_attention"]
+    assert e2_core.E2Config.from_dict(saved).token_attention == "full"
+    assert e2_core.E2Config().token_attention == "one-way"
+    assert e2_core.E2Config(compat="reference").token_attention == "full"
