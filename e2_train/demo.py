@@ -104,7 +104,10 @@ def demo_encoder(name: str, recipe: Recipe = DEMO, log: Callable[[str], None] = 
     root = demo_root(recipe)
     done = root / name / "seed0" / "done"
     if not done.exists():
-        log(f"training the demo encoder demo:{name} once into {root} (cached for every later run) ...")
+        steps = recipe.finetune_steps + (0 if (root / "pretrain" / "finetune" / "done.json").is_file()
+                                         else recipe.pretrain_steps)
+        log(f"training the demo encoder demo:{name} once into {root} (cached for every later run): {steps} steps, "
+            f"roughly {max(1, round(steps / 60))} min on 2 CPU cores (about 1 s a step; less on a GPU) ...")
     path = recipe_run(name, recipe, root, 0)
     done.touch()
     return path

@@ -133,3 +133,14 @@ def test_skips_are_reported_on_the_console_and_sample_100_states_its_protocol(se
         assert error == (f"e2-plugins: error: {broken}: not a readable image (unknown format or corrupt header) "
                          "(run without --strict to skip and report unreadable images)\n")
         shutil.rmtree(tmp_path / "out" / "embeddings", ignore_errors=True)  # the second round reads the images
+
+
+def test_embedding_shows_its_progress(setup, monkeypatch):
+    from e2_core.data import FashionGen
+    from e2_eval import harness
+
+    shown = []
+    monkeypatch.setattr(harness, "tqdm", lambda batches, **options: shown.append(options) or batches)
+    encoder = e2_core.load_encoder(str(setup / "e2"))
+    harness.embed_dataset(encoder, FashionGen(setup / "data", split="validation"), batch_size=8)
+    assert shown and shown[0]["desc"] == f"embedding 24 products with E2 ({setup / 'e2'})"

@@ -60,7 +60,8 @@ def _prepare_synthetic(root: Optional[str] = None) -> Optional[str]:
     folder = Path(root) if root else default_synthetic_root()
     if all(fashiongen_file(folder, split).is_file() for split in ("train", "validation")):
         return None
-    print(f"generating the synthetic products (4,000 training, 1,000 validation) in {folder} ...", flush=True)
+    print(f"generating the synthetic products (4,000 training, 1,000 validation) in {folder}, once: about "
+          "a minute or two ...", flush=True)
     write_fashiongen(folder, "small", progress=True)
     return f"synthetic products written to {folder}"
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from e2_core import as_encoder
 from e2_core.checkpoint import save_tensors
@@ -36,7 +37,8 @@ def embed_dataset(encoder, dataset: ProductDataset, batch_size: int = 128, devic
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=E2Collate(encoder.tokenizer, dataset.spec),
                         num_workers=workers)
     images, texts, indices, skipped = [], [], [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc=f"embedding {len(dataset)} products with {encoder.label}", unit="batch",
+                      disable=None, leave=False):  # shown on a terminal only
         skipped += batch.skipped
         if not batch.indices:
             continue
