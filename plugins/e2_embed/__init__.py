@@ -1,19 +1,28 @@
-"""The ``embed`` task: encode images and texts with any encoder (E2 or CLIP) into a safetensors file."""
+"""The ``embed`` task: encode images and texts with any encoder (E2 or CLIP), into one safetensors file or,
+for a catalog, a folder of resumable ``.npy`` shards (:mod:`e2_embed.shards`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
 
 from e2_core import load_encoder
 from e2_core.checkpoint import save_tensors
 from e2_core.registry import Task
 from e2_core.runtime import autocast, resolve_device
 
+from .shards import EmbeddingShards, ShardedRun
+
+__all__ = ["EmbeddingShards", "embed", "list_images", "task"]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: output name -> its tensor name in the single safetensors file
+FILE_NAMES = {"img_emb": "image_features", "region_emb": "image_regional_features",
+              "selected_patches": "selected_patches", "text_emb": "text_features"}
 
 
 def list_images(images: Path) -> List[Path]:
@@ -26,73 +35,135 @@ def list_images(images: Path) -> List[Path]:
     raise FileNotFoundError(f"--images {images}: no such folder or list file")
 
 
-def load_images(paths: List[Path], preprocess, strict: bool) -> Tuple[List[torch.Tensor], List[Path], List[str]]:
-    """Preprocessed images, the paths that loaded, and ``path: reason`` for those that did not."""
-    tensors, kept, failed = [], [], []
-    for path in paths:
+class _Images(Dataset):
+    """Item i: (i, preprocessed image or None, None or "path: reason")."""
+
+    def __init__(self, paths: List[Path], preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
         try:
-            with Image.open(path) as image:
-                tensors.append(preprocess(image.convert("RGB")))
-            kept.append(path)
+            with Image.open(self.paths[i]) as image:
+                return i, self.preprocess(image.convert("RGB")), None
         except (OSError, UnidentifiedImageError) as err:
-            if strict:
-                raise ValueError(f"cannot read image {path}: {err} (run without --strict to skip and report it)")
-            failed.append(f"{path}: {err}")
-    return tensors, kept, failed
+            return i, None, f"{self.paths[i]}: {err}"
+
+
+def _collate(samples):
+    kept = [(i, x) for i, x, _ in samples if x is not None]
+    return ([i for i, _ in kept], torch.stack([x for _, x in kept]) if kept else None,
+            [(i, reason) for i, _, reason in samples if reason is not None])
+
+
+Batches = Iterator[Tuple[List[int], dict, List[Tuple[int, str]]]]
+
+
+def _image_batches(net, paths: List[Path], batches: List[List[int]], regions: bool, strict: bool, workers: int,
+                   device: torch.device) -> Batches:
+    """Per batch of item numbers: the items embedded, their arrays by output name, the unreadable as (item, reason).
+    Images are decoded by ``workers`` processes while the encoder runs."""
+    loader = DataLoader(_Images(paths, net.preprocess), batch_sampler=batches, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    for items, pixels, failed in loader:
+        if failed and strict:
+            raise ValueError(f"cannot read image {failed[0][1]} (run without --strict to skip and report it)")
+        arrays = {}
+        if pixels is not None:
+            pixels = pixels.to(device, non_blocking=True)
+            if regions:
+                out = net.encode_image_regions(pixels, normalize=True)
+                arrays = {"img_emb": out.image_features, "region_emb": out.regional_features,
+                          "selected_patches": out.selected_patches}
+            else:
+                arrays = {"img_emb": net.encode_image(pixels, normalize=True)}
+        yield items, {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in arrays.items()}, failed
+
+
+def _text_batches(net, lines: List[str], batches: List[List[int]], device: torch.device) -> Batches:
+    for batch in batches:
+        tokens = net.tokenizer([lines[i] for i in batch]).to(device)
+        yield batch, {"text_emb": net.encode_text(tokens, normalize=True).float().cpu().numpy()}, []
 
 
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
           out: Path = Path("embeddings.safetensors"), batch_size: int = 64, device: str = "auto", regions: bool = False,
-          strict: bool = False) -> dict:
-    """Encode images and/or texts into L2-normalised embeddings saved as safetensors.
+          strict: bool = False, shard_size: int = 0, workers: int = 2, progress: bool = True) -> dict:
+    """Encode images and/or texts into L2-normalised embeddings, one safetensors file or resumable shards.
 
     With neither --images nor --texts, the synthetic validation products (first view, global text)
-    are encoded.
+    are encoded. With --shard-size N, --out is a folder: `img_emb/img_emb_{i}.npy` (float32, N items per
+    shard less the unreadable ones), `metadata/metadata_{i}.jsonl` (one line per row: item number and
+    image path), likewise `text_emb/` and `text_metadata/`, `region_emb/` and `selected_patches/` with
+    --regions, `img_index.npy` (item -> shard, row; -1 for unreadable) and `manifest.json`. Running the
+    same command again continues an interrupted run at its first unfinished shard.
 
     Args:
         images: folder of images, or a text file listing image paths
         texts: text file, one text per line
         encoder: a checkpoint directory (E2 or CLIP), MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
-        out: output .safetensors file (paths and texts are kept in its metadata)
+        out: output .safetensors file (paths and texts are kept in its metadata), or the shard folder with --shard-size
         batch_size: items per forward pass
         device: auto, cpu, cuda, cuda:1, mps
         regions: also save E2's per-entity regional image embeddings and selected patches (E2 encoders only)
         strict: fail on the first unreadable image instead of skipping and reporting it
+        shard_size: items per shard: write a resumable shard folder at --out (0: one safetensors file)
+        workers: processes decoding images in parallel with the encoder (0: in the main process)
+        progress: show a progress bar with the time left
     """
+    if shard_size < 0 or workers < 0 or batch_size < 1:
+        raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
     dev = resolve_device(device)
     net = load_encoder(encoder, device=dev)
     if regions and not net.has_regions:
         raise ValueError(f"--regions needs an E2 encoder; {encoder} is a CLIP")
     if images is None and texts is None:
-        images, texts = _synthetic_inputs(out.parent / "synthetic-validation")
+        images, texts = _synthetic_inputs(Path(out).parent / "synthetic-validation")
+    paths = list_images(Path(images)) if images is not None else None
+    lines = _read_texts(Path(texts)) if texts is not None else None
     net.eval()
-    tensors, metadata, report = {}, {}, {}
     with torch.no_grad(), autocast(dev):
-        if images is not None:
-            pixels, kept, failed = load_images(list_images(images), net.preprocess, strict)
-            batches = [torch.stack(pixels[i:i + batch_size]).to(dev) for i in range(0, len(pixels), batch_size)]
-            if batches:
-                if regions:
-                    outputs = [net.encode_image_regions(b, normalize=True) for b in batches]
-                    tensors["image_features"] = torch.cat([o.image_features for o in outputs]).float()
-                    tensors["image_regional_features"] = torch.cat([o.regional_features for o in outputs]).float()
-                    tensors["selected_patches"] = torch.cat([o.selected_patches for o in outputs])
-                else:
-                    tensors["image_features"] = torch.cat([net.encode_image(b, normalize=True) for b in batches]).float()
-            metadata["images"] = json.dumps([str(p) for p in kept])
-            report.update(images=len(kept), unreadable_images=failed)
-        if texts is not None:
-            lines = [line.strip() for line in Path(texts).read_text().splitlines() if line.strip()]
-            feats = [net.encode_text(net.tokenizer(lines[i:i + batch_size]).to(dev), normalize=True)
-                     for i in range(0, len(lines), batch_size)]
-            if feats:
-                tensors["text_features"] = torch.cat(feats).float()
-            metadata["texts"] = json.dumps(lines)
-            report["texts"] = len(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(tensors, out,
-              metadata={**metadata, "encoder": net.name, "entities": json.dumps(list(net.entities))})
+        if shard_size:
+            run = ShardedRun(Path(out), net, shard_size, batch_size, regions, progress)
+            report = {}
+            if paths is not None:
+                report.update(run.write("img", [str(p) for p in paths], images,
+                                        lambda b: _image_batches(net, paths, b, regions, strict, workers, dev)))
+            if lines is not None:
+                report.update(run.write("text", lines, texts, lambda b: _text_batches(net, lines, b, dev)))
+            return {"out": str(out), "encoder": net.name, **report}
+        return _single_file(net, Path(out), paths, lines, batch_size, regions, strict, workers, dev)
+
+
+def _single_file(net, out: Path, paths, lines, batch_size, regions, strict, workers, dev) -> dict:
+    tensors, metadata, report = {}, {}, {}
+    for kind, labels in (("images", paths), ("texts", lines)):
+        if labels is None:
+            continue
+        batches = [list(range(i, min(i + batch_size, len(labels)))) for i in range(0, len(labels), batch_size)]
+        parts, kept, failed = {}, [], []
+        stream = (_image_batches(net, paths, batches, regions, strict, workers, dev) if kind == "images"
+                  else _text_batches(net, lines, batches, dev))
+        for items, arrays, unreadable in stream:
+            kept += items
+            failed += [reason for _, reason in unreadable]
+            for name, array in arrays.items():
+                parts.setdefault(name, []).append(torch.from_numpy(array))
+        tensors.update({FILE_NAMES[name]: torch.cat(p) for name, p in parts.items()})
+        metadata[kind] = json.dumps([str(labels[i]) for i in kept])
+        report[kind] = len(kept)
+        if kind == "images":
+            report["unreadable_images"] = failed
+    save_tensors(tensors, out, metadata={**metadata, "encoder": net.name, "entities": json.dumps(list(net.entities))})
     return {"out": str(out), "encoder": net.name, **report}
+
+
+def _read_texts(path: Path) -> List[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--texts {path}: no such file (one text per line)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:

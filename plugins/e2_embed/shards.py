@@ -1,0 +1,192 @@
+"""Sharded, resumable embedding output, and its memory-mapped reader.
+
+A shard folder (``e2-plugins run embed --shard-size N --out DIR``) holds, for images (texts alike with
+``text_emb/``, ``text_metadata/``, ``text_index.npy``):
+
+* ``img_emb/img_emb_{i}.npy``: float32 (rows, D), shard i covering items ``i*N ... (i+1)*N - 1`` of the
+  input list less its unreadable images (``region_emb/``, ``selected_patches/`` with ``--regions``);
+  plain ``.npy`` files that ``numpy.load``, faiss and clip-retrieval-style indexers read;
+* ``metadata/metadata_{i}.jsonl``: one line per row, ``{"item": n, "image_path": ...}``;
+* ``img_index.npy``: int64 (items, 2), the shard and row of each item, -1 for an unreadable image;
+* ``manifest.json``: the encoder, its weight digest and the settings, and per input the shards done.
+
+A shard's files are written (atomically) before the manifest records it, so a run killed at any point
+continues at its first unrecorded shard, which it writes again: no item is duplicated or dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable, List
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from e2_core.checkpoint import _atomic_write
+
+__all__ = ["EmbeddingShards", "ShardedRun"]
+
+MANIFEST = "manifest.json"
+#: kind -> (embedding names, metadata folder, label field)
+KINDS = {"img": (("img_emb", "region_emb", "selected_patches"), "metadata", "image_path"),
+         "text": (("text_emb",), "text_metadata", "caption")}
+
+
+def _write_json(path: Path, value) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    _atomic_write(path, write)
+
+
+def _read_manifest(folder: Path):
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / MANIFEST}: not valid JSON ({err}); delete the folder to start over") from err
+
+
+class ShardedRun:
+    """Writes one embed run's shards into ``folder``, continuing where an earlier run of the same
+    encoder, settings and inputs stopped (anything else there is refused)."""
+
+    def __init__(self, folder: Path, net, shard_size: int, batch_size: int, regions: bool, progress: bool = True):
+        self.folder, self.progress, self.shard_size, self.batch_size = folder, progress, shard_size, batch_size
+        settings = {"encoder": net.name, "fingerprint": net.fingerprint(), "entities": list(net.entities),
+                    "dim": net.embed_dim, "shard_size": shard_size, "batch_size": batch_size, "regions": regions}
+        manifest = _read_manifest(folder)
+        if manifest is None and folder.exists() and any(folder.iterdir()):
+            raise ValueError(f"--out {folder} is a non-empty folder without {MANIFEST}: not an embed shard folder; "
+                             f"choose another --out")
+        for key, value in settings.items():
+            if manifest is not None and manifest.get(key) != value:
+                raise ValueError(f"--out {folder} holds embeddings made with {key}={manifest.get(key)!r}, not "
+                                 f"{value!r}; use another --out, or delete it to start over")
+        self.manifest = manifest or {"format": 1, **settings}
+
+    def write(self, kind: str, labels: List[str], source, encode: Callable) -> dict:
+        """Embeds the items not done yet: ``encode(batches)`` yields (items embedded, arrays by name,
+        unreadable (item, reason)) for each batch of item numbers. Returns the run's report."""
+        digest = hashlib.sha256("\n".join(labels).encode()).hexdigest()
+        record = self.manifest.setdefault(kind, {"source": str(source), "count": len(labels), "digest": digest,
+                                                 "shards": [], "complete": False})
+        if (record["count"], record["digest"]) != (len(labels), digest):
+            raise ValueError(f"--out {self.folder} holds embeddings of other {kind} inputs ({record['count']} items "
+                             f"from {record['source']}); use another --out, or delete it to start over")
+        size, n = self.shard_size, len(labels)
+        done, total = len(record["shards"]), math.ceil(n / size)
+        batches = [list(range(b, min(b + self.batch_size, (s + 1) * size, n)))
+                   for s in range(done, total) for b in range(s * size, min((s + 1) * size, n), self.batch_size)]
+        bar = tqdm(total=n, initial=min(n, done * size), desc=f"embed {kind}", unit="item", disable=not self.progress)
+        shard, parts, items, unreadable = done, {}, [], []
+        for batch, (kept, arrays, failed) in zip(batches, encode(batches)):
+            items += kept
+            unreadable += failed
+            for name, array in arrays.items():
+                parts.setdefault(name, []).append(array)
+            bar.update(len(batch))
+            if batch[-1] == min(n, (shard + 1) * size) - 1:
+                self._finish_shard(kind, shard, labels, parts, items, unreadable)
+                shard, parts, items, unreadable = shard + 1, {}, [], []
+        bar.close()
+        record["complete"] = True
+        _write_npy(self.folder / f"{kind}_index.npy", _index(record, size))
+        _write_json(self.folder / MANIFEST, self.manifest)
+        rows = sum(s["rows"] for s in record["shards"])
+        report = {"images" if kind == "img" else "texts": rows, f"{kind}_shards": total, f"{kind}_resumed_at_shard": done}
+        if kind == "img":
+            report["unreadable_images"] = [reason for s in record["shards"] for _, reason in s["unreadable"]]
+        return report
+
+    def _finish_shard(self, kind, shard, labels, parts, items, unreadable):
+        _, metadata, field = KINDS[kind]
+        for name, arrays in parts.items():
+            _write_npy(self.folder / name / f"{name}_{shard}.npy", np.concatenate(arrays))
+        lines = "".join(json.dumps({"item": i, field: labels[i]}) + "\n" for i in items)
+        (self.folder / metadata).mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.folder / metadata / f"{metadata}_{shard}.jsonl", lambda tmp: Path(tmp).write_text(lines))
+        self.manifest[kind]["shards"].append({"rows": len(items), "unreadable": [list(u) for u in unreadable]})
+        _write_json(self.folder / MANIFEST, self.manifest)             # the shard counts as done from here
+
+
+def _index(record, size) -> np.ndarray:
+    index = np.full((record["count"], 2), -1, dtype=np.int64)
+    for shard, info in enumerate(record["shards"]):
+        skipped = {item for item, _ in info["unreadable"]}
+        items = [i for i in range(shard * size, min((shard + 1) * size, record["count"])) if i not in skipped]
+        index[items, 0], index[items, 1] = shard, np.arange(len(items))
+    return index
+
+
+class EmbeddingShards:
+    """The embeddings of a finished shard folder as one (items, ...) array, memory-mapped shard by shard:
+    ``len``, ``shape``, ``dtype`` and slicing (``shards[a:b]`` reads only those rows). ``topk_indices``
+    searches it in chunks, never loading it whole.
+
+    Example:
+        >>> gallery = EmbeddingShards("catalog-emb")                     # doctest: +SKIP
+        >>> top = e2_eval.topk_indices(text_features, gallery, k=10)      # doctest: +SKIP
+        >>> [gallery.metadata()[i]["image_path"] for i in top[0]]         # doctest: +SKIP
+    """
+
+    def __init__(self, folder, name: str = "img_emb"):
+        self.folder, self.name = Path(folder), name
+        kind = next((k for k, (names, _, _) in KINDS.items() if name in names), None)
+        if kind is None:
+            raise ValueError(f"unknown embedding name {name!r}; one of "
+                             f"{', '.join(n for names, _, _ in KINDS.values() for n in names)}")
+        manifest = _read_manifest(self.folder)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.folder}: no {MANIFEST}; not a folder written by "
+                                    f"`e2-plugins run embed --shard-size N`")
+        record = manifest.get(kind)
+        if record is None:
+            raise ValueError(f"{self.folder} holds no {kind} embeddings")
+        if not record["complete"]:
+            raise ValueError(f"{self.folder}: the embed run is unfinished ({len(record['shards'])} of "
+                             f"{math.ceil(record['count'] / manifest['shard_size'])} shards); run the same command "
+                             f"again to finish it")
+        self._kind, self._record = kind, record
+        self._shards = [s for s, info in enumerate(record["shards"]) if info["rows"]]
+        self._arrays = [np.load(self.folder / name / f"{name}_{s}.npy", mmap_mode="r") for s in self._shards]
+        self._starts = np.cumsum([0] + [len(a) for a in self._arrays])
+        trailing = self._arrays[0].shape[1:] if self._arrays else (manifest["dim"],)
+        self.shape = (int(self._starts[-1]), *trailing)
+        self.dtype = self._arrays[0].dtype if self._arrays else np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self[key:key + 1 if key != -1 else None][0]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("EmbeddingShards reads contiguous row ranges only")
+        pieces = []
+        for array, first in zip(self._arrays, self._starts[:-1]):
+            a, b = max(start - first, 0), min(stop - first, len(array))
+            if a < b:
+                pieces.append(array[a:b])
+        if not pieces:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def metadata(self) -> List[dict]:
+        """One dict per row, in row order: the item number and its image path or caption."""
+        folder = KINDS[self._kind][1]
+        rows = []
+        for shard in self._shards:
+            with open(self.folder / folder / f"{folder}_{shard}.jsonl") as f:
+                rows += [json.loads(line) for line in f]
+        return rows

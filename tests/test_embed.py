@@ -1,0 +1,120 @@
+"""The embed task's shard folders: layout, resuming an interrupted run, the memory-mapped reader."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import e2_embed
+from e2_embed import EmbeddingShards, embed
+from e2_embed.shards import ShardedRun
+from e2_eval import topk_indices
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(9):
+        Image.new("RGB", (70 + i, 64), (i * 25, 100, 255 - i * 20)).save(folder / f"img{i}.png")
+    (folder / "img4b.jpg").write_bytes(b"not an image")           # item 5 of 10, in shard 1
+    (tmp_path / "texts.txt").write_text("".join(f"caption {i}\n" for i in range(5)))
+    return folder
+
+
+def run(catalog, out, encoder, **options):
+    return embed(images=catalog, texts=catalog.parent / "texts.txt", encoder=encoder, out=out, device="cpu",
+                 regions=True, batch_size=2, shard_size=4, workers=options.pop("workers", 0), progress=False,
+                 **options)
+
+
+def files(folder: Path):
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_shard_folder_layout_and_reader(catalog, tmp_path, tiny_checkpoints):
+    out = tmp_path / "emb"
+    report = run(catalog, out, tiny_checkpoints["e2"], workers=2)
+    assert report["images"] == 9 and report["img_shards"] == 3 and report["texts"] == 5
+    assert len(report["unreadable_images"]) == 1 and "img4b.jpg" in report["unreadable_images"][0]
+    assert {"img_emb/img_emb_0.npy", "img_emb/img_emb_2.npy", "region_emb/region_emb_1.npy",
+            "selected_patches/selected_patches_0.npy", "metadata/metadata_1.jsonl", "text_emb/text_emb_1.npy",
+            "text_metadata/text_metadata_0.jsonl", "img_index.npy", "manifest.json"} <= set(files(out))
+    assert np.load(out / "img_emb" / "img_emb_1.npy").shape == (3, 64)   # items 4..7 less the unreadable one
+    index = np.load(out / "img_index.npy")
+    assert index[5].tolist() == [-1, -1] and index[6].tolist() == [1, 1] and index[9].tolist() == [2, 1]
+
+    gallery = EmbeddingShards(out)
+    assert gallery.shape == (9, 64) and gallery.dtype == np.float32
+    rows = gallery.metadata()
+    assert [r["item"] for r in rows] == [0, 1, 2, 3, 4, 6, 7, 8, 9] and rows[5]["image_path"].endswith("img5.png")
+    whole = np.concatenate([np.load(out / "img_emb" / f"img_emb_{i}.npy") for i in range(3)])
+    assert np.array_equal(gallery[2:7], whole[2:7]) and np.array_equal(gallery[8], whole[8])
+    queries = torch.from_numpy(np.array(EmbeddingShards(out, "text_emb")[:]))
+    assert torch.equal(topk_indices(queries, gallery, 4, chunk_size=3), topk_indices(queries, torch.from_numpy(whole), 4))
+    assert np.allclose(np.linalg.norm(whole, axis=1), 1, atol=1e-5)
+
+    # the same embeddings as the single-file output (same batches)
+    single = tmp_path / "single.safetensors"
+    embed(images=catalog, encoder=tiny_checkpoints["e2"], out=single, device="cpu", batch_size=2, progress=False)
+    with safe_open(str(single), "pt") as f:
+        assert np.allclose(f.get_tensor("image_features").numpy(), whole, atol=1e-6)
+
+
+def test_an_interrupted_run_resumes_without_duplicates_or_gaps(catalog, tmp_path, tiny_checkpoints, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(catalog, whole, tiny_checkpoints["e2"])
+
+    finish = ShardedRun._finish_shard
+
+    def killed_in_shard_1(self, kind, shard, labels, parts, *rest):
+        if kind == "img" and shard == 1:      # its embeddings are on disk, the manifest does not know yet
+            np.save(self.folder / "img_emb" / "img_emb_1.npy", np.concatenate(parts["img_emb"]))
+            raise KeyboardInterrupt
+        return finish(self, kind, shard, labels, parts, *rest)
+
+    monkeypatch.setattr(ShardedRun, "_finish_shard", killed_in_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(catalog, cut, tiny_checkpoints["e2"])
+    assert json.loads((cut / "manifest.json").read_text())["img"]["shards"][0]["rows"] == 4
+    with pytest.raises(ValueError, match="unfinished .1 of 3 shards.; run the same command again"):
+        EmbeddingShards(cut)
+    monkeypatch.setattr(ShardedRun, "_finish_shard", finish)
+
+    report = run(catalog, cut, tiny_checkpoints["e2"])
+    assert report["img_resumed_at_shard"] == 1 and report["images"] == 9
+    assert files(cut).keys() == files(whole).keys()
+    for name, path in files(whole).items():
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(path), np.load(cut / name)), name
+        else:
+            assert path.read_text() == (cut / name).read_text(), name
+
+
+def test_a_shard_folder_refuses_another_run(catalog, tmp_path, tiny_checkpoints):
+    out = tmp_path / "emb"
+    run(catalog, out, tiny_checkpoints["e2"])
+    with pytest.raises(ValueError, match="shard_size=4, not 3; use another --out"):
+        embed(images=catalog, encoder=tiny_checkpoints["e2"], out=out, device="cpu", regions=True, batch_size=2,
+              shard_size=3, progress=False)
+    with pytest.raises(ValueError, match="encoder="):
+        embed(images=catalog, encoder=tiny_checkpoints["clip"], out=out, device="cpu", batch_size=2, shard_size=4,
+              progress=False)
+    (catalog / "new.png").write_bytes((catalog / "img0.png").read_bytes())
+    with pytest.raises(ValueError, match="other img inputs .10 items from"):
+        run(catalog, out, tiny_checkpoints["e2"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="non-empty folder without manifest.json"):
+        run(catalog, tmp_path / "other", tiny_checkpoints["e2"])
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        EmbeddingShards(tmp_path / "other")
+
+
+def test_strict_names_the_unreadable_image_decoded_in_a_worker(catalog, tmp_path, tiny_checkpoints):
+    with pytest.raises(ValueError, match="cannot read image .*img4b.jpg"):
+        run(catalog, tmp_path / "emb", tiny_checkpoints["e2"], strict=True, workers=1)
+    assert e2_embed.list_images(catalog)[5].name == "img4b.jpg"
