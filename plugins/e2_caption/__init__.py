@@ -29,11 +29,12 @@ METHODS = {m.name: m for m in (DeCap, CapDec, ClipCap)}
 def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method: Optional[List[str]] = None,
             encoder: str = "demo:e2", baseline: str = "demo:clip-ft", beams: int = 1, epochs: int = 3,
             decoders: Optional[Path] = None, max_images: int = 500, out: Path = Path("runs/caption"),
-            batch_size: int = 64, device: str = "auto", page_images: int = 12, progress: bool = True) -> Dict:
+            batch_size: int = 64, device: str = "auto", page_images: int = 12, progress: bool = True,
+            encoding: str = "utf-8") -> Dict:
     """Zero-shot image captioning (BLEU-1..4, METEOR, ROUGE-L, CIDEr), a baseline and E2 side by side.
 
     Args:
-        dataset: an installed dataset reader: synthetic (default), fashiongen, amazon-fashion, catalog, ...
+        dataset: an installed dataset reader: synthetic, fashiongen, amazon-fashion, catalog, ...
         data_root: the dataset's folder or file
         method: captioners: decap, capdec (default: both), clipcap (trained on image-caption pairs)
         encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
@@ -47,6 +48,7 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
         device: auto, cpu, cuda, mps
         page_images: images shown on captions.html
         progress: show progress bars
+        encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
     """
     methods = method or ["decap", "capdec"]
     unknown = [m for m in methods if m not in METHODS]
@@ -62,8 +64,9 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     for role, source in (("baseline", baseline), ("encoder", encoder)):
         model = load_encoder(source, device=dev).eval()
         label = model.label
-        train = open_dataset(dataset, data_root, "train", train=False, transform=model.preprocess)
-        val = open_dataset(dataset, data_root, "validation", train=False, transform=model.preprocess)
+        train = open_dataset(dataset, data_root, "train", train=False, transform=model.preprocess, encoding=encoding)
+        val = open_dataset(dataset, data_root, "validation", train=False, transform=model.preprocess,
+                           encoding=encoding)
         texts = [caption_text(train.product(i).tags) for i in range(len(train))]
         text_features = _encode_texts(model, texts, batch_size, dev)
         val_ids, val_features, skipped = _encode_images(model, val, batch_size, dev, max_images)
