@@ -1,3 +1,4 @@
+import json
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -149,3 +150,23 @@ def test_every_option_shows_its_default_and_errors_use_the_flag_names(tmp_path, 
         "images you have, or --download to download the image URLs of the metadata\n")
     assert main(["data", "amazon-fashion", "--metadata", "m.json", "--download", "--test-fraction", "2"]) == 2
     assert capsys.readouterr().err == "e2-plugins: error: --test-fraction must be in [0, 1), got 2.0\n"
+
+
+def test_embed_reads_a_catalogs_image_column_and_names_a_file_that_is_not_utf8(tmp_path, capsys, tiny_checkpoints):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 60, 20, 20)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "products.csv").write_text("id,image,text,brand\np0,p0.png,Coat,A\np0,p1.png,,\np1,p2.png,Hat,B\n")
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("robe à fleurs\n".encode("latin-1"))
+    args = ["run", "embed", "--images", str(tmp_path / "products.csv"), "--texts", str(texts), "--encoder",
+            tiny_checkpoints["clip"], "--out", str(tmp_path / "emb.safetensors"), "--device", "cpu", "--workers", "0"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"e2-plugins: error: {texts}:1: byte 0xe0 is not utf-8 text; give the file's encoding, e.g. --encoding "
+        "latin-1 or --encoding cp1252 (encoding=... from Python), or save the file as UTF-8\n")
+    assert main(args + ["--encoding", "latin-1"]) == 0
+    with safe_open(str(tmp_path / "emb.safetensors"), "pt") as f:
+        assert f.get_tensor("image_features").shape[0] == 3 and json.loads(f.metadata()["texts"]) == ["robe à fleurs"]
+        assert json.loads(f.metadata()["images"]) == [str(tmp_path / f"p{i}.png") for i in range(3)]

@@ -25,12 +25,17 @@ FILE_NAMES = {"img_emb": "image_features", "region_emb": "image_regional_feature
               "selected_patches": "selected_patches", "text_emb": "text_features"}
 
 
-def list_images(images: Path) -> List[Path]:
-    """A folder (searched recursively) or a text file with one image path per line."""
+def list_images(images: Path, encoding: str = "utf-8") -> List[Path]:
+    """A folder (searched recursively), a catalog (CSV / JSONL: its image column, every view) or a text
+    file with one image path per line."""
+    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, Catalog
+
     if images.is_dir():
         return sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if images.is_file() and images.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
+        return [path for views in Catalog(images, encoding=encoding).views for path in views]
     if images.is_file():
-        lines = [line.strip() for line in images.read_text().splitlines() if line.strip()]
+        lines = _read_lines(images, encoding)
         return [Path(line) if Path(line).is_absolute() else images.parent / line for line in lines]
     raise FileNotFoundError(f"--images {images}: no such folder or list file")
 
@@ -90,7 +95,8 @@ def _text_batches(net, lines: List[str], batches: List[List[int]], device: torch
 
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
           out: Path = Path("embeddings.safetensors"), batch_size: int = 64, device: str = "auto", regions: bool = False,
-          strict: bool = False, shard_size: int = 0, workers: int = 2, progress: bool = True) -> dict:
+          strict: bool = False, shard_size: int = 0, workers: int = 2, progress: bool = True,
+          encoding: str = "utf-8") -> dict:
     """Encode images and/or texts into L2-normalised embeddings, one safetensors file or resumable shards.
 
     With neither --images nor --texts, the synthetic validation products (first view, global text)
@@ -101,7 +107,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     same command again continues an interrupted run at its first unfinished shard.
 
     Args:
-        images: folder of images, or a text file listing image paths
+        images: folder of images, a catalog (CSV / JSONL: its image column), or a text file listing image paths
         texts: text file, one text per line
         encoder: a checkpoint directory (E2 or CLIP), MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         out: output .safetensors file (paths and texts are kept in its metadata), or the shard folder with --shard-size
@@ -112,6 +118,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         shard_size: items per shard: write a resumable shard folder at --out (0: one safetensors file)
         workers: processes decoding images in parallel with the encoder (0: in the main process)
         progress: show a progress bar with the time left
+        encoding: text encoding of the --images and --texts files (e.g. latin-1, cp1252)
     """
     if shard_size < 0 or workers < 0 or batch_size < 1:
         raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
@@ -121,8 +128,8 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         raise ValueError(f"--regions needs an E2 encoder; {encoder} is a CLIP")
     if images is None and texts is None:
         images, texts = _synthetic_inputs(Path(out).parent / "synthetic-validation")
-    paths = list_images(Path(images)) if images is not None else None
-    lines = _read_texts(Path(texts)) if texts is not None else None
+    paths = list_images(Path(images), encoding) if images is not None else None
+    lines = _read_texts(Path(texts), encoding) if texts is not None else None
     net.eval()
     with torch.no_grad(), autocast(dev):
         if shard_size:
@@ -160,10 +167,17 @@ def _single_file(net, out: Path, paths, lines, batch_size, regions, strict, work
     return {"out": str(out), "encoder": net.name, **report}
 
 
-def _read_texts(path: Path) -> List[str]:
+def _read_texts(path: Path, encoding: str = "utf-8") -> List[str]:
     if not path.is_file():
         raise FileNotFoundError(f"--texts {path}: no such file (one text per line)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return _read_lines(path, encoding)
+
+
+def _read_lines(path: Path, encoding: str) -> List[str]:
+    from e2_core.data.base import open_text
+
+    with open_text(path, encoding) as f:
+        return [line.strip() for line in f.read().splitlines() if line.strip()]
 
 
 def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:
