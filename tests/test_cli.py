@@ -170,3 +170,12 @@ def test_embed_reads_a_catalogs_image_column_and_names_a_file_that_is_not_utf8(t
     with safe_open(str(tmp_path / "emb.safetensors"), "pt") as f:
         assert f.get_tensor("image_features").shape[0] == 3 and json.loads(f.metadata()["texts"]) == ["robe à fleurs"]
         assert json.loads(f.metadata()["images"]) == [str(tmp_path / f"p{i}.png") for i in range(3)]
+
+
+def test_train_and_run_refuse_an_unknown_dataset_alike(tmp_path, capsys):
+    assert main(["train", "--dataset", "nope", "--out", str(tmp_path / "run")]) == 2
+    from_train = capsys.readouterr().err
+    assert main(["run", "retrieval", "--dataset", "nope", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == from_train == (
+        "e2-plugins: error: unknown dataset 'nope'; installed datasets: amazon-fashion, catalog, fashiongen, synthetic\n")
+    assert not (tmp_path / "run").exists()
