@@ -426,3 +426,39 @@ def test_unknown_or_missing_targets_say_what_to_do(encoders, monkeypatch):
 
     with pytest.raises(ValueError, match="is a CLIP: e2_transformers.clip_model gives it as transformers' CLIPModel"):
         e2_transformers.E2CLIPModel.from_encoder(encoders["clip"])
+
+
+# --- clip-retrieval (its own environment: it pins open_clip < 3) ---------------------------------------------
+def test_embed_shards_read_as_a_clip_retrieval_indexer_reads_them(tmp_path, tiny_checkpoints, encoders):
+    """clip-retrieval's `index` reads every `img_emb/*.npy` and `text_emb/*.npy` in file-name order and pairs row
+    k with row k of the metadata files taken in the same order: that pairing must hold for the shards `embed`
+    writes (12 shards, so that `img_emb_10` sorts before `img_emb_2`)."""
+    import numpy as np
+    from e2_embed import embed
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (70, 90), (20 * i, 255 - 20 * i, 90)).save(folder / f"p{i:02d}.png")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"a dress in shade {i}\n" for i in range(12)))
+    out = tmp_path / "emb"
+    embed(images=folder, texts=texts, encoder=tiny_checkpoints["e2"], out=out, shard_size=1, workers=0,
+          progress=False, device="cpu")
+
+    def read(sub, meta):
+        files = sorted((out / sub).glob("*.npy"))
+        rows = np.concatenate([np.load(f) for f in files])
+        labels = [json.loads(line) for f in sorted((out / meta).glob("*.jsonl")) for line in f.read_text().splitlines()]
+        return rows, labels
+
+    images, image_meta = read("img_emb", "metadata")
+    text_rows, text_meta = read("text_emb", "text_metadata")
+    e2 = encoders["e2"]
+    with torch.no_grad():
+        for k in (0, 1, 2, 11):  # rows from shards 0, 1, 10 and 9 in file-name order
+            pixels = e2.preprocess(Image.open(image_meta[k]["image_path"]))[None]
+            assert np.abs(images[k] - e2.encode_image(pixels, normalize=True)[0].numpy()).max() < 1e-5
+            tokens = e2.tokenizer([text_meta[k]["caption"]])
+            assert np.abs(text_rows[k] - e2.encode_text(tokens, normalize=True)[0].numpy()).max() < 1e-5
+    assert len(images) == len(image_meta) == 12 and len(text_rows) == len(text_meta) == 12
