@@ -12,6 +12,7 @@ Tie conventions (stated once here, repeated in each docstring):
   above it (pessimistic), so all-equal features score 0 at every K smaller than the candidate list.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -88,6 +89,24 @@ def _select_topk(values, indices, k):
     return values.gather(1, order), indices.gather(1, order)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """For the many small operations of the bookkeeping: one thread is as fast as a parallel region
+    when the cores are idle, and much faster when other processes keep them busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _nonzero_columns(mask, rows):
+    """(row, column) of the True entries of ``mask``, whose row i is row ``rows[i]``."""
+    i, columns = mask.nonzero(as_tuple=True)
+    return rows[i], columns
+
+
 class _RunningTopK:
     """The top ``k`` of each of ``rows`` queries over the gallery chunks added so far, in gallery order.
 
@@ -109,20 +128,34 @@ class _RunningTopK:
         """Screens the scores of gallery items ``offset, offset + 1, ...``; False if any is NaN or infinite."""
         rows, width = scores.shape
         n, tail = width // _GROUP, width % _GROUP
-        grouped = scores.as_strided((rows, _GROUP, n), (scores.stride(0), n, 1))
-        maxima = grouped.amax(dim=1)                                               # (rows, n)
-        if not (torch.isfinite(maxima.sum()) and torch.isfinite(scores[:, width - tail:].sum())):
+        maxima = scores.as_strided((rows, _GROUP, n), (scores.stride(0), n, 1)).amax(dim=1) if n \
+            else scores.new_empty(rows, 0)                                     # (rows, n), on all threads
+        with _one_thread():
+            return self._screen(scores, maxima, offset)
+
+    def _screen(self, scores, maxima, offset):
+        rows, width = scores.shape
+        n, tail = width // _GROUP, width % _GROUP
+        row_best = maxima.amax(dim=1) if n else scores.new_zeros(rows)          # NaN if a score is
+        if not torch.isfinite(row_best.sum() + scores[:, width - tail:].sum()):
             return False
         if self.values.shape[1] == self.k:
-            hits = maxima > self.values[:, -1:]
-        elif n >= self.k:
-            hits = maxima >= maxima.topk(self.k, dim=1).values[:, -1:]   # the chunk's own k-th best is no lower
+            # most rows have no group above their k-th best: find the others first, on one value per row
+            kth = self.values[:, -1]
+            hit_rows = (row_best > kth).nonzero()[:, 0]
+            hit_rows, hit_groups = _nonzero_columns(maxima.index_select(0, hit_rows) > kth[hit_rows, None],
+                                                    hit_rows)
+            if len(hit_rows) > self.rows and n >= self.k:     # early on, the chunk's own k-th best bounds more
+                keep = maxima[hit_rows, hit_groups] >= maxima.topk(self.k, dim=1).values[hit_rows, -1]
+                hit_rows, hit_groups = hit_rows[keep], hit_groups[keep]
         else:
-            hits = torch.ones_like(maxima, dtype=torch.bool)
-        hit_rows, hit_groups = hits.nonzero(as_tuple=True)
+            hits = (maxima >= maxima.topk(self.k, dim=1).values[:, -1:] if n >= self.k   # the chunk's own k-th
+                    else torch.ones_like(maxima, dtype=torch.bool))                     # best is no lower
+            hit_rows, hit_groups = hits.nonzero(as_tuple=True)
         if len(hit_rows):
-            members = n * torch.arange(_GROUP, device=scores.device)
-            self._wait(hit_rows, grouped[hit_rows, :, hit_groups], offset + hit_groups[:, None] + members)
+            columns = hit_groups[:, None] + n * torch.arange(_GROUP, device=scores.device)     # (hits, _GROUP)
+            values = scores.view(-1).index_select(0, (hit_rows[:, None] * width + columns).view(-1))
+            self._wait(hit_rows, values.view(-1, _GROUP), offset + columns)
         if tail:
             values = scores.new_full((rows, _GROUP), -math.inf)                # padding: never selected
             values[:, :tail] = scores[:, width - tail:]
@@ -142,29 +175,32 @@ class _RunningTopK:
             return
         rows, values, indices = (torch.cat(parts) for parts in zip(*self.pending))
         self.pending, self.pending_groups = [], 0
-        order = rows.argsort(stable=True)
-        rows, values, indices = rows[order], values[order], indices[order]
         counts = torch.bincount(rows, minlength=self.rows)
         changed = counts.nonzero()[:, 0]
         position = torch.empty(self.rows, dtype=torch.long, device=rows.device)
         position[changed] = torch.arange(len(changed), device=rows.device)
-        slot = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+        order = rows.argsort(stable=True)                  # each group's slot: its rank among its row's groups
+        slot = torch.empty_like(rows)
+        slot[order] = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows[order]]
+        slots = int(counts.max())
+        target = position[rows] * slots + slot
+        padded_values = values.new_full((len(changed) * slots, _GROUP), -math.inf).index_copy_(0, target, values)
+        padded_indices = indices.new_zeros((len(changed) * slots, _GROUP)).index_copy_(0, target, indices)
+        shape = (len(changed), slots * _GROUP)
         known = self.values.shape[1]
-        shape = (len(changed), int(counts.max()) * _GROUP)
-        padded_values = values.new_full((len(changed), int(counts.max()), _GROUP), -math.inf)
-        padded_indices = indices.new_zeros(padded_values.shape)
-        padded_values[position[rows], slot] = values
-        padded_indices[position[rows], slot] = indices
-        values, indices = _select_topk(torch.cat([self.values[changed], padded_values.view(shape)], dim=1),
-                                       torch.cat([self.indices[changed], padded_indices.view(shape)], dim=1),
-                                       min(self.k, self.seen))
+        values, indices = _select_topk(
+            torch.cat([self.values.index_select(0, changed), padded_values.view(shape)], dim=1),
+            torch.cat([self.indices.index_select(0, changed), padded_indices.view(shape)], dim=1),
+            min(self.k, self.seen))
         if known < self.k:                                   # the first merge: every row has candidates
             self.values, self.indices = values, indices
         else:
-            self.values[changed], self.indices[changed] = values, indices
+            self.values.index_copy_(0, changed, values)
+            self.indices.index_copy_(0, changed, indices)
 
     def result(self):
-        self._merge()
+        with _one_thread():
+            self._merge()
         return self.indices
 
 
