@@ -91,8 +91,9 @@ def _select_topk(values, indices, k):
 
 @contextlib.contextmanager
 def _one_thread():
-    """For the many small operations of the bookkeeping: one thread is as fast as a parallel region
-    when the cores are idle, and much faster when other processes keep them busy."""
+    """For the screening and bookkeeping (only the matrix product runs on all threads): many small
+    operations, as fast on one thread as in parallel regions when the cores are idle, and much faster
+    when other processes keep them busy."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -124,19 +125,16 @@ class _RunningTopK:
         self.indices = torch.empty(rows, 0, dtype=torch.long, device=device)
         self.pending, self.pending_groups = [], 0
 
+    @_one_thread()
     def add(self, scores, offset):
         """Screens the scores of gallery items ``offset, offset + 1, ...``; False if any is NaN or infinite."""
         rows, width = scores.shape
         n, tail = width // _GROUP, width % _GROUP
-        maxima = scores.as_strided((rows, _GROUP, n), (scores.stride(0), n, 1)).amax(dim=1) if n \
-            else scores.new_empty(rows, 0)                                     # (rows, n), on all threads
-        with _one_thread():
-            return self._screen(scores, maxima, offset)
-
-    def _screen(self, scores, maxima, offset):
-        rows, width = scores.shape
-        n, tail = width // _GROUP, width % _GROUP
-        row_best = maxima.amax(dim=1) if n else scores.new_zeros(rows)          # NaN if a score is
+        if n:
+            maxima = scores.as_strided((rows, _GROUP, n), (scores.stride(0), n, 1)).amax(dim=1)   # (rows, n)
+            row_best = maxima.amax(dim=1)                                          # NaN if a score is
+        else:
+            maxima, row_best = scores.new_empty(rows, 0), scores.new_zeros(rows)
         if not torch.isfinite(row_best.sum() + scores[:, width - tail:].sum()):
             return False
         if self.values.shape[1] == self.k:
@@ -198,9 +196,9 @@ class _RunningTopK:
             self.values.index_copy_(0, changed, values)
             self.indices.index_copy_(0, changed, indices)
 
+    @_one_thread()
     def result(self):
-        with _one_thread():
-            self._merge()
+        self._merge()
         return self.indices
 
 
