@@ -10,6 +10,12 @@ holding its detail against chance.
 
     python benchmarks/e2_vs_clipft.py --seeds 0 1 2 --out runs/bench      # ~1 h on 2 CPU cores
     python benchmarks/e2_vs_clipft.py --finetune-steps 2000 --device cuda  # a GPU, more steps
+    python benchmarks/e2_vs_clipft.py --variant paper --token-attention full --seeds 0   # one lever
+
+A variant's E2 runs live in ``OUT/e2-VARIANT`` and share the start and the CLIP-FT runs with the others.
+The detail probe asks both models the question E2 exists for: given a product's text, is its own image
+ranked above the same product with exactly one attribute changed (brand, season, composition, mark place;
+colour as the coarse control)? Counterfactual images are rendered by the generator; chance is 50%.
 """
 from __future__ import annotations
 
@@ -17,16 +23,19 @@ import argparse
 import json
 import math
 import statistics
+import random
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import e2_core
+from e2_core.texts import build_texts
 from e2_core.data import default_synthetic_root, open_dataset
-from e2_core.data.builders.synthetic import catalog, layout
+from e2_core.data.builders.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand_names, catalog, \
+    layout, render
 from e2_core.loss import contrastive_loss
-from e2_train.demo import DEMO, demo_root, pretrain_clip, recipe_run
+from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run
 from e2_eval.harness import embed_dataset
 from e2_eval.retrieval import cross_modal_retrieval
 
@@ -79,6 +88,34 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
             "selection_chance": {e: c[0] / max(c[1], 1) for e, c in chance.items()}}
 
 
+PROBED = {"brand": None, "season": tuple(SEASONS), "composition": tuple(COMPOSITIONS), "mark_place": MARK_PLACES,
+          "colour": tuple(COLOURS)}
+
+
+@torch.no_grad()
+def detail_probe(encoder, data, device, products: int = 200, seed: int = 0) -> dict:
+    """Per attribute: the share of products whose text scores their own image above a rendering of the
+    same product with only that attribute changed (first view; chance 50%)."""
+    encoder.eval().to(device)
+    rng = random.Random(f"probe:{seed}")
+    everything, num_brands = catalog(0), len(brand_names())
+    wins = {attribute: 0 for attribute in PROBED}
+    for i in range(min(products, len(data))):
+        product = everything[int(data.product_ids[i])]
+        text = encoder.encode_text(encoder.tokenizer([build_texts(data.product(i).tags, data.spec)[0]]).to(device),
+                                   normalize=True)
+        images = [encoder.preprocess(render(product, 0))]  # rendered like the counterfactuals
+        for attribute, values in PROBED.items():
+            choices = [b for b in range(num_brands) if b != product.brand] if values is None else \
+                [v for v in values if v != getattr(product, attribute)]
+            images.append(encoder.preprocess(render(replace(product, **{attribute: rng.choice(choices)}), 0)))
+        scores = (encoder.encode_image(torch.stack(images).to(device), normalize=True) @ text.T).flatten()
+        for k, attribute in enumerate(PROBED, start=1):
+            wins[attribute] += int(scores[0] > scores[k])
+    n = min(products, len(data))
+    return {attribute: 100.0 * w / n for attribute, w in wins.items()}
+
+
 def _overlaps(boxes: torch.Tensor, target) -> torch.Tensor:
     x0, y0, x1, y1 = target
     return (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)
@@ -105,6 +142,12 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=DEMO.pretrain_steps)
     parser.add_argument("--finetune-steps", type=int, default=DEMO.finetune_steps)
     parser.add_argument("--batch-size", type=int, default=DEMO.batch_size)
+    parser.add_argument("--variant", default="", help="name of an E2 variant (its runs go to OUT/e2-VARIANT)")
+    parser.add_argument("--token-attention", choices=["one-way", "full"], default=None, help="E2 variant lever")
+    parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.5)")
+    parser.add_argument("--stage1-steps", type=int, default=None,
+                        help="E2 variant lever: stage 1 on top of the fine-tuning steps (the paper's budget)")
+    parser.add_argument("--probe-products", type=int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -114,43 +157,59 @@ def main() -> None:
                      batch_size=args.batch_size)
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
+    levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight))
+              if v is not None}
+    e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
-    results = {"recipe": recipe.__dict__, "runs": {}}
-    for kind in ("clip-ft", "e2"):
+    results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "stage1_steps": args.stage1_steps},
+               "runs": {}}
+    for kind in ("clip-ft", e2_kind):
         torch.manual_seed(0)  # the step-0 E2's new parts
         # the step-0 model; for E2 drawn as the trainer draws it (seed 0: the CLIP, then E2's new parts)
-        initial = e2_core.load_encoder(start) if kind == "clip-ft" else \
-            e2_core.Encoder(e2_core.create_e2(pretrained=str(start)), arch=args.model)
+        initial = e2_core.load_encoder(start) if kind == "clip-ft" else e2_core.Encoder(
+            e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k == "token_attention"}),
+            arch=args.model)
         val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
         step0 = retrieval_r1(initial, val, device)
         for seed in args.seeds:
             key = f"{kind}/seed{seed}"
             result_file = out / kind / f"seed{seed}-results.json"
-            if result_file.is_file():
-                results["runs"][key] = json.loads(result_file.read_text())
-                continue
             run = out / kind / f"seed{seed}"
-            best = recipe_run(kind, recipe, out, seed, **common)
+            if kind == "clip-ft":  # a finished run returns at once
+                best = recipe_run(kind, recipe, out, seed, **common)
+            else:
+                best = finetune("e2", replace(recipe, seed=seed, stage1_steps=args.stage1_steps), start, run, data_root,
+                                **common, **levers)
             model = e2_core.load_encoder(best)
-            record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run)}
-            if kind == "e2":
+            if result_file.is_file():
+                record = json.loads(result_file.read_text())
+                if "probe" not in record:  # measured before the probe existed
+                    record["probe"] = detail_probe(model, val, device, args.probe_products)
+                    record["probe_step0"] = detail_probe(initial, val, device, args.probe_products)
+                    result_file.write_text(json.dumps(record, indent=2))
+                results["runs"][key] = record
+                continue
+            record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run),
+                      "probe": detail_probe(model, val, device, args.probe_products),
+                      "probe_step0": detail_probe(initial, val, device, args.probe_products)}
+            if kind != "clip-ft":
                 record["mechanism"] = mechanism(model, val, device)
                 record["mechanism_step0"] = mechanism(initial, val, device)
             result_file.parent.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(record, indent=2))
             results["runs"][key] = record
-    report(results, args.seeds, len(val))
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    report(results, args.seeds, len(val), e2_kind)
+    (out / f"summary-{e2_kind}.json").write_text(json.dumps(results, indent=2))
 
 
-def report(results: dict, seeds, n_val: int) -> None:
+def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
     runs = results["runs"]
     print(f"\n{n_val} validation products, seeds {seeds}, {results['recipe']['finetune_steps']} fine-tuning steps; "
           "mean ± standard error")
     print("| model | T2I R@1 | I2T R@1 | T2I R@1 at step 0 | T2I gain since step 0 | step time (s) |")
     print("|---|---|---|---|---|---|")
-    for kind in ("clip-ft", "e2"):
+    for kind in ("clip-ft", e2_kind):
         rows = [runs[f"{kind}/seed{s}"] for s in seeds]
         t2i, i2t = mean_se([r["final"]["t2i_r1"] for r in rows]), mean_se([r["final"]["i2t_r1"] for r in rows])
         step0 = rows[0]["step0"]["t2i_r1"]
@@ -158,7 +217,7 @@ def report(results: dict, seeds, n_val: int) -> None:
         seconds = statistics.mean(r["step_seconds"] for r in rows)
         print(f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {step0:.1f} | "
               f"{gain[0]:+.1f} ± {gain[1]:.1f} | {seconds:.2f} |")
-    e2_rows = [runs[f"e2/seed{s}"] for s in seeds]
+    e2_rows = [runs[f"{e2_kind}/seed{s}"] for s in seeds]
     clip_rows = [runs[f"clip-ft/seed{s}"] for s in seeds]
     gap = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, clip_rows)])
     ratio = statistics.mean(e["step_seconds"] for e in e2_rows) / statistics.mean(c["step_seconds"] for c in clip_rows)
@@ -175,6 +234,15 @@ def report(results: dict, seeds, n_val: int) -> None:
         chance = mech["selection_chance"].get(entity)
         chance_text = f"{100 * chance:.1f}%" if chance is not None else "-"
         print(f"| {entity} | {before:.2f} | {loss:.2f} | {hit_text} | {chance_text} |")
+    print(f"\nDetail probe (seeds {seeds}): % of products whose text ranks their image above the same product "
+          "with one attribute changed (chance 50%)")
+    print("| model | " + " | ".join(PROBED) + " |")
+    print("|---|" + "---|" * len(PROBED))
+    for kind in ("clip-ft", e2_kind):
+        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
+        for label, field in (("step 0", "probe_step0"), ("final", "probe")):
+            cells = [mean_se([r[field][a] for r in rows]) for a in PROBED]
+            print(f"| {kind}, {label} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Recipe:
     pretrain_steps: int = 400
     finetune_steps: int = 300
     stage1_fraction: float = 0.3  # of E2's fine-tuning steps spent on stage 1 (new parts only)
+    stage1_steps: Optional[int] = None  # instead: stage 1 on top of the fine-tuning steps (the paper's budget)
     batch_size: int = 64
     pretrain_lr: float = 1e-3
     finetune_lr: float = 1e-4
@@ -70,10 +71,13 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
         cfg = TrainConfig(method="clip-ft", stages=[Stage("finetune", lr=recipe.finetune_lr,
                                                           steps=recipe.finetune_steps)], **common)
         return Path(train(cfg, evaluate, callbacks)["finetune"])
-    stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
+    if recipe.stage1_steps is None:
+        stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
+        stage2 = recipe.finetune_steps - stage1
+    else:
+        stage1, stage2 = recipe.stage1_steps, recipe.finetune_steps
     cfg = TrainConfig(method="e2", stages=[Stage("stage1", lr=recipe.finetune_lr * 10, steps=stage1),
-                                           Stage("stage2", lr=recipe.finetune_lr,
-                                                 steps=recipe.finetune_steps - stage1)], **common)
+                                           Stage("stage2", lr=recipe.finetune_lr, steps=stage2)], **common)
     return Path(train(cfg, evaluate, callbacks)["stage2"])
 
 
