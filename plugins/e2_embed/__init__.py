@@ -3,6 +3,7 @@ for a catalog, a folder of resumable ``.npy`` shards (:mod:`e2_embed.shards`).""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -95,7 +96,7 @@ def _text_batches(net, lines: List[str], batches: List[List[int]], device: torch
 
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
           out: Path = Path("embeddings.safetensors"), batch_size: int = 64, device: str = "auto", regions: bool = False,
-          strict: bool = False, shard_size: int = 0, workers: int = 2, progress: bool = True,
+          strict: bool = False, shard_size: int = 0, workers: Optional[int] = None, progress: bool = True,
           encoding: str = "utf-8") -> dict:
     """Encode images and/or texts into L2-normalised embeddings, one safetensors file or resumable shards.
 
@@ -116,13 +117,15 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         regions: also save E2's per-entity regional image embeddings and selected patches (E2 encoders only)
         strict: fail on the first unreadable image instead of skipping and reporting it
         shard_size: items per shard: write a resumable shard folder at --out (0: one safetensors file)
-        workers: processes decoding images in parallel with the encoder (0: in the main process)
+        workers: processes decoding images while the encoder runs (0: in the main process; unset: 1 on a CPU, up to 8 with a GPU)
         progress: show a progress bar with the time left
         encoding: text encoding of the --images and --texts files (e.g. latin-1, cp1252)
     """
-    if shard_size < 0 or workers < 0 or batch_size < 1:
+    if shard_size < 0 or (workers or 0) < 0 or batch_size < 1:
         raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
     dev = resolve_device(device)
+    if workers is None:
+        workers = 1 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
     net = load_encoder(encoder, device=dev)
     if regions and not net.has_regions:
         raise ValueError(f"--regions needs an E2 encoder; {encoder} is a CLIP")
