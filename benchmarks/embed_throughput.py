@@ -7,7 +7,7 @@ code path (``DataLoader`` workers, ``encode_image``, ``ShardedRun``) after the e
 forward side calls ``encode_image`` on random tensors of the preprocessed size, the same number of
 batches. Random weights; the two alternate ``--repeats`` times, best of each.
 
-    python benchmarks/embed_throughput.py --model ViT-B-32 --batch-sizes 16 32 --images 256 --workers 2
+    python benchmarks/embed_throughput.py --model ViT-B-32 --batch-sizes 16 32 --images 256 --workers 1
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="the task's default on a CPU")
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
