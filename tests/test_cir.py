@@ -225,3 +225,18 @@ def test_cirevl_captions_with_a_decoder_of_the_caption_task(fiq, tiny_checkpoint
     assert method.last_texts == [method.rewrite(c, p[0]) for c, p in zip(decap.caption_features(refs), batch.prompts)]
     with pytest.raises(CaptionerMismatch, match="was trained for the encoder"):
         METHODS["cirevl"](captioner=str(path)).prepare(clip, train)
+
+
+def test_gallery_cache_is_safetensors_and_a_broken_one_is_recomputed(tmp_path, tiny_checkpoints):
+    from e2_eval.fashioniq import embed_images
+
+    root = tmp_path / "fiq"
+    write_fashioniq(root, triplets_per_category=2, seed=0, splits=("val",))
+    data = load_fashioniq(root, "dress", "val")
+    encoder = e2_core.load_encoder(tiny_checkpoints["e2"])
+    names = data.gallery[:3]
+    first = embed_images(encoder, names, data, cache_dir=tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("fiq-*.safetensors")
+    cache.write_bytes(b"not safetensors")
+    assert torch.equal(embed_images(encoder, names, data, cache_dir=tmp_path / "cache"), first)
+    assert cache.read_bytes() != b"not safetensors"  # replaced

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from e2_core.checkpoint import save_tensors
 from e2_core.data.base import DataError, json_error, open_image
 
 CATEGORIES = ("dress", "shirt", "toptee")
@@ -209,9 +212,12 @@ def embed_images(encoder, names: Sequence[str], data: FashionIQ, cache_dir: Opti
     missing = [name for name, path in zip(names, paths) if path is None]
     if missing:
         raise DataError(f"{data.root / 'images'}: no image for {missing[:3]} ({len(missing)} missing)")
-    cache = Path(cache_dir) / f"fiq-{cache_key(encoder, [str(p) for p in paths])}.pt" if cache_dir else None
+    cache = Path(cache_dir) / f"fiq-{cache_key(encoder, [str(p) for p in paths])}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
-        return torch.load(cache, map_location="cpu", weights_only=True)
+        try:
+            return load_file(cache)["image_features"]
+        except (SafetensorError, OSError, KeyError):  # a cache cut short or foreign: computed again and replaced
+            pass
     encoder.eval().to(device)
     features = []
     for start in range(0, len(names), batch_size):
@@ -219,8 +225,7 @@ def embed_images(encoder, names: Sequence[str], data: FashionIQ, cache_dir: Opti
         features.append(encoder.encode_image(pixels.to(device), normalize=True).float().cpu())
     features = torch.cat(features) if features else torch.empty(0, encoder.embed_dim)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(features, cache)
+        save_tensors({"image_features": features}, cache)
     return features
 
 
