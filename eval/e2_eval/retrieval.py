@@ -102,12 +102,6 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _nonzero_columns(mask, rows):
-    """(row, column) of the True entries of ``mask``, whose row i is row ``rows[i]``."""
-    i, columns = mask.nonzero(as_tuple=True)
-    return rows[i], columns
-
-
 class _RunningTopK:
     """The top ``k`` of each of ``rows`` queries over the gallery chunks added so far, in gallery order.
 
@@ -141,8 +135,8 @@ class _RunningTopK:
             # most rows have no group above their k-th best: find the others first, on one value per row
             kth = self.values[:, -1]
             hit_rows = (row_best > kth).nonzero()[:, 0]
-            hit_rows, hit_groups = _nonzero_columns(maxima.index_select(0, hit_rows) > kth[hit_rows, None],
-                                                    hit_rows)
+            i, hit_groups = (maxima.index_select(0, hit_rows) > kth[hit_rows, None]).nonzero(as_tuple=True)
+            hit_rows = hit_rows[i]
             if len(hit_rows) > self.rows and n >= self.k:     # early on, the chunk's own k-th best bounds more
                 keep = maxima[hit_rows, hit_groups] >= maxima.topk(self.k, dim=1).values[hit_rows, -1]
                 hit_rows, hit_groups = hit_rows[keep], hit_groups[keep]
