@@ -110,6 +110,10 @@ def read_config(path: PathLike) -> Dict[str, Any]:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    if isinstance(config, dict) and "transformers_version" in config:
+        raise CheckpointError(f"{file} is a transformers model (model_type {config.get('model_type')!r}), not this "
+                              "package's checkpoint: load it with transformers.AutoModel.from_pretrained (after "
+                              "`import e2_transformers` for an E2)")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not an E2 checkpoint config (expected \"format\": \"{FORMAT}\")")
     if config.get("format_version", 0) > FORMAT_VERSION:

@@ -462,3 +462,10 @@ def test_embed_shards_read_as_a_clip_retrieval_indexer_reads_them(tmp_path, tiny
             tokens = e2.tokenizer([text_meta[k]["caption"]])
             assert np.abs(text_rows[k] - e2.encode_text(tokens, normalize=True)[0].numpy()).max() < 1e-5
     assert len(images) == len(image_meta) == 12 and len(text_rows) == len(text_meta) == 12
+
+
+def test_a_transformers_save_given_as_an_encoder_source_says_how_to_load_it(encoders, tmp_path):
+    e2_core.adapt(encoders["e2"], "transformers").save_pretrained(tmp_path / "hf")
+    with pytest.raises(e2_core.CheckpointError, match=r"config.json is a transformers model \(model_type 'e2_clip'\), "
+                                                      r"not this package's checkpoint: load it with transformers"):
+        e2_core.load_encoder(str(tmp_path / "hf"))
