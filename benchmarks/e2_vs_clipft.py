@@ -10,7 +10,7 @@ holding its detail against chance.
 
     python benchmarks/e2_vs_clipft.py --seeds 0 1 2 --out runs/bench      # ~1 h on 2 CPU cores
     python benchmarks/e2_vs_clipft.py --finetune-steps 2000 --device cuda  # a GPU, more steps
-    python benchmarks/e2_vs_clipft.py --variant paper --token-attention full --seeds 0   # one lever
+    python benchmarks/e2_vs_clipft.py --variant paper --token-attention full --global-weight 0.5 --seeds 0
 
 A variant's E2 runs live in ``OUT/e2-VARIANT`` and share the start and the CLIP-FT runs with the others.
 The detail probe asks both models the question E2 exists for: given a product's text, is its own image
@@ -144,9 +144,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEMO.batch_size)
     parser.add_argument("--variant", default="", help="name of an E2 variant (its runs go to OUT/e2-VARIANT)")
     parser.add_argument("--token-attention", choices=["one-way", "full"], default=None, help="E2 variant lever")
-    parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.5)")
-    parser.add_argument("--stage1-steps", type=int, default=None,
-                        help="E2 variant lever: stage 1 on top of the fine-tuning steps (the paper's budget)")
+    parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
+    parser.add_argument("--equal-budget", action="store_true",
+                        help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
     parser.add_argument("--probe-products", type=int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -162,7 +162,7 @@ def main() -> None:
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
-    results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "stage1_steps": args.stage1_steps},
+    results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget},
                "runs": {}}
     for kind in ("clip-ft", e2_kind):
         torch.manual_seed(0)  # the step-0 E2's new parts
@@ -179,8 +179,8 @@ def main() -> None:
             if kind == "clip-ft":  # a finished run returns at once
                 best = recipe_run(kind, recipe, out, seed, **common)
             else:
-                best = finetune("e2", replace(recipe, seed=seed, stage1_steps=args.stage1_steps), start, run, data_root,
-                                **common, **levers)
+                best = finetune("e2", replace(recipe, seed=seed, stage1_on_top=not args.equal_budget), start, run,
+                                data_root, **common, **levers)
             model = e2_core.load_encoder(best)
             if result_file.is_file():
                 record = json.loads(result_file.read_text())

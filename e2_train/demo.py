@@ -4,7 +4,8 @@ sources ``demo:clip-ft`` and ``demo:e2`` (entry-point group ``e2_plugins.encoder
 
 Recipe (``DEMO``): a small CLIP (``ViT-S-16-128``) is first pre-trained from scratch on synthetic
 products disjoint from the task data; CLIP-FT and E2 are then fine-tuned from it on the same
-data, for the same number of steps, with the same seed.
+data with the same seed, E2's stage 1 (its new parts only) running on top of CLIP-FT's steps as in
+the paper.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class Recipe:
     pretrain_products: int = 8000
     pretrain_steps: int = 400
     finetune_steps: int = 300
-    stage1_fraction: float = 0.3  # of E2's fine-tuning steps spent on stage 1 (new parts only)
-    stage1_steps: Optional[int] = None  # instead: stage 1 on top of the fine-tuning steps (the paper's budget)
+    stage1_fraction: float = 0.3  # E2's stage 1 (new parts only): this share of the fine-tuning steps, run
+    stage1_on_top: bool = True      # on top of the steps CLIP-FT gets, as in the paper (False: within them)
     batch_size: int = 64
     pretrain_lr: float = 1e-3
     finetune_lr: float = 1e-4
@@ -71,11 +72,8 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
         cfg = TrainConfig(method="clip-ft", stages=[Stage("finetune", lr=recipe.finetune_lr,
                                                           steps=recipe.finetune_steps)], **common)
         return Path(train(cfg, evaluate, callbacks)["finetune"])
-    if recipe.stage1_steps is None:
-        stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
-        stage2 = recipe.finetune_steps - stage1
-    else:
-        stage1, stage2 = recipe.stage1_steps, recipe.finetune_steps
+    stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
+    stage2 = recipe.finetune_steps if recipe.stage1_on_top else recipe.finetune_steps - stage1
     cfg = TrainConfig(method="e2", stages=[Stage("stage1", lr=recipe.finetune_lr * 10, steps=stage1),
                                            Stage("stage2", lr=recipe.finetune_lr, steps=stage2)], **common)
     return Path(train(cfg, evaluate, callbacks)["stage2"])
@@ -110,6 +108,8 @@ def demo_encoder(name: str, recipe: Recipe = DEMO, log: Callable[[str], None] = 
     if not done.exists():
         steps = recipe.finetune_steps + (0 if (root / "pretrain" / "finetune" / "done.json").is_file()
                                          else recipe.pretrain_steps)
+        if name == "e2" and recipe.stage1_on_top:
+            steps += round(recipe.finetune_steps * recipe.stage1_fraction)
         log(f"training the demo encoder demo:{name} once into {root} (cached for every later run): {steps} steps, "
             f"roughly {max(1, round(steps / 60))} min on 2 CPU cores (about 1 s a step; less on a GPU) ...")
     path = recipe_run(name, recipe, root, 0)

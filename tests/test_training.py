@@ -319,7 +319,7 @@ def test_a_first_demo_run_says_what_it_will_train_and_roughly_how_long(tmp_path,
     said = []
     demo.demo_encoder("e2", log=said.append)
     assert said == [f"training the demo encoder demo:e2 once into {tmp_path / 'demo-ViT-S-16-128'} (cached for every "
-                    "later run): 700 steps, roughly 12 min on 2 CPU cores (about 1 s a step; less on a GPU) ..."]
+                    "later run): 790 steps, roughly 13 min on 2 CPU cores (about 1 s a step; less on a GPU) ..."]
     said.clear()
     demo.demo_encoder("e2", log=said.append)
     assert said == []  # cached
