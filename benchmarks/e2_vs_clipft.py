@@ -172,6 +172,7 @@ def main() -> None:
             arch=args.model)
         val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
         step0 = retrieval_r1(initial, val, device)
+        probe0 = detail_probe(initial, val, device, args.probe_products)  # the same start for every seed
         for seed in args.seeds:
             key = f"{kind}/seed{seed}"
             result_file = out / kind / f"seed{seed}-results.json"
@@ -186,13 +187,13 @@ def main() -> None:
                 record = json.loads(result_file.read_text())
                 if "probe" not in record:  # measured before the probe existed
                     record["probe"] = detail_probe(model, val, device, args.probe_products)
-                    record["probe_step0"] = detail_probe(initial, val, device, args.probe_products)
+                    record["probe_step0"] = probe0
                     result_file.write_text(json.dumps(record, indent=2))
                 results["runs"][key] = record
                 continue
             record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run),
                       "probe": detail_probe(model, val, device, args.probe_products),
-                      "probe_step0": detail_probe(initial, val, device, args.probe_products)}
+                      "probe_step0": probe0}
             if kind != "clip-ft":
                 record["mechanism"] = mechanism(model, val, device)
                 record["mechanism_step0"] = mechanism(initial, val, device)

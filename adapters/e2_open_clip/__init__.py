@@ -29,7 +29,7 @@ from e2_core.registry import Adapter
 
 _PRECISIONS = {"fp32": torch.float32, "amp": torch.float32, "amp_bf16": torch.float32, "fp16": torch.float16,
                "pure_fp16": torch.float16, "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16}
-_loaded: Dict[str, Encoder] = {}  # source -> encoder, so get_tokenizer does not load the model again
+_tokenizers: Dict[str, Any] = {}  # source -> tokenizer of a model already loaded (get_tokenizer need not load it)
 
 
 def to_open_clip(encoder: Encoder) -> CLIP:
@@ -89,14 +89,14 @@ def get_tokenizer(model_name: str, **kwargs):
     source = e2_source(model_name)
     if source is None:
         return open_clip.get_tokenizer(model_name, **kwargs)
-    return (_loaded.get(source) or _load(source)).tokenizer
+    return _tokenizers[source] if source in _tokenizers else _load(source).tokenizer
 
 
 def _load(source: str, precision: str = "fp32", device: Any = "cpu") -> Encoder:
     if precision not in _PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(_PRECISIONS)}")
     encoder = load_encoder(source, device=device).to(_PRECISIONS[precision]).eval()
-    _loaded[source] = encoder
+    _tokenizers[source] = encoder.tokenizer
     return encoder
 
 
