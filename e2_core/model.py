@@ -222,14 +222,18 @@ class E2Model(CLIP):
     def encode_entity_text(self, entity_text: EntityTokens, normalize: bool = False) -> torch.Tensor:
         """Each item's entity strings (:func:`tokenize_entities`) -> embeddings (B, K, D).
 
-        Every distinct string is encoded once: brands and seasons repeat across a batch.
+        Every distinct string is encoded once (brands and seasons repeat across a batch), each length
+        bucket cut to its own longest string.
         """
         if not isinstance(entity_text, EntityTokens):
             raise TypeError(f"entity_text must be EntityTokens from e2_core.tokenize_entities, got {type(entity_text).__name__}")
         if entity_text.index.ndim != 2 or entity_text.index.shape[1] != len(self.entities):
             raise ValueError(f"entity_text holds {tuple(entity_text.index.shape)} (items, entities) but the model's "
                              f"entities are {list(self.entities)}: give one string per entity, in that order")
-        return self.encode_text(entity_text.tokens, normalize=normalize)[entity_text.index]
+        tokens = entity_text.tokens
+        features = [self.encode_text(tokens[start:end, :columns], normalize=normalize)
+                    for start, end, columns in entity_text.spans()]
+        return torch.cat(features)[entity_text.index]
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
                 entity_text: Optional[EntityTokens] = None):

@@ -54,23 +54,37 @@ def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 class EntityTokens:
     """Each item's K entity strings, tokenized once per distinct string.
 
-    ``tokens`` (U, L): the distinct strings, padding trimmed; ``index`` (B, K): which row of
-    ``tokens`` is item b's entity k. Items with the same ``index[:, k]`` share entity k's value,
-    so ``index`` doubles as the labels of the loss's multi-positive targets.
+    ``tokens`` (U, L): the distinct strings, shortest first, padding trimmed; ``index`` (B, K): which
+    row of ``tokens`` is item b's entity k. Items with the same ``index[:, k]`` share entity k's value,
+    so ``index`` doubles as the labels of the loss's multi-positive targets. ``buckets`` splits the rows
+    into length classes, ``(end row, columns)`` each, so a brand is not padded to a description's length
+    (:meth:`spans`); empty means one bucket of every row and column.
     """
 
     tokens: torch.Tensor
     index: torch.Tensor
+    buckets: Tuple[Tuple[int, int], ...] = ()
 
     def __len__(self) -> int:
         return self.index.shape[0]
 
+    def spans(self) -> List[Tuple[int, int, int]]:
+        """``(start row, end row, columns)`` of each length bucket."""
+        buckets = self.buckets or ((self.tokens.shape[0], self.tokens.shape[1]),)
+        starts = [0] + [end for end, _ in buckets[:-1]]
+        return [(start, end, columns) for start, (end, columns) in zip(starts, buckets)]
+
     def to(self, device) -> "EntityTokens":
-        return EntityTokens(self.tokens.to(device, non_blocking=True), self.index.to(device, non_blocking=True))
+        return EntityTokens(self.tokens.to(device, non_blocking=True), self.index.to(device, non_blocking=True),
+                            self.buckets)
 
 
-def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]]) -> EntityTokens:
+def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]], min_bucket: int = 8) -> EntityTokens:
     """Per-item lists of K entity strings -> :class:`EntityTokens`.
+
+    Distinct strings are sorted by token length and bucketed by powers of two (at least ``min_bucket``
+    tokens): brands and seasons are a few tokens, descriptions dozens, and the text tower's cost is
+    rows x columns.
 
     Example:
         >>> et = tokenize_entities(get_tokenizer("ViT-B-32"), [["SHIRTS", "Acne"], ["SHIRTS", "Prada"]])  # doctest: +SKIP
@@ -83,6 +97,18 @@ def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]]) -> Ent
     bad = [i for i, row in enumerate(entity_strings) if len(row) != k]
     if bad:
         raise ValueError(f"items {bad[:5]} have a different number of entity strings than item 0 ({k})")
-    distinct = {}
-    index = [[distinct.setdefault(s, len(distinct)) for s in row] for row in entity_strings]
-    return EntityTokens(trim_padding(tokenizer(list(distinct))), torch.tensor(index))
+    distinct = list(dict.fromkeys(s for row in entity_strings for s in row))
+    tokens = tokenizer(distinct)
+    lengths = (tokens != 0).long().cumsum(dim=1).argmax(dim=1) + 1  # last non-padding position + 1
+    order = torch.argsort(lengths, stable=True)
+    tokens, lengths = tokens[order], lengths[order].tolist()
+    row_of = {distinct[i]: row for row, i in enumerate(order.tolist())}
+    buckets = []
+    for row, length in enumerate(lengths):
+        bucket = max(min_bucket, 1 << (length - 1).bit_length())
+        if buckets and buckets[-1][2] == bucket:
+            buckets[-1] = (row + 1, length, bucket)
+        else:
+            buckets.append((row + 1, length, bucket))
+    return EntityTokens(tokens[:, :lengths[-1]], torch.tensor([[row_of[s] for s in row] for row in entity_strings]),
+                        tuple((end, columns) for end, columns, _ in buckets))

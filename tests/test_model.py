@@ -29,6 +29,16 @@ def test_output_shapes(tokenizer, entities, tokens):
     assert model.encode_text(text, normalize=True).shape == (3, d)
 
 
+def test_entity_buckets_give_the_unbucketed_embeddings(tiny_model, tokenizer):
+    long = "a long description of a shirt with a small embroidered logo at the chest"
+    rows = [["SHIRTS", "Acne", long, "FW2016", "wool"], ["JEANS", "Prada", long + " and tag", "SS2017", "silk"]]
+    bucketed = e2_core.tokenize_entities(tokenizer, rows)
+    assert len(bucketed.spans()) >= 2
+    one_bucket = e2_core.EntityTokens(bucketed.tokens, bucketed.index)
+    tiny_model.eval()
+    assert torch.allclose(tiny_model.encode_entity_text(bucketed), tiny_model.encode_entity_text(one_bucket), atol=1e-6)
+
+
 def test_clip_tuple_output(tiny_model, tokenizer):
     images, text, _ = make_batch(tokenizer)
     tiny_model.output_dict = False

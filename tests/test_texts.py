@@ -21,12 +21,24 @@ def test_amazon_texts_and_missing_field():
         build_texts({"brand": "Levi's"}, AMAZON_FASHION)
 
 
-def test_tokenize_entities_dedupes_and_trims():
+def test_tokenize_entities_dedupes_sorts_and_buckets():
     tok = get_tokenizer(TINY)
-    et = tokenize_entities(tok, [["SHIRTS", "Acne Studios"], ["SHIRTS", "Prada"], ["JEANS", "Acne Studios"]])
-    assert et.index.tolist() == [[0, 1], [0, 2], [3, 1]]  # the index doubles as multi-positive labels
+    rows = [["SHIRTS", "Acne Studios"], ["SHIRTS", "Prada"], ["JEANS", "Acne Studios"]]
+    et = tokenize_entities(tok, rows)
     assert et.tokens.shape[0] == 4 and et.tokens.shape[1] < 32
-    assert torch.equal(et.tokens, trim_padding(tok(["SHIRTS", "Acne Studios", "Prada", "JEANS"])))
+    for row, strings in zip(et.index.tolist(), rows):  # each item points at its own strings' tokens
+        expected = trim_padding(tok(strings))
+        assert torch.equal(et.tokens[row, :expected.shape[1]], expected)
+    assert et.index[:, 0].tolist() == [et.index[0, 0]] * 2 + [et.index[2, 0]]  # shared values share a row
+    lengths = (et.tokens != 0).sum(dim=1).tolist()
+    assert lengths == sorted(lengths)
+
+    long = "a long description of a shirt with a small embroidered logo at the chest and a hang tag"
+    et = tokenize_entities(tok, [["FW2016", long], ["SS2017", long + " again"]], min_bucket=8)
+    season_columns = trim_padding(tok(["FW2016", "SS2017"])).shape[1]
+    assert season_columns < 8 < et.tokens.shape[1]
+    assert [columns for _, _, columns in et.spans()] == [season_columns, et.tokens.shape[1]]  # no padding to 20+
+    assert et.spans()[0][:2] == (0, 2) and et.spans()[1][:2] == (2, 4)
     with pytest.raises(ValueError, match="different number"):
         tokenize_entities(tok, [["a", "b"], ["c"]])
 
