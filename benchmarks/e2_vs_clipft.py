@@ -20,6 +20,7 @@ colour as the coarse control)? Counterfactual images are rendered by the generat
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import statistics
@@ -37,13 +38,34 @@ from e2_core.data.builders.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, 
 from e2_core.loss import contrastive_loss
 from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run
 from e2_eval.harness import embed_dataset
-from e2_eval.retrieval import cross_modal_retrieval
+from e2_eval.retrieval import cross_modal_retrieval, topk_indices
+
+
+ATTRIBUTES = ("subcategory", "colour", "brand", "composition", "season", "mark_place")
 
 
 def retrieval_r1(encoder, data, device) -> dict:
-    images, texts, _, _ = embed_dataset(encoder, data, 256, device)
+    images, texts, indices, _ = embed_dataset(encoder, data, 256, device)
     scores = cross_modal_retrieval(images, texts)
-    return {"t2i_r1": scores["t2i"][1], "i2t_r1": scores["i2t"][1], "sumr": scores["sumr"]}
+    return {"t2i_r1": scores["t2i"][1], "i2t_r1": scores["i2t"][1], "sumr": scores["sumr"],
+            "t2i_errors": t2i_errors(texts, images, [int(data.product_ids[i]) for i in indices])}
+
+
+def t2i_errors(texts, images, product_ids) -> dict:
+    """What the wrong text-to-image top-1 products get wrong: how many of the generator's attributes differ
+    from the right product, and how often each one does (alone or with others)."""
+    products = catalog(0)
+    truth = [products[i] for i in product_ids]
+    top = topk_indices(texts, images, 1)[:, 0].tolist()
+    differing = [[a for a in ATTRIBUTES if getattr(truth[q], a) != getattr(truth[t], a)]
+                 for q, t in enumerate(top) if t != q]
+    visible = collections.Counter((p.subcategory, p.colour, p.brand, p.composition) for p in truth)
+    return {"errors": len(differing), "queries": len(top),
+            "by_count": dict(collections.Counter(len(d) for d in differing)),
+            "differs": {a: sum(a in d for d in differing) for a in ATTRIBUTES},
+            "only": {a: sum(d == [a] for d in differing) for a in ATTRIBUTES},
+            # products whose gallery also holds one that differs only in the small details (season, mark place)
+            "detail_twins": sum(visible[(p.subcategory, p.colour, p.brand, p.composition)] > 1 for p in truth)}
 
 
 @torch.no_grad()
@@ -188,7 +210,9 @@ def main() -> None:
                 if "probe" not in record:  # measured before the probe existed
                     record["probe"] = detail_probe(model, val, device, args.probe_products)
                     record["probe_step0"] = probe0
-                    result_file.write_text(json.dumps(record, indent=2))
+                if "t2i_errors" not in record["final"]:  # measured before the error analysis existed
+                    record["final"] = retrieval_r1(model, val, device)
+                result_file.write_text(json.dumps(record, indent=2))
                 results["runs"][key] = record
                 continue
             record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run),
@@ -244,6 +268,19 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
         for label, field in (("step 0", "probe_step0"), ("final", "probe")):
             cells = [mean_se([r[field][a] for r in rows]) for a in PROBED]
             print(f"| {kind}, {label} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) + " |")
+    first = runs[f"clip-ft/seed{seeds[0]}"]["final"]["t2i_errors"]
+    print(f"\nWrong T2I top-1 (seeds {seeds}, summed): how many attributes the retrieved product gets wrong, and the "
+          f"share of errors where each differs (alone); {first['detail_twins']} of {first['queries']} queries "
+          "have a gallery twin that differs only in season and/or mark place")
+    print("| model | errors | mean attributes wrong | " + " | ".join(ATTRIBUTES) + " |")
+    print("|---|---|---|" + "---|" * len(ATTRIBUTES))
+    for kind in ("clip-ft", e2_kind):
+        errors = [runs[f"{kind}/seed{s}"]["final"]["t2i_errors"] for s in seeds]
+        total = sum(e["errors"] for e in errors)
+        wrong = sum(int(n) * c for e in errors for n, c in e["by_count"].items()) / max(total, 1)
+        cells = [f"{100 * sum(e['differs'][a] for e in errors) / max(total, 1):.0f}% "
+                 f"({100 * sum(e['only'][a] for e in errors) / max(total, 1):.0f}%)" for a in ATTRIBUTES]
+        print(f"| {kind} | {total} | {wrong:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

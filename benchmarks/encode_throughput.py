@@ -31,6 +31,12 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def quartiles(values):
+    """(first quartile, median, third quartile): the spread of the side-by-side ratios, which shows how
+    much a shared machine moved them."""
+    return tuple(statistics.quantiles(values, n=4)) if len(values) > 1 else (values[0],) * 3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ViT-B-32")
@@ -74,14 +80,17 @@ def main() -> None:
     mode = "torch.compile" if args.compile else "eager"
     print(f"{args.model}, batch {args.batch_size}, {size[0]} px, {where}, {precision}, {mode}, "
           f"median of {args.repeats} repeats after {args.warmup} warm-up")
-    print("| tower | CLIP items/s | E2 items/s | E2 / CLIP |")
-    print("|---|---|---|---|")
+    print("| tower | CLIP items/s | E2 items/s | E2 / CLIP | per-repeat ratios, quartiles |")
+    print("|---|---|---|---|---|")
     result = {"model": args.model, "batch_size": args.batch_size, "device": where, "precision": precision,
               "mode": mode}
     for tower in ("image", "text"):
         ratio = rate[(tower, "E2")] / rate[(tower, "CLIP")]
-        print(f"| {tower} | {rate[(tower, 'CLIP')]:.1f} | {rate[(tower, 'E2')]:.1f} | {ratio:.3f} |")
-        result[tower] = {"clip": rate[(tower, "CLIP")], "e2": rate[(tower, "E2")], "ratio": ratio}
+        low, _, high = quartiles([c / e for c, e in zip(seconds[(tower, "CLIP")], seconds[(tower, "E2")])])
+        print(f"| {tower} | {rate[(tower, 'CLIP')]:.1f} | {rate[(tower, 'E2')]:.1f} | {ratio:.3f} | "
+              f"{low:.3f}-{high:.3f} |")
+        result[tower] = {"clip": rate[(tower, "CLIP")], "e2": rate[(tower, "E2")], "ratio": ratio,
+                         "repeat_ratio_quartiles": [low, high]}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
