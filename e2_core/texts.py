@@ -82,9 +82,10 @@ class EntityTokens:
 def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]], min_bucket: int = 8) -> EntityTokens:
     """Per-item lists of K entity strings -> :class:`EntityTokens`.
 
-    Distinct strings are sorted by token length and bucketed by powers of two (at least ``min_bucket``
-    tokens): brands and seasons are a few tokens, descriptions dozens, and the text tower's cost is
-    rows x columns.
+    Distinct strings are sorted by token length and split into buckets, from the longest down: a bucket
+    takes every string longer than half its longest one (all of them once that is ``min_bucket`` tokens or
+    fewer), so no string is padded to more than twice its length. Brands and seasons are a few tokens,
+    descriptions dozens, and the text tower's cost is rows x columns.
 
     Example:
         >>> et = tokenize_entities(get_tokenizer("ViT-B-32"), [["SHIRTS", "Acne"], ["SHIRTS", "Prada"]])  # doctest: +SKIP
@@ -103,12 +104,13 @@ def tokenize_entities(tokenizer, entity_strings: Sequence[Sequence[str]], min_bu
     order = torch.argsort(lengths, stable=True)
     tokens, lengths = tokens[order], lengths[order].tolist()
     row_of = {distinct[i]: row for row, i in enumerate(order.tolist())}
-    buckets = []
-    for row, length in enumerate(lengths):
-        bucket = max(min_bucket, 1 << (length - 1).bit_length())
-        if buckets and buckets[-1][2] == bucket:
-            buckets[-1] = (row + 1, length, bucket)
-        else:
-            buckets.append((row + 1, length, bucket))
+    buckets, end = [], len(lengths)  # from the longest string down: a bucket pads each of its strings at most 2x
+    while end:
+        columns = lengths[end - 1]
+        start = end
+        while start and (2 * lengths[start - 1] > columns or columns <= min_bucket):
+            start -= 1
+        buckets.insert(0, (end, columns))
+        end = start
     return EntityTokens(tokens[:, :lengths[-1]], torch.tensor([[row_of[s] for s in row] for row in entity_strings]),
-                        tuple((end, columns) for end, columns, _ in buckets))
+                        tuple(buckets))

@@ -43,6 +43,21 @@ def test_tokenize_entities_dedupes_sorts_and_buckets():
         tokenize_entities(tok, [["a", "b"], ["c"]])
 
 
+def test_entity_buckets_pad_no_string_past_twice_its_length():
+    tok = get_tokenizer(TINY)
+    words = "red wool coat with a small logo on the left chest and a season tag".split()
+    strings = [" ".join(words[:n]) for n in range(1, len(words) + 1)] + ["x " * 90]  # the last fills the context
+    et = tokenize_entities(tok, [[s] for s in strings], min_bucket=8)
+    lengths = (et.tokens != 0).sum(dim=1).tolist()
+    spans = et.spans()
+    assert spans[0][0] == 0 and spans[-1][1] == len(strings) and len(spans) >= 3
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))      # contiguous, every row once
+    for start, end, columns in spans:
+        assert columns == max(lengths[start:end])                  # cut to the bucket's longest
+        assert columns <= 8 or all(2 * n > columns for n in lengths[start:end])
+    assert et.tokens.shape[1] == tok.context_length
+
+
 def test_trim_padding_keeps_every_real_token():
     tok = get_tokenizer(TINY)
     tokens = tok(["a", "a much longer text with more words"])
