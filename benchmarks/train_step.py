@@ -55,7 +55,7 @@ def main() -> None:
     e2_loss = e2_core.RegionalContrastiveLoss(e2.entities)
     fused = device.type == "cuda"
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-6, fused=fused)
-                  for name, m in (("CLIP-FT", clip), ("E2", e2))}
+                  for name, m in (("CLIP-FT", clip), ("E2", e2), ("E2, one entity batch", e2))}
 
     def step(name):
         with autocast(device, args.precision):
