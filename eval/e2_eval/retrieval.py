@@ -12,7 +12,6 @@ Tie conventions (stated once here, repeated in each docstring):
   above it (pessimistic), so all-equal features score 0 at every K smaller than the candidate list.
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -89,19 +88,6 @@ def _select_topk(values, indices, k):
     return values.gather(1, order), indices.gather(1, order)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """For the screening and bookkeeping (only the matrix product runs on all threads): many small
-    operations, as fast on one thread as in parallel regions when the cores are idle, and much faster
-    when other processes keep them busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _RunningTopK:
     """The top ``k`` of each of ``rows`` queries over the gallery chunks added so far, in gallery order.
 
@@ -119,7 +105,6 @@ class _RunningTopK:
         self.indices = torch.empty(rows, 0, dtype=torch.long, device=device)
         self.pending, self.pending_groups = [], 0
 
-    @_one_thread()
     def add(self, scores, offset):
         """Screens the scores of gallery items ``offset, offset + 1, ...``; False if any is NaN or infinite."""
         rows, width = scores.shape
@@ -190,7 +175,6 @@ class _RunningTopK:
             self.values.index_copy_(0, changed, values)
             self.indices.index_copy_(0, changed, indices)
 
-    @_one_thread()
     def result(self):
         self._merge()
         return self.indices
