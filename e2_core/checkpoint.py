@@ -1,7 +1,9 @@
 """Checkpoints of this package: a directory with ``config.json`` (the open_clip architecture and
 config, the preprocessing config, and the ``E2Config`` of an E2 model) and ``model.safetensors``.
 An E2 model and a CLIP (any open_clip ``CLIP``) are written alike; ``model_type`` tells them apart.
-Nothing here unpickles anything."""
+A tensor may be stored as some of its rows (``compact_state_dict``: ``NAME`` holds the rows,
+``NAME.kept_rows`` their indices, the other rows load as zeros) and in half precision; it loads into
+the full-size, full-precision model. Nothing here unpickles anything."""
 from __future__ import annotations
 
 import json
@@ -24,6 +26,7 @@ FORMAT = "e2-plugins/encoder"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+KEPT_ROWS = ".kept_rows"
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,6 +56,32 @@ def save_pretrained(model, path: PathLike, *, arch: Optional[str] = None,
     save_tensors(state_dict, path / WEIGHTS_NAME, {"format": FORMAT})
     _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2)))
     return path
+
+
+def compact_state_dict(state_dict: Mapping[str, torch.Tensor], kept_rows: Mapping[str, torch.Tensor],
+                       dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
+    """A smaller copy of ``state_dict`` for :func:`save_pretrained`: floating tensors in ``dtype``, and each
+    tensor named in ``kept_rows`` stored as those rows only (e.g. the token embedding rows of the
+    vocabulary a model was trained on; the others load as zeros)."""
+    out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    for name, rows in kept_rows.items():
+        rows = torch.as_tensor(rows, dtype=torch.int64).unique()
+        out[name], out[name + KEPT_ROWS] = out[name][rows], rows
+    return out
+
+
+def _expand_kept_rows(state_dict: Dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
+    for key in [k for k in state_dict if k.endswith(KEPT_ROWS)]:
+        name, rows = key[: -len(KEPT_ROWS)], state_dict.pop(key)
+        if name not in state_dict or name not in own:
+            continue  # reported as unexpected / missing by the shape check
+        values, full = state_dict[name], torch.zeros_like(own[name])
+        if rows.ndim != 1 or len(rows) != len(values) or values.shape[1:] != full.shape[1:] or \
+                (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < len(full)):
+            raise CheckpointError(f"{source}: {key} does not index {name} of shape {tuple(full.shape)}; "
+                                  "the checkpoint is corrupt")
+        full[rows] = values.to(full.dtype)
+        state_dict[name] = full
 
 
 def checkpoint_config(model: CLIP, arch: Optional[str] = None) -> Dict[str, Any]:
@@ -141,6 +170,7 @@ def load_checkpoint(path: PathLike, config: Optional[E2Config] = None) -> Union[
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file ({err}); "
                               "was the save interrupted? Use an earlier checkpoint") from err
+    _expand_kept_rows(state_dict, model.state_dict(), str(weights))
     load_state_dict_checked(model, state_dict, source=str(weights))
     return model
 

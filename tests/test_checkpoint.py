@@ -25,6 +25,43 @@ def test_round_trip_is_bit_exact(tiny_model, tokenizer, tmp_path):
     assert e2_core.get_tokenizer(tmp_path / "ckpt")(["x"]).shape == (1, 32)
 
 
+def test_compact_checkpoint_keeps_the_rows_it_names_in_half_precision(tiny_model, tokenizer, tmp_path):
+    from e2_core.checkpoint import compact_state_dict
+
+    tiny_model.eval()
+    images, text, entity_text = make_batch(tokenizer)
+    used = torch.cat([text.flatten(), entity_text.tokens.flatten()]).unique()
+    state = tiny_model.state_dict()
+    save_pretrained(tiny_model, tmp_path / "ckpt", state_dict=compact_state_dict(state, {"token_embedding.weight": used}))
+    loaded = e2_core.create_e2(None, pretrained=tmp_path / "ckpt").eval()
+    table = loaded.token_embedding.weight.detach()
+    assert table.dtype == torch.float32 and table.shape == state["token_embedding.weight"].shape
+    assert torch.equal(table[used], state["token_embedding.weight"][used].half().float())
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[used] = False
+    assert others.any() and not table[others].any()  # rows not kept load as zeros
+    for name, tensor in loaded.state_dict().items():
+        if name != "token_embedding.weight" and tensor.is_floating_point():
+            assert torch.equal(tensor, state[name].half().float()), name
+    with torch.no_grad():
+        a, b = tiny_model(images, text, entity_text), loaded(images, text, entity_text)
+    for key in ("image_features", "text_features", "entity_text_features", "image_regional_features"):
+        assert torch.allclose(a[key], b[key], atol=5e-3), key  # texts of kept rows only: fp16 rounding apart
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_size < 0.6 * sum(
+        v.numel() * v.element_size() for v in state.values())
+
+
+def test_compact_rows_that_do_not_fit_are_refused(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from e2_core.checkpoint import compact_state_dict
+
+    state = compact_state_dict(tiny_model.state_dict(), {"token_embedding.weight": torch.arange(10)})
+    state["token_embedding.weight.kept_rows"] = torch.arange(10) + 10 ** 6
+    save_pretrained(tiny_model, tmp_path / "ckpt", state_dict=state)
+    with pytest.raises(CheckpointError, match=r"token_embedding\.weight\.kept_rows does not index token_embedding"):
+        e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+
+
 def test_checkpoint_config_overrides(tiny_model, tmp_path):
     save_pretrained(tiny_model, tmp_path / "ckpt")
     loaded = e2_core.create_e2(TINY, pretrained=tmp_path / "ckpt", stochastic_eval=True)
