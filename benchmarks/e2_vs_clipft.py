@@ -37,8 +37,8 @@ from e2_core.data.builders.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, 
     layout, render
 from e2_core.loss import contrastive_loss
 from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run
-from e2_eval.harness import embed_dataset
-from e2_eval.retrieval import cross_modal_retrieval, topk_indices
+from e2_eval.harness import embed_dataset, evaluate_retrieval
+from e2_eval.retrieval import topk_indices
 
 
 ATTRIBUTES = ("subcategory", "colour", "brand", "composition", "season", "mark_place")
@@ -46,8 +46,11 @@ ATTRIBUTES = ("subcategory", "colour", "brand", "composition", "season", "mark_p
 
 def retrieval_r1(encoder, data, device) -> dict:
     images, texts, indices, _ = embed_dataset(encoder, data, 256, device)
-    scores = cross_modal_retrieval(images, texts)
-    return {"t2i_r1": scores["t2i"][1], "i2t_r1": scores["i2t"][1], "sumr": scores["sumr"],
+    groups = data.groups("subcategory")
+    scores = evaluate_retrieval(images, texts, [groups[i] for i in indices])
+    full = scores["full"]
+    return {"t2i_r1": full["t2i"][1], "i2t_r1": full["i2t"][1], "sumr": full["sumr"],
+            "sample100_sumr": scores["sample-100"].get("sumr"),  # None: groups too small
             "t2i_errors": t2i_errors(texts, images, [int(data.product_ids[i]) for i in indices])}
 
 
@@ -210,7 +213,7 @@ def main() -> None:
                 if "probe" not in record:  # measured before the probe existed
                     record["probe"] = detail_probe(model, val, device, args.probe_products)
                     record["probe_step0"] = probe0
-                if "t2i_errors" not in record["final"]:  # measured before the error analysis existed
+                if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
                 result_file.write_text(json.dumps(record, indent=2))
                 results["runs"][key] = record
@@ -232,22 +235,27 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
     runs = results["runs"]
     print(f"\n{n_val} validation products, seeds {seeds}, {results['recipe']['finetune_steps']} fine-tuning steps; "
           "mean ± standard error")
-    print("| model | T2I R@1 | I2T R@1 | T2I R@1 at step 0 | T2I gain since step 0 | step time (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | T2I R@1 | I2T R@1 | sample-100 SumR | T2I R@1 at step 0 | T2I gain since step 0 | step time (s) |")
+    print("|---|---|---|---|---|---|---|")
     for kind in ("clip-ft", e2_kind):
         rows = [runs[f"{kind}/seed{s}"] for s in seeds]
         t2i, i2t = mean_se([r["final"]["t2i_r1"] for r in rows]), mean_se([r["final"]["i2t_r1"] for r in rows])
+        s100 = mean_se([r["final"]["sample100_sumr"] or math.nan for r in rows])
         step0 = rows[0]["step0"]["t2i_r1"]
         gain = mean_se([r["final"]["t2i_r1"] - step0 for r in rows])
         seconds = statistics.mean(r["step_seconds"] for r in rows)
-        print(f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {step0:.1f} | "
+        print(f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {s100[0]:.1f} ± {s100[1]:.1f} | {step0:.1f} | "
               f"{gain[0]:+.1f} ± {gain[1]:.1f} | {seconds:.2f} |")
     e2_rows = [runs[f"{e2_kind}/seed{s}"] for s in seeds]
     clip_rows = [runs[f"clip-ft/seed{s}"] for s in seeds]
     gap = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, clip_rows)])
     ratio = statistics.mean(e["step_seconds"] for e in e2_rows) / statistics.mean(c["step_seconds"] for c in clip_rows)
-    print(f"\nE2 - CLIP-FT, T2I R@1: {gap[0]:+.1f} ± {gap[1]:.1f} (target >= +5); step time E2 / CLIP-FT: "
-          f"{ratio:.2f} (target <= 1.25)")
+    gap_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, clip_rows)])
+    gap_s100 = mean_se([(e["final"]["sample100_sumr"] or math.nan) - (c["final"]["sample100_sumr"] or math.nan)
+                        for e, c in zip(e2_rows, clip_rows)])
+    print(f"\nE2 - CLIP-FT, T2I R@1: {gap[0]:+.1f} ± {gap[1]:.1f} (target >= +5); I2T R@1: {gap_i2t[0]:+.1f} ± "
+          f"{gap_i2t[1]:.1f} (target >= 0); sample-100 SumR: {gap_s100[0]:+.1f} ± {gap_s100[1]:.1f} (target >= 0); "
+          f"step time E2 / CLIP-FT: {ratio:.2f} (target <= 1.25)")
     mech = e2_rows[0]["mechanism"]
     print(f"\nE2 mechanism (seed {seeds[0]}); regional loss chance = ln(batch) = {mech['loss_chance']:.2f}")
     print("| entity | regional loss, step 0 | regional loss, final | selection on its detail, final | chance |")
