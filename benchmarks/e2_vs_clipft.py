@@ -8,7 +8,7 @@ the step-0 score and the gain since, the training-step time ratio, and E2's mech
 entity's regional loss against chance, and how often each entity's selection tokens pick a patch
 holding its detail against chance.
 
-    python benchmarks/e2_vs_clipft.py --seeds 0 1 2 --out runs/bench      # ~1 h on 2 CPU cores
+    python benchmarks/e2_vs_clipft.py --seeds 0 1 2 --out runs/bench      # ~2 h on 2 CPU cores (900 steps)
     python benchmarks/e2_vs_clipft.py --finetune-steps 2000 --device cuda  # a GPU, more steps
     python benchmarks/e2_vs_clipft.py --variant paper --token-attention full --global-weight 0.5 --seeds 0
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import e2_core
+from e2_core import registry
 from e2_core.texts import build_texts
 from e2_core.data import default_synthetic_root, open_dataset
 from e2_core.data.builders.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand_names, catalog, \
@@ -187,6 +188,7 @@ def main() -> None:
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
+    registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
     results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget},
                "runs": {}}
     for kind in ("clip-ft", e2_kind):
