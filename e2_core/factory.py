@@ -5,7 +5,7 @@ Encoder sources, tried in this order:
   * an existing path: a checkpoint directory of this package (E2 or CLIP, ``save_pretrained``),
     or a checkpoint file of the authors' reference implementation (``best.pth``);
   * ``SCHEME:NAME`` for a scheme registered in the ``e2_plugins.encoders`` entry-point group,
-    e.g. ``demo:e2`` and ``demo:clip-ft`` (the demo encoders, trained on first use);
+    e.g. ``demo:e2`` and ``demo:clip-ft`` (the demo encoders, shipped with the package);
   * ``MODEL:TAG``, open_clip weights, e.g. ``ViT-B-32:openai`` (fetched by open_clip), or
     ``MODEL:FILE``, a local CLIP weights file of that architecture (or a reference checkpoint).
 """

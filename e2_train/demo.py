@@ -1,21 +1,32 @@
 """The demo encoders every task uses when given none: a small CLIP-FT and a small E2, trained by
-this package's trainer on synthetic products on first use and cached. They are the encoder
-sources ``demo:clip-ft`` and ``demo:e2`` (entry-point group ``e2_plugins.encoders``).
+this package's trainer on synthetic products. They ship with the package (``demo_weights/``, checked
+against their SHA-256 on load) and are the encoder sources ``demo:clip-ft`` and ``demo:e2``
+(entry-point group ``e2_plugins.encoders``). ``python -m e2_train.demo`` reproduces them.
 
 Recipe (``DEMO``): a small CLIP (``ViT-S-16-128``) is first pre-trained from scratch on synthetic
 products disjoint from the task data; CLIP-FT and E2 are then fine-tuned from it on the same
 data with the same seed, E2's stage 1 (its new parts only) running on top of CLIP-FT's steps as in
-the paper.
+the paper. The shipped copies are stored compactly: half precision, and of the token embedding only
+the rows of the synthetic generator's vocabulary (the only rows training moves; the others load as
+zeros, so words the generator never writes carry no meaning for these encoders).
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+import torch
+
+from e2_core.checkpoint import CONFIG_NAME, FORMAT, WEIGHTS_NAME, compact_state_dict, load_checkpoint, save_tensors
 from e2_core.data import default_synthetic_root
-from e2_core.data.builders.synthetic import SIZES, write_fashiongen
+from e2_core.data.builders.synthetic import SIZES, brand_names, catalog, tags_of, write_fashiongen
+from e2_core.errors import CheckpointError
+from e2_core.texts import build_texts
 
 from .config import Stage, TrainConfig
 from .loop import train
@@ -28,7 +39,7 @@ class Recipe:
     model: str = "ViT-S-16-128"
     pretrain_products: int = 8000
     pretrain_steps: int = 400
-    finetune_steps: int = 300
+    finetune_steps: int = 900
     stage1_fraction: float = 0.3  # E2's stage 1 (new parts only): this share of the fine-tuning steps, run
     stage1_on_top: bool = True      # on top of the steps CLIP-FT gets, as in the paper (False: within them)
     batch_size: int = 64
@@ -38,6 +49,14 @@ class Recipe:
 
 
 DEMO = Recipe()
+
+SHIPPED = Path(__file__).with_name("demo_weights")
+# SHA-256 of each shipped checkpoint's model.safetensors: the files the README's demo numbers come from
+SHIPPED_SHA256 = {
+    "clip-ft": "3f52a052a3f831622f9394f800f5f2bdf0181307ba45089c21e3bee9d9e6b17b",
+    "e2": "f91bfc2540823c274fd11fe6915018674501766e84039d5f12c65aebede2f66c",
+}
+REPRODUCE = "python -m e2_train.demo"
 
 
 def cache_root() -> Path:
@@ -80,7 +99,8 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
 
 
 def demo_root(recipe: Recipe = DEMO) -> Path:
-    return cache_root() / f"demo-{recipe.model}"
+    """Where the recipe's runs are cached (the reproduce command's and the E2-vs-CLIP-FT benchmark's)."""
+    return cache_root() / f"demo-{recipe.model}-{recipe.finetune_steps}steps"
 
 
 def recipe_run(kind: str, recipe: Recipe, root: Path, seed: int, **overrides) -> Path:
@@ -91,27 +111,89 @@ def recipe_run(kind: str, recipe: Recipe, root: Path, seed: int, **overrides) ->
                     default_synthetic_root("small", 0), **overrides)
 
 
-def demo_encoders(recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> Dict[str, Path]:
-    """``{"clip-ft": checkpoint, "e2": checkpoint}``, trained on first use (minutes on 2 CPU cores) and cached."""
-    return {kind: demo_encoder(kind, recipe, log) for kind in KINDS}
+def demo_encoders() -> Dict[str, Path]:
+    """``{"clip-ft": checkpoint, "e2": checkpoint}``: the shipped demo encoders."""
+    return {kind: demo_encoder(kind) for kind in KINDS}
 
 
-def demo_encoder(name: str, recipe: Recipe = DEMO, log: Callable[[str], None] = print) -> Path:
-    """The demo encoders demo:e2 and demo:clip-ft: small, trained on synthetic products on first use, cached.
-
-    Returns the checkpoint of ``name`` (``e2`` or ``clip-ft``).
-    """
+def demo_encoder(name: str) -> Path:
+    """The checkpoint of the shipped demo encoder ``name`` (``e2`` or ``clip-ft``), checked against its digest."""
     if name not in KINDS:
         raise ValueError(f"unknown demo encoder {name!r}; the demo encoders are " + ", ".join(f"demo:{k}" for k in KINDS))
-    root = demo_root(recipe)
-    done = root / name / "seed0" / "done"
-    if not done.exists():
-        steps = recipe.finetune_steps + (0 if (root / "pretrain" / "finetune" / "done.json").is_file()
-                                         else recipe.pretrain_steps)
-        if name == "e2" and recipe.stage1_on_top:
-            steps += round(recipe.finetune_steps * recipe.stage1_fraction)
-        log(f"training the demo encoder demo:{name} once into {root} (cached for every later run): {steps} steps, "
-            f"roughly {max(1, round(steps / 60))} min on 2 CPU cores (about 1 s a step; less on a GPU) ...")
-    path = recipe_run(name, recipe, root, 0)
-    done.touch()
+    path = SHIPPED / name
+    weights = path / WEIGHTS_NAME
+    how = (f"reinstall e2-plugins, or reproduce the demo encoders with `{REPRODUCE}` (about 45 min on 2 CPU "
+           "cores) and pass the checkpoints it prints as --encoder / --baseline")
+    if not weights.is_file() or not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"the shipped demo encoder demo:{name} is missing ({path} lacks {CONFIG_NAME} or "
+                              f"{WEIGHTS_NAME}): {how}")
+    if sha256(weights) != SHIPPED_SHA256[name]:
+        raise CheckpointError(f"the shipped demo encoder demo:{name} is corrupt ({weights} does not match its "
+                              f"SHA-256 {SHIPPED_SHA256[name][:12]}...): {how}")
     return path
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def generator_vocabulary(tokenizer) -> torch.Tensor:
+    """Token ids of every text the synthetic generator writes (any product's global text and entity strings)."""
+    names = brand_names()
+    strings = set()
+    for product in catalog():
+        text, entities = build_texts(tags_of(product, names))
+        strings.add(text)
+        strings.update(entities)
+    return tokenizer(sorted(strings)).unique()
+
+
+def export_compact(checkpoint: Path, out: Path, vocabulary: torch.Tensor, start: Optional[Path] = None) -> Path:
+    """A shipped copy of a demo checkpoint: half precision, the token embedding's ``vocabulary`` rows only.
+    With ``start`` (the checkpoint training began from), rows outside ``vocabulary`` must not have moved."""
+    state = load_checkpoint(checkpoint).state_dict()
+    if start is not None:
+        moved = (state["token_embedding.weight"] != load_checkpoint(start).state_dict()["token_embedding.weight"]).any(1)
+        moved[vocabulary] = False
+        if moved.any():
+            raise ValueError(f"{checkpoint}: training moved {int(moved.sum())} token embedding row(s) outside the "
+                             f"generator's vocabulary (e.g. {moved.nonzero()[:5, 0].tolist()}); they would be lost")
+    compact = compact_state_dict(state, {"token_embedding.weight": vocabulary})
+    save_tensors(compact, out / WEIGHTS_NAME, {"format": FORMAT})
+    shutil.copyfile(Path(checkpoint) / CONFIG_NAME, out / CONFIG_NAME)
+    return out
+
+
+def reproduce(out: Path, recipe: Recipe = DEMO, **overrides) -> Dict[str, Path]:
+    """Train the demo encoders with ``recipe`` (cached and resumable under :func:`demo_root`) and write
+    their shipped copies to ``out/<kind>``."""
+    import open_clip
+
+    root = demo_root(recipe)
+    start = pretrain_clip(recipe, root / "pretrain", root / "synthetic-pretrain", **overrides)
+    vocabulary = generator_vocabulary(open_clip.get_tokenizer(recipe.model))
+    return {kind: export_compact(recipe_run(kind, recipe, root, recipe.seed, **overrides), out / kind, vocabulary,
+                                 start) for kind in KINDS}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Reproduce the shipped demo encoders: train them with the demo "
+                                     "recipe, write their compact copies, compare digests with the shipped ones.")
+    parser.add_argument("--out", type=Path, default=None, help="default: <cache>/demo-weights")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    out = args.out or cache_root() / "demo-weights"
+    for kind, path in reproduce(out, device=args.device, workers=args.workers).items():
+        digest = sha256(path / WEIGHTS_NAME)
+        same = "identical to" if digest == SHIPPED_SHA256[kind] else "differs from"
+        print(f"demo:{kind}: {path} (SHA-256 {digest[:12]}..., {same} the shipped copy)")
+    print(f"use them with: e2-plugins run retrieval --encoder {out / 'e2'} --baseline {out / 'clip-ft'}")
+
+
+if __name__ == "__main__":
+    main()

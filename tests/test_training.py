@@ -308,18 +308,3 @@ def test_open_clips_random_init_warning_only_when_the_start_is_random(tmp_path, 
     caplog.clear()
     train(cfg)  # resumed: the checkpoint's weights replace the random ones
     assert "No pretrained weights loaded" not in caplog.text
-
-
-def test_a_first_demo_run_says_what_it_will_train_and_roughly_how_long(tmp_path, monkeypatch):
-    from e2_train import demo
-
-    monkeypatch.setenv("E2_PLUGINS_CACHE", str(tmp_path))
-    monkeypatch.setattr(demo, "recipe_run", lambda kind, recipe, root, seed: root / kind / "seed0")
-    (tmp_path / "demo-ViT-S-16-128" / "e2" / "seed0").mkdir(parents=True)
-    said = []
-    demo.demo_encoder("e2", log=said.append)
-    assert said == [f"training the demo encoder demo:e2 once into {tmp_path / 'demo-ViT-S-16-128'} (cached for every "
-                    "later run): 790 steps, roughly 13 min on 2 CPU cores (about 1 s a step; less on a GPU) ..."]
-    said.clear()
-    demo.demo_encoder("e2", log=said.append)
-    assert said == []  # cached

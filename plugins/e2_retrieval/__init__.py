@@ -23,7 +23,7 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     Args:
         dataset: an installed dataset reader: synthetic, fashiongen, amazon-fashion, catalog, ...
         data_root: the dataset's folder or file
-        encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft (trained on first use)
+        encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft (the shipped demo encoders)
         baseline: the encoder it is compared with, in the same forms
         protocol: full (rank against the whole test set), sample-100 (positive + 100 negatives of the same sub-category) or both
         num_negatives: negatives per query in sample-100, drawn from its sub-category (from all products when the dataset has none)
