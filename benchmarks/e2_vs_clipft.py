@@ -156,6 +156,10 @@ def step_seconds(run: Path) -> float:
     return statistics.median(times)
 
 
+def _or_nan(value):
+    return math.nan if value is None else value
+
+
 def mean_se(values):
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
@@ -242,7 +246,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
     for kind in ("clip-ft", e2_kind):
         rows = [runs[f"{kind}/seed{s}"] for s in seeds]
         t2i, i2t = mean_se([r["final"]["t2i_r1"] for r in rows]), mean_se([r["final"]["i2t_r1"] for r in rows])
-        s100 = mean_se([r["final"]["sample100_sumr"] or math.nan for r in rows])
+        s100 = mean_se([_or_nan(r["final"]["sample100_sumr"]) for r in rows])
         step0 = rows[0]["step0"]["t2i_r1"]
         gain = mean_se([r["final"]["t2i_r1"] - step0 for r in rows])
         seconds = statistics.mean(r["step_seconds"] for r in rows)
@@ -253,7 +257,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
     gap = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, clip_rows)])
     ratio = statistics.mean(e["step_seconds"] for e in e2_rows) / statistics.mean(c["step_seconds"] for c in clip_rows)
     gap_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, clip_rows)])
-    gap_s100 = mean_se([(e["final"]["sample100_sumr"] or math.nan) - (c["final"]["sample100_sumr"] or math.nan)
+    gap_s100 = mean_se([_or_nan(e["final"]["sample100_sumr"]) - _or_nan(c["final"]["sample100_sumr"])
                         for e, c in zip(e2_rows, clip_rows)])
     print(f"\nE2 - CLIP-FT, T2I R@1: {gap[0]:+.1f} ± {gap[1]:.1f} (target >= +5); I2T R@1: {gap_i2t[0]:+.1f} ± "
           f"{gap_i2t[1]:.1f} (target >= 0); sample-100 SumR: {gap_s100[0]:+.1f} ± {gap_s100[1]:.1f} (target >= 0); "

@@ -18,10 +18,11 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
+from e2_core import registry
 from e2_core.checkpoint import CONFIG_NAME, FORMAT, WEIGHTS_NAME, compact_state_dict, load_checkpoint, save_tensors
 from e2_core.data import default_synthetic_root
 from e2_core.data.builders.synthetic import SIZES, brand_names, catalog, tags_of, write_fashiongen
@@ -81,9 +82,7 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
              evaluate=None, callbacks=(), **overrides) -> Path:
     """CLIP-FT or E2 (both stages) from the pre-trained CLIP, on the synthetic ``small`` split."""
     data_root = Path(data_root) if data_root else default_synthetic_root("small", 0)
-    if not (data_root / "fashiongen_256_256_validation.h5").is_file():
-        print(f"generating the synthetic products in {data_root} ...", flush=True)
-        write_fashiongen(data_root, "small", progress=True)
+    registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
     common = dict(out=str(out), model=recipe.model, pretrained=str(start), dataset="synthetic",
                   data_root=str(data_root), batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=20,
                   **overrides)

@@ -52,7 +52,6 @@ def test_compact_checkpoint_keeps_the_rows_it_names_in_half_precision(tiny_model
 
 
 def test_compact_rows_that_do_not_fit_are_refused(tiny_model, tmp_path):
-    from safetensors.torch import load_file, save_file
     from e2_core.checkpoint import compact_state_dict
 
     state = compact_state_dict(tiny_model.state_dict(), {"token_embedding.weight": torch.arange(10)})
