@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--variant", default="", help="name of an E2 variant (its runs go to OUT/e2-VARIANT)")
     parser.add_argument("--token-attention", choices=["one-way", "full"], default=None, help="E2 variant lever")
     parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
+    parser.add_argument("--entity-weights", default=None,
+                        help="E2 variant lever: regional loss weights NAME=W,... (training default: all 1)")
     parser.add_argument("--equal-budget", action="store_true",
                         help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
     parser.add_argument("--probe-products", type=int, default=200)
@@ -187,8 +189,8 @@ def main() -> None:
                      batch_size=args.batch_size)
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
-    levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight))
-              if v is not None}
+    levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
+                                ("entity_weights", args.entity_weights)) if v is not None}
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)

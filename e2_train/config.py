@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence, Union
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,25 @@ class Stage:
         return self.steps if self.steps is not None else (self.epochs or 0)
 
 
+def parse_weights(text: str) -> Dict[str, float]:
+    """``NAME=W,...`` -> ``{NAME: W}`` (``--entity-weights``).
+
+    Example:
+        >>> parse_weights("season=2,brand=0.5")
+        {'season': 2.0, 'brand': 0.5}
+    """
+    weights = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            weights[""] = -1.0
+        if "" in weights or weights[name.strip()] < 0:
+            raise ValueError(f"--entity-weights {text!r}: expected NAME=W,... with W a number >= 0, e.g. season=2,brand=2")
+    return weights
+
+
 def resolve_stages(given: Optional[Sequence[Stage]], defaults: Sequence[Stage]) -> List[Stage]:
     """The stages to run: ``given`` (each filled in from the default stage of the same name), or the defaults."""
     if not given:
@@ -84,6 +103,7 @@ class TrainConfig:
         eval_every: optimizer steps between validation runs (0: at every epoch end)
         multi_positive: items sharing an entity value are positives of each other
         global_weight: weight of the global loss against the mean regional loss (the paper's: 0.5; 0.8 measured better, see the README)
+        entity_weights: weights of the regional losses in their mean, as NAME=W,... (unnamed entities weigh 1; e.g. season=0 for an entity the images cannot show)
         token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP) or full (the paper's)
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
@@ -111,6 +131,7 @@ class TrainConfig:
     eval_every: int = 0
     multi_positive: bool = False
     global_weight: float = 0.8
+    entity_weights: Optional[Union[str, Dict[str, float]]] = None
     token_attention: Literal["one-way", "full"] = "one-way"
     lora_rank: int = 0
     strict: bool = False
@@ -123,6 +144,8 @@ class TrainConfig:
         if self.stages is not None:
             self.stages = [s if isinstance(s, Stage) else Stage.parse(s) if isinstance(s, str) else Stage(**s)
                            for s in self.stages]
+        if isinstance(self.entity_weights, str):
+            self.entity_weights = parse_weights(self.entity_weights)
         for name in ("batch_size", "accumulate", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

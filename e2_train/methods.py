@@ -92,7 +92,8 @@ class E2Training(TrainingMethod):
             raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "
                              f"entities are {list(entities)}; start from a CLIP or use a dataset with those entities")
         super().__init__(model, cfg, entities, arch)
-        self.objective = RegionalContrastiveLoss(model.entities, cfg.global_weight, multi_positive=cfg.multi_positive)
+        self.objective = RegionalContrastiveLoss(model.entities, cfg.global_weight, cfg.entity_weights,
+                                                multi_positive=cfg.multi_positive)
 
     def is_new(self, name: str) -> bool:
         return is_e2_parameter(name)

@@ -308,3 +308,16 @@ def test_open_clips_random_init_warning_only_when_the_start_is_random(tmp_path, 
     caplog.clear()
     train(cfg)  # resumed: the checkpoint's weights replace the random ones
     assert "No pretrained weights loaded" not in caplog.text
+
+
+def test_entity_weights_reach_the_regional_loss(tiny_model):
+    from e2_train import E2Training
+
+    method = E2Training(tiny_model, config(Path("unused"), None, entity_weights="season=3,brand=0"))
+    weights = dict(zip(tiny_model.entities, method.objective.entity_weights))
+    assert weights["season"] == 3.0 and weights["brand"] == 0.0
+    assert all(w == 1.0 for e, w in weights.items() if e not in ("season", "brand"))
+    with pytest.raises(ValueError, match="unknown entities"):
+        E2Training(tiny_model, config(Path("unused"), None, entity_weights="colour=2"))
+    with pytest.raises(ValueError, match="--entity-weights 'season=-1'"):
+        config(Path("unused"), None, entity_weights="season=-1")
