@@ -53,11 +53,12 @@ def clustered(n, dim, seed, clusters):
 
 
 def matmul_pass(queries, gallery, chunk_size):
-    """The similarity matrix computed chunk by chunk into one buffer, nothing else."""
-    buffer = torch.empty(queries.shape[0], min(chunk_size, gallery.shape[0]))
+    """The similarity matrix computed chunk by chunk into one buffer, nothing else: gallery-major,
+    (items, queries), as ``topk_indices`` computes it (on 2 CPU threads ~8% faster than queries-major)."""
+    buffer = torch.empty(min(chunk_size, gallery.shape[0]), queries.shape[0])
     for start in range(0, gallery.shape[0], chunk_size):
         g = gallery[start:start + chunk_size]
-        torch.mm(queries, g.T, out=buffer[:, :g.shape[0]] if g.shape[0] == buffer.shape[1] else None)
+        torch.mm(g, queries.T, out=buffer[:g.shape[0]])
 
 
 def run_size(n, args, faiss):

@@ -97,9 +97,10 @@ def test_topk_matches_reference_on_gaussian_features(seed):
                                       ranking[:, :10])
 
 
-@pytest.mark.parametrize("chunk_size", [32, 96, 200])
+@pytest.mark.parametrize("chunk_size", [32, 96, 200, 800])
 def test_topk_screened_chunks_match_reference(chunk_size):
-    # Chunks of 32 columns or more are screened group by group, with a remainder taken whole.
+    # Chunks of 8 columns or more are screened group by group, with a remainder taken whole; from
+    # 32·k columns on, a chunk's own bound comes from sets of groups.
     for seed, (queries, gallery) in enumerate([(quarter_vectors(70, 8, 7), quarter_vectors(900, 8, 8)),
                                                (gaussian_unit(70, 16, 9), gaussian_unit(900, 16, 10))]):
         ranking = ref_ranking(queries, gallery)
@@ -126,6 +127,14 @@ def test_topk_all_equal_scores_rank_lower_index_first_across_chunks():
     expected = torch.arange(5).expand(6, 5)
     for chunk_size in (1, 3, 4, 100):
         assert torch.equal(topk_indices(queries, gallery, 5, chunk_size=chunk_size), expected)
+
+
+def test_topk_every_item_a_candidate_stays_exact():
+    # Each chunk scores all its items equal and above every earlier chunk: no group can be screened out.
+    queries = all_equal(5)
+    gallery = all_equal(300) * (torch.arange(300) // 64 + 1).float()[:, None]
+    expected = torch.arange(256, 266).expand(5, 10)
+    assert torch.equal(topk_indices(queries, gallery, 10, chunk_size=64), expected)
 
 
 def test_topk_k_larger_than_gallery_is_clipped():

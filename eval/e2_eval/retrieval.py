@@ -60,7 +60,7 @@ def _compute_dtype(dtype):
 
 #: A gallery chunk's columns are screened in strided groups of this many (see ``_RunningTopK``), and
 #: candidates are merged once there are ``_WAIT`` groups per query waiting.
-_GROUP = 16
+_GROUP = 8
 _WAIT = 4
 
 
@@ -91,12 +91,14 @@ def _select_topk(values, indices, k):
 class _RunningTopK:
     """The top ``k`` of each of ``rows`` queries over the gallery chunks added so far, in gallery order.
 
-    Only scores that can still enter the top k are kept: a chunk's columns are screened in groups of
-    ``_GROUP``, group j holding columns j, j + n, j + 2n, ... (so that its maximum is an element-wise
-    maximum over contiguous memory, the fast reduction), and a group is a candidate only if its maximum
-    beats the k-th best known (strictly: on a tie the earlier item wins) or, before k are known, is
-    among the chunk's k largest group maxima. The last ``width % _GROUP`` columns are always candidates.
-    Candidates wait until there are ``_WAIT`` groups per query, then are merged into the top k.
+    A chunk's scores come gallery-major, (items, queries): ``gallery_chunk @ queries.T`` is the faster
+    matrix product here. Only scores that can still enter the top k are kept: the chunk's items are
+    screened in groups of ``_GROUP``, group j holding items j, j + n, j + 2n, ... (so that its maxima
+    are an element-wise maximum of contiguous rows, the fast reduction), and a group is a candidate
+    for a query only if its maximum beats the query's k-th best known (strictly: on a tie the earlier
+    item wins) and reaches a score that k items of the chunk itself reach (``_chunk_bound``; before k
+    are known, that alone). The last ``width % _GROUP`` items are always candidates. Candidates wait
+    until there are ``_WAIT`` groups per query, then are merged into the top k.
     """
 
     def __init__(self, rows, k, dtype, device):
@@ -106,15 +108,16 @@ class _RunningTopK:
         self.pending, self.pending_groups = [], 0
 
     def add(self, scores, offset):
-        """Screens the scores of gallery items ``offset, offset + 1, ...``; False if any is NaN or infinite."""
-        rows, width = scores.shape
+        """Screens the (items, queries) scores of gallery items ``offset, offset + 1, ...``; False if
+        any is NaN or infinite."""
+        width, rows = scores.shape
         n, tail = width // _GROUP, width % _GROUP
         if n:
-            maxima = scores.as_strided((rows, _GROUP, n), (scores.stride(0), n, 1)).amax(dim=1)   # (rows, n)
+            maxima = scores[:n * _GROUP].view(_GROUP, n, rows).amax(dim=0).t().contiguous()   # (rows, n)
             row_best = maxima.amax(dim=1)                                          # NaN if a score is
         else:
             maxima, row_best = scores.new_empty(rows, 0), scores.new_zeros(rows)
-        if not torch.isfinite(row_best.sum() + scores[:, width - tail:].sum()):
+        if not torch.isfinite(row_best.sum() + scores[width - tail:].sum()):
             return False
         if self.values.shape[1] == self.k:
             # most rows have no group above their k-th best: find the others first, on one value per row
@@ -123,25 +126,35 @@ class _RunningTopK:
             i, hit_groups = (maxima.index_select(0, hit_rows) > kth[hit_rows, None]).nonzero(as_tuple=True)
             hit_rows = hit_rows[i]
             if len(hit_rows) > self.rows and n >= self.k:     # early on, the chunk's own k-th best bounds more
-                keep = maxima[hit_rows, hit_groups] >= maxima.topk(self.k, dim=1).values[hit_rows, -1]
+                keep = maxima[hit_rows, hit_groups] >= self._chunk_bound(maxima)[hit_rows]
                 hit_rows, hit_groups = hit_rows[keep], hit_groups[keep]
         else:
-            hits = (maxima >= maxima.topk(self.k, dim=1).values[:, -1:] if n >= self.k   # the chunk's own k-th
+            hits = (maxima >= self._chunk_bound(maxima)[:, None] if n >= self.k   # the chunk's own k-th
                     else torch.ones_like(maxima, dtype=torch.bool))                     # best is no lower
             hit_rows, hit_groups = hits.nonzero(as_tuple=True)
         if len(hit_rows):
-            columns = hit_groups[:, None] + n * torch.arange(_GROUP, device=scores.device)     # (hits, _GROUP)
-            values = scores.view(-1).index_select(0, (hit_rows[:, None] * width + columns).view(-1))
-            self._wait(hit_rows, values.view(-1, _GROUP), offset + columns)
+            items = hit_groups[:, None] + n * torch.arange(_GROUP, device=scores.device)     # (hits, _GROUP)
+            values = scores.view(-1).index_select(0, (items * rows + hit_rows[:, None]).view(-1))
+            self._wait(hit_rows, values.view(-1, _GROUP), offset + items)
         if tail:
             values = scores.new_full((rows, _GROUP), -math.inf)                # padding: never selected
-            values[:, :tail] = scores[:, width - tail:]
+            values[:, :tail] = scores[width - tail:].t()
             indices = torch.arange(offset + width - tail, offset + width - tail + _GROUP, device=scores.device)
             self._wait(torch.arange(rows, device=scores.device), values, indices.expand(rows, _GROUP))
         self.seen += width
         if self.values.shape[1] < self.k or self.pending_groups >= _WAIT * self.rows:
             self._merge()
         return True
+
+    def _chunk_bound(self, maxima):
+        """Per row, a score that at least k items of the chunk reach: the k-th largest maximum of
+        about 4k disjoint sets of groups (cheaper to find than the k-th largest group maximum, and
+        never above it)."""
+        rows, n = maxima.shape
+        per = max(1, n // (4 * self.k))
+        sets = n // per
+        maxima = maxima.as_strided((rows, per, sets), (maxima.stride(0), sets, 1)).amax(dim=1) if per > 1 else maxima
+        return maxima.topk(self.k, dim=1).values[:, -1]
 
     def _wait(self, rows, values, indices):
         self.pending.append((rows, values, indices))
@@ -202,17 +215,18 @@ def topk_indices(queries, gallery, k, chunk_size=4096):
 
     Similarity is the dot product (cosine for L2-normalised features). The gallery is read once, in
     chunks of ``chunk_size`` rows, and scored against chunks of ``chunk_size`` queries; each query
-    keeps a running top ``k``. Few scores of a chunk can enter it: the chunk's columns are screened in
-    groups of 16 by their maximum and only groups that can are merged, so the cost stays close to that
-    of the matrix product alone (the worst case, a gallery in increasing order of similarity to the
-    queries, makes every group a candidate: still exact, several times slower).
+    keeps a running top ``k``. Few scores of a chunk can enter it: the chunk's items are screened in
+    groups of 8 by their maximum and only groups that can are merged, so the cost stays close to that
+    of the matrix product alone (the worst case, every chunk scoring all its items equal and above the
+    chunks before it, makes every group a candidate: still exact, about 7 times slower).
 
     ``gallery`` is a tensor or anything with ``shape``, ``dtype`` and row slicing that returns arrays,
     such as a ``numpy.memmap`` or ``e2_embed.EmbeddingShards``: only one chunk of it is in memory at a
     time, moved to the queries' device. Extra memory, beside the (Q, k) result, is bounded by the
-    chunk sizes: at most about ``64 * q * (g + k)`` bytes for q = min(Q, chunk_size) queries and
+    chunk sizes: at most about ``160 * q * (g + k)`` bytes for q = min(Q, chunk_size) queries and
     g = min(G, chunk_size) gallery rows (float32), plus one converted gallery chunk. Measured with
-    1,000 queries and the default 4096: 52 MB on clustered embeddings, 225 MB in the worst case.
+    1,000 queries and the default 4096: under 50 MB on clustered embeddings, 665 MB in that worst
+    case; a smaller ``chunk_size`` lowers both.
 
     Ties: on equal scores the lower gallery index ranks first, independent of ``chunk_size``.
     ``k`` larger than the gallery is clipped to its size.
@@ -245,7 +259,7 @@ def topk_indices(queries, gallery, k, chunk_size=4096):
         g = _gallery_rows(gallery, g_start, g_start + chunk_size, device, dtype)
         for top, q_start in zip(tops, starts):
             q = queries[q_start:q_start + chunk_size].to(dtype)
-            scores = torch.mm(q, g.T, out=buffer[:q.shape[0] * g.shape[0]].view(q.shape[0], g.shape[0]))
+            scores = torch.mm(g, q.T, out=buffer[:g.shape[0] * q.shape[0]].view(g.shape[0], q.shape[0]))
             if not top.add(scores, g_start):
                 name = f"gallery rows {g_start}:{g_start + g.shape[0]}"
                 _check_finite(name, g)
