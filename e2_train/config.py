@@ -60,13 +60,14 @@ def parse_weights(text: str) -> Dict[str, float]:
     """
     weights = {}
     for item in filter(None, text.split(",")):
-        name, _, value = item.partition("=")
+        name, _, value = (part.strip() for part in item.partition("="))
         try:
-            weights[name.strip()] = float(value)
+            weights[name] = float(value)
         except ValueError:
-            weights[""] = -1.0
-        if "" in weights or weights[name.strip()] < 0:
-            raise ValueError(f"--entity-weights {text!r}: expected NAME=W,... with W a number >= 0, e.g. season=2,brand=2")
+            weights[name] = -1.0
+        if not name or weights[name] < 0:
+            raise ValueError(f"--entity-weights {text!r}: expected NAME=W,... with W a number >= 0, "
+                             "e.g. season=2,brand=2")
     return weights
 
 

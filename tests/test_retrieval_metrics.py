@@ -100,7 +100,7 @@ def test_topk_matches_reference_on_gaussian_features(seed):
 @pytest.mark.parametrize("chunk_size", [32, 96, 200, 800])
 def test_topk_screened_chunks_match_reference(chunk_size):
     # Chunks of 8 columns or more are screened group by group, with a remainder taken whole; from
-    # 32·k columns on, a chunk's own bound comes from sets of groups.
+    # 64·k columns on, a chunk's own bound comes from sets of groups.
     for seed, (queries, gallery) in enumerate([(quarter_vectors(70, 8, 7), quarter_vectors(900, 8, 8)),
                                                (gaussian_unit(70, 16, 9), gaussian_unit(900, 16, 10))]):
         ranking = ref_ranking(queries, gallery)

@@ -58,7 +58,7 @@ def _compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-#: A gallery chunk's columns are screened in strided groups of this many (see ``_RunningTopK``), and
+#: A gallery chunk's items are screened in strided groups of this many (see ``_RunningTopK``), and
 #: candidates are merged once there are ``_WAIT`` groups per query waiting.
 _GROUP = 8
 _WAIT = 4
@@ -129,8 +129,8 @@ class _RunningTopK:
                 keep = maxima[hit_rows, hit_groups] >= self._chunk_bound(maxima)[hit_rows]
                 hit_rows, hit_groups = hit_rows[keep], hit_groups[keep]
         else:
-            hits = (maxima >= self._chunk_bound(maxima)[:, None] if n >= self.k   # the chunk's own k-th
-                    else torch.ones_like(maxima, dtype=torch.bool))                     # best is no lower
+            hits = (maxima >= self._chunk_bound(maxima)[:, None] if n >= self.k   # a score k items of
+                    else torch.ones_like(maxima, dtype=torch.bool))                # the chunk reach
             hit_rows, hit_groups = hits.nonzero(as_tuple=True)
         if len(hit_rows):
             items = hit_groups[:, None] + n * torch.arange(_GROUP, device=scores.device)     # (hits, _GROUP)
@@ -153,7 +153,8 @@ class _RunningTopK:
         rows, n = maxima.shape
         per = max(1, n // (4 * self.k))
         sets = n // per
-        maxima = maxima.as_strided((rows, per, sets), (maxima.stride(0), sets, 1)).amax(dim=1) if per > 1 else maxima
+        if per > 1:
+            maxima = maxima.as_strided((rows, per, sets), (maxima.stride(0), sets, 1)).amax(dim=1)
         return maxima.topk(self.k, dim=1).values[:, -1]
 
     def _wait(self, rows, values, indices):
