@@ -28,14 +28,17 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import e2_core
 from e2_core import registry
 from e2_core.texts import build_texts
 from e2_core.data import default_synthetic_root, open_dataset
 from e2_core.data.builders.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand_names, catalog, \
-    layout, render
+    garment_mask, layout, render
 from e2_core.loss import contrastive_loss
 from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run
 from e2_eval.harness import embed_dataset, evaluate_retrieval
@@ -74,22 +77,23 @@ def t2i_errors(texts, images, product_ids) -> dict:
 
 @torch.no_grad()
 def mechanism(encoder, data, device, batch: int = 64) -> dict:
-    """Per entity: regional InfoNCE on validation batches (chance: ln(batch)), and the share of the
-    entity's selection tokens (fusion block 2) whose patch overlaps the entity's detail (brand: the
-    mark; season: the hang-tag), against the share of patches that overlap it."""
+    """Per entity: regional InfoNCE on validation batches (chance: ln(batch)). Per fusion block, where the
+    entity's selection tokens land: the share on a patch holding its detail (brand: the mark; season: the
+    hang-tag) against the share of patches that hold it, the share on pure background (no garment pixel, no detail)
+    against the background's share of patches, and how many distinct patches an image's tokens pick."""
     from e2_core.data import E2Collate
 
     encoder.eval().to(device)
     model = encoder.model
     collate = E2Collate(encoder.tokenizer, data.spec)
     products = catalog(0)
-    per_entity = model.config.tokens_per_entity
+    per_entity, num_tokens = model.config.tokens_per_entity, model.config.num_tokens
     losses = {e: [] for e in model.entities}
-    hits = {e: [0, 0] for e in ("brand", "season")}
-    chance = {e: [0, 0] for e in hits}
+    blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
+               "distinct": []} for _ in range(2)]
+    chance = {e: [0, 0] for e in (*DETAILS, "background")}
     grid = model.visual.grid_size
     boxes = model.visual.patch_boxes(torch.arange(grid[0] * grid[1])).float()
-    scale = 256 / model.visual.image_size[0]
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
         vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
@@ -97,21 +101,81 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
         for k, entity in enumerate(model.entities):
             losses[entity].append(contrastive_loss(vision.regional_features[:, k], entity_text[:, k],
                                                    model.logit_scale.exp()).item())
-        picked = vision.selected_patches[:, 1].cpu()
+        picked = vision.selected_patches.cpu()  # (batch, block, token)
         for row, index in enumerate(b.indices):
-            geometry = layout(products[int(data.product_ids[index])], 0)
-            targets = {"brand": geometry.mark_box, "season": geometry.tag_box}
-            for entity, target in targets.items():
-                overlap = _overlaps(boxes * scale, target)
-                k = model.entities.index(entity)
-                tokens = picked[row, k * per_entity:(k + 1) * per_entity]
-                hits[entity][0] += int(overlap[tokens].sum())
-                hits[entity][1] += len(tokens)
-                chance[entity][0] += int(overlap.sum())
-                chance[entity][1] += len(overlap)
+            product = products[int(data.product_ids[index])]
+            geometry = layout(product, 0)
+            scale = geometry.size / model.visual.image_size[0]
+            where = {"brand": _overlaps(boxes * scale, geometry.mark_box),
+                     "season": _overlaps(boxes * scale, geometry.tag_box)}
+            garment = torch.from_numpy(np.array(garment_mask(product, geometry).resize((grid[1], grid[0]), Image.BOX)))
+            where["background"] = (garment.flatten() == 0) & ~where["brand"] & ~where["season"]
+            for name, mask in where.items():
+                _count(chance[name], mask)
+            for block, tally in zip(picked[row], blocks):
+                tally["distinct"].append(len(set(block.tolist())) / num_tokens)
+                for k, entity in enumerate(model.entities):
+                    tokens = block[k * per_entity:(k + 1) * per_entity]
+                    _count(tally["background"][entity], where["background"][tokens])
+                    if entity in DETAILS:
+                        _count(tally["detail"][entity], where[entity][tokens])
+    share = lambda counts: {e: h / max(n, 1) for e, (h, n) in counts.items()}  # noqa: E731
+    per_block = [{"on_detail": share(t["detail"]), "on_background": share(t["background"]),
+                  "distinct_share": statistics.mean(t["distinct"])} for t in blocks]
     return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
-            "selection_hit_rate": {e: h[0] / max(h[1], 1) for e, h in hits.items()},
-            "selection_chance": {e: c[0] / max(c[1], 1) for e, c in chance.items()}}
+            "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
+            "blocks": per_block, "layers": patch_contents(encoder, data, device)}
+
+
+@torch.no_grad()
+def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) -> list:
+    """What a patch's state holds after each layer before fusion block 2: how often the brand of the nearest
+    other image's state (cosine, mean-centred) is the image's own brand, for a patch on the mark and for a
+    background patch (chance 1/32), and how alike an image's patches are (mean pairwise cosine)."""
+    model = encoder.model
+    products, num_tokens = catalog(0), model.config.num_tokens
+    grid = model.visual.grid_size
+    boxes = model.visual.patch_boxes(torch.arange(grid[0] * grid[1])).float()
+    states, brands = collections.defaultdict(list), []
+    for start in range(0, min(images, len(data)), batch):
+        indices = range(start, min(images, len(data), start + batch))
+        hidden = model.visual.forward_features(torch.stack([data[i].image for i in indices]).to(device),
+                                               output_hidden_states=True).hidden_states
+        for row, index in enumerate(indices):
+            product = products[int(data.product_ids[index])]
+            geometry = layout(product, 0)
+            scale = geometry.size / model.visual.image_size[0]
+            mark, tag = _overlaps(boxes * scale, geometry.mark_box), _overlaps(boxes * scale, geometry.tag_box)
+            garment = torch.from_numpy(np.array(garment_mask(product, geometry).resize((grid[1], grid[0]), Image.BOX)))
+            background = (garment.flatten() == 0) & ~mark & ~tag
+            brands.append(product.brand)
+            for layer in range(1, model.visual.fusion_layers[1] + 1):
+                patches = F.normalize(hidden[layer][row, num_tokens + 1:].float().cpu(), dim=-1)
+                states[layer, "mark"].append(patches[mark.nonzero()[0, 0]])
+                states[layer, "background"].append(patches[background.nonzero()[0, 0]])
+                n = len(patches)
+                states[layer, "cosine"].append(((patches @ patches.T).sum() - n) / (n * (n - 1)))
+    brands = torch.tensor(brands)
+
+    def nearest_same_brand(rows):
+        x = torch.stack(rows)
+        x = F.normalize(x - x.mean(dim=0), dim=-1)
+        similarity = (x @ x.T).fill_diagonal_(-2)
+        return (brands[similarity.argmax(dim=1)] == brands).float().mean().item()
+
+    return [{"layer": layer, "brand_from_mark_patch": nearest_same_brand(states[layer, "mark"]),
+             "brand_from_background_patch": nearest_same_brand(states[layer, "background"]),
+             "patch_cosine": torch.stack(states[layer, "cosine"]).mean().item()}
+            for layer in range(1, model.visual.fusion_layers[1] + 1)]
+
+
+def _count(counts: list, hits: torch.Tensor) -> None:
+    counts[0] += int(hits.sum())
+    counts[1] += len(hits)
+
+
+#: the entities whose detail the generator draws in a known place: the brand mark and the season's hang-tag
+DETAILS = ("brand", "season")
 
 
 PROBED = {"brand": None, "season": tuple(SEASONS), "composition": tuple(COMPOSITIONS), "mark_place": MARK_PLACES,
@@ -223,6 +287,9 @@ def main() -> None:
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
+                if kind != "clip-ft" and "layers" not in record["mechanism"]:  # measured at fusion block 2 only
+                    record["mechanism"] = mechanism(model, val, device)
+                    record["mechanism_step0"] = mechanism(initial, val, device)
                 result_file.write_text(json.dumps(record, indent=2))
                 results["runs"][key] = record
                 continue
@@ -275,6 +342,32 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
         chance = mech["selection_chance"].get(entity)
         chance_text = f"{100 * chance:.1f}%" if chance is not None else "-"
         print(f"| {entity} | {before:.2f} | {loss:.2f} | {hit_text} | {chance_text} |")
+    chance = mech["selection_chance"]
+    print(f"\nWhere the selection tokens land, per fusion block (seeds {seeds}, mean ± standard error): on the "
+          f"entity's detail (chance: mark {100 * chance['brand']:.1f}%, tag {100 * chance['season']:.1f}%), on pure "
+          f"background (chance {100 * chance['background']:.1f}%), and distinct patches per image / tokens")
+    print("| model | block | " + " | ".join(f"{e} on its detail" for e in DETAILS) + " | "
+          + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches |")
+    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 1))
+    for label, field in (("step 0", "mechanism_step0"), ("final", "mechanism")):
+        blocks = [r[field]["blocks"] for r in e2_rows]
+        for b in range(2):
+            cells = [mean_se([100 * x[b]["on_detail"][e] for x in blocks]) for e in DETAILS]
+            cells += [mean_se([100 * x[b]["on_background"][e] for x in blocks]) for e in mech["regional_loss"]]
+            cells.append(mean_se([100 * x[b]["distinct_share"] for x in blocks]))
+            print(f"| E2, {label} | {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
+    print(f"\nWhat a patch's state holds after each layer up to fusion block 2 (seeds {seeds}): how often the nearest "
+          "other image's state has the same brand (chance 3.1%), for a patch on the mark and a background patch; "
+          "how alike an image's patches are (mean cosine)")
+    print("| model | layer | brand from a mark patch | brand from a background patch | patch cosine |")
+    print("|---|---|---|---|---|")
+    for label, field in (("step 0", "mechanism_step0"), ("final", "mechanism")):
+        for layers in zip(*(r[field]["layers"] for r in e2_rows)):
+            cells = [mean_se([100 * x[key] for x in layers]) for key in ("brand_from_mark_patch",
+                                                                        "brand_from_background_patch")]
+            cosine = mean_se([x["patch_cosine"] for x in layers])
+            print(f"| E2, {label} | {layers[0]['layer']} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells)
+                  + f" | {cosine[0]:.2f} ± {cosine[1]:.2f} |")
     print(f"\nDetail probe (seeds {seeds}): % of products whose text ranks their image above the same product "
           "with one attribute changed (chance 50%)")
     print("| model | " + " | ".join(PROBED) + " |")

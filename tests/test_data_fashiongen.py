@@ -4,7 +4,8 @@ import pytest
 
 import e2_core
 from e2_core.data import DataError, E2Collate, FashionGen
-from e2_core.data.builders.synthetic import render, catalog, write_fashiongen, write_fashioniq
+from e2_core.data.builders.synthetic import catalog, garment_mask, layout, render, write_fashiongen, \
+    write_fashioniq
 from conftest import TINY
 
 
@@ -68,6 +69,19 @@ def test_details_decide_identity():
     a, b = next(v for v in coarse.values() if len(v) > 1)[:2]
     assert a != b and (a.subcategory, a.colour) == (b.subcategory, b.colour)
     assert not np.array_equal(np.asarray(render(a, 0)), np.asarray(render(b, 0)))
+
+
+@pytest.mark.parametrize("index", [0, 5, 11])
+def test_garment_mask_is_everything_but_the_background(index):
+    product = catalog(0)[index]
+    geometry = layout(product, 1)
+    image, garment = np.asarray(render(product, 1)), np.asarray(garment_mask(product, geometry)) > 0
+    assert 0.1 < garment.mean() < 0.9
+    details = np.zeros_like(garment)
+    for x0, y0, x1, y1 in (geometry.mark_box, geometry.tag_box):     # they may overhang the garment's edge
+        details[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = True
+    background = ~garment & ~details
+    assert (image[background] == geometry.tone).all() and (image[~background] != geometry.tone).any(-1).mean() > 0.5
 
 
 def test_collate_builds_e2_inputs(synthetic):

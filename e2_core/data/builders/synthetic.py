@@ -177,16 +177,21 @@ def layout(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -
     return Layout(shift, scale, tone, size, (x0, y0, x0 + 3 * cell, y0 + 3 * cell), tag)
 
 
+def garment_mask(product: Product, geometry: Layout) -> Image.Image:
+    """The garment's pixels in one view (mode "L", 255 on the garment): everything else is background."""
+    mask = Image.new("L", (geometry.size, geometry.size), 0)
+    draw = ImageDraw.Draw(mask)
+    for polygon in _silhouette(product.subcategory):
+        draw.polygon([geometry.to_px(u, v) for u, v in polygon], fill=255)
+    return mask
+
+
 def render(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
     """One view: background, garment, texture, brand mark, season tag."""
     geometry = layout(product, view, seed, size)
     canvas = Image.new("RGB", (size, size), geometry.tone)
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    for polygon in _silhouette(product.subcategory):
-        draw.polygon([geometry.to_px(u, v) for u, v in polygon], fill=255)
     fabric = Image.fromarray(_texture(COMPOSITIONS[product.composition][0], size, COLOURS[product.colour]))
-    canvas.paste(fabric, (0, 0), mask)
+    canvas.paste(fabric, (0, 0), garment_mask(product, geometry))
 
     cells, fg, bg = brand_glyph(product.brand, seed)
     x0, y0, x1, _ = geometry.mark_box
