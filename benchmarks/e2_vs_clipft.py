@@ -8,7 +8,7 @@ the step-0 score and the gain since, the training-step time ratio, and E2's mech
 entity's regional loss against chance, and how often each entity's selection tokens pick a patch
 holding its detail against chance.
 
-    python benchmarks/e2_vs_clipft.py --seeds 0 1 2 --out runs/bench      # ~2 h on 2 CPU cores (900 steps)
+    python benchmarks/e2_vs_clipft.py --seeds 0 1 2 --out runs/bench      # ~4 h on 2 CPU cores (1,800 steps)
     python benchmarks/e2_vs_clipft.py --finetune-steps 2000 --device cuda  # a GPU, more steps
     python benchmarks/e2_vs_clipft.py --variant paper --token-attention full --global-weight 0.5 --seeds 0
 

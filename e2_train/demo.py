@@ -40,7 +40,7 @@ class Recipe:
     model: str = "ViT-S-16-128"
     pretrain_products: int = 8000
     pretrain_steps: int = 400
-    finetune_steps: int = 900
+    finetune_steps: int = 1800
     stage1_fraction: float = 0.3  # E2's stage 1 (new parts only): this share of the fine-tuning steps, run
     stage1_on_top: bool = True      # on top of the steps CLIP-FT gets, as in the paper (False: within them)
     batch_size: int = 64
@@ -54,8 +54,8 @@ DEMO = Recipe()
 SHIPPED = Path(__file__).with_name("demo_weights")
 # SHA-256 of each shipped checkpoint's model.safetensors: the files the README's demo numbers come from
 SHIPPED_SHA256 = {
-    "clip-ft": "3f52a052a3f831622f9394f800f5f2bdf0181307ba45089c21e3bee9d9e6b17b",
-    "e2": "f91bfc2540823c274fd11fe6915018674501766e84039d5f12c65aebede2f66c",
+    "clip-ft": "98e2f589e468ef958df49bd2c11978861aabb1b54166d41aad4cffcf12a946c3",
+    "e2": "b129dfa697e0632717192749fde1acc957951f6104f95a67cc3b571a3444dad4",
 }
 REPRODUCE = "python -m e2_train.demo"
 
@@ -121,7 +121,7 @@ def demo_encoder(name: str) -> Path:
         raise ValueError(f"unknown demo encoder {name!r}; the demo encoders are " + ", ".join(f"demo:{k}" for k in KINDS))
     path = SHIPPED / name
     weights = path / WEIGHTS_NAME
-    how = (f"reinstall e2-plugins, or reproduce the demo encoders with `{REPRODUCE}` (about 45 min on 2 CPU "
+    how = (f"reinstall e2-plugins, or reproduce the demo encoders with `{REPRODUCE}` (about 80 min on 2 CPU "
            "cores) and pass the checkpoints it prints as --encoder / --baseline")
     if not weights.is_file() or not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"the shipped demo encoder demo:{name} is missing ({path} lacks {CONFIG_NAME} or "
