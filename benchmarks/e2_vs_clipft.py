@@ -333,7 +333,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
           f"step time E2 / CLIP-FT: {ratio:.2f} (target <= 1.25)")
     mech = e2_rows[0]["mechanism"]
     print(f"\nE2 mechanism (seed {seeds[0]}); regional loss chance = ln(batch) = {mech['loss_chance']:.2f}")
-    print("| entity | regional loss, step 0 | regional loss, final | selection on its detail, final | chance |")
+    print("| entity | regional loss, step 0 | regional loss, final | selection on its detail (block 2), final | chance |")
     print("|---|---|---|---|---|")
     for entity, loss in mech["regional_loss"].items():
         before = e2_rows[0]["mechanism_step0"]["regional_loss"][entity]
