@@ -92,8 +92,6 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
     blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
                "distinct": []} for _ in range(2)]
     chance = {e: [0, 0] for e in (*DETAILS, "background")}
-    grid = model.visual.grid_size
-    boxes = model.visual.patch_boxes(torch.arange(grid[0] * grid[1])).float()
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
         vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
@@ -103,13 +101,7 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
                                                    model.logit_scale.exp()).item())
         picked = vision.selected_patches.cpu()  # (batch, block, token)
         for row, index in enumerate(b.indices):
-            product = products[int(data.product_ids[index])]
-            geometry = layout(product, 0)
-            scale = geometry.size / model.visual.image_size[0]
-            where = {"brand": _overlaps(boxes * scale, geometry.mark_box),
-                     "season": _overlaps(boxes * scale, geometry.tag_box)}
-            garment = torch.from_numpy(np.array(garment_mask(product, geometry).resize((grid[1], grid[0]), Image.BOX)))
-            where["background"] = (garment.flatten() == 0) & ~where["brand"] & ~where["season"]
+            where = patch_regions(model, products[int(data.product_ids[index])])
             for name, mask in where.items():
                 _count(chance[name], mask)
             for block, tally in zip(picked[row], blocks):
@@ -134,8 +126,6 @@ def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) ->
     background patch (chance 1/32), and how alike an image's patches are (mean pairwise cosine)."""
     model = encoder.model
     products, num_tokens = catalog(0), model.config.num_tokens
-    grid = model.visual.grid_size
-    boxes = model.visual.patch_boxes(torch.arange(grid[0] * grid[1])).float()
     states, brands = collections.defaultdict(list), []
     for start in range(0, min(images, len(data)), batch):
         indices = range(start, min(images, len(data), start + batch))
@@ -143,16 +133,12 @@ def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) ->
                                                output_hidden_states=True).hidden_states
         for row, index in enumerate(indices):
             product = products[int(data.product_ids[index])]
-            geometry = layout(product, 0)
-            scale = geometry.size / model.visual.image_size[0]
-            mark, tag = _overlaps(boxes * scale, geometry.mark_box), _overlaps(boxes * scale, geometry.tag_box)
-            garment = torch.from_numpy(np.array(garment_mask(product, geometry).resize((grid[1], grid[0]), Image.BOX)))
-            background = (garment.flatten() == 0) & ~mark & ~tag
+            where = patch_regions(model, product)
             brands.append(product.brand)
             for layer in range(1, model.visual.fusion_layers[1] + 1):
                 patches = F.normalize(hidden[layer][row, num_tokens + 1:].float().cpu(), dim=-1)
-                states[layer, "mark"].append(patches[mark.nonzero()[0, 0]])
-                states[layer, "background"].append(patches[background.nonzero()[0, 0]])
+                states[layer, "mark"].append(patches[where["brand"].nonzero()[0, 0]])
+                states[layer, "background"].append(patches[where["background"].nonzero()[0, 0]])
                 n = len(patches)
                 states[layer, "cosine"].append(((patches @ patches.T).sum() - n) / (n * (n - 1)))
     brands = torch.tensor(brands)
@@ -167,6 +153,18 @@ def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) ->
              "brand_from_background_patch": nearest_same_brand(states[layer, "background"]),
              "patch_cosine": torch.stack(states[layer, "cosine"]).mean().item()}
             for layer in range(1, model.visual.fusion_layers[1] + 1)]
+
+
+def patch_regions(model, product) -> dict:
+    """Boolean masks over the patch grid of a product's first view: patches on the brand mark, on the season's
+    hang-tag, and on pure background (no garment pixel, no detail)."""
+    grid, geometry = model.visual.grid_size, layout(product, 0)
+    scale = geometry.size / model.visual.image_size[0]
+    boxes = model.visual.patch_boxes(torch.arange(grid[0] * grid[1])).float() * scale
+    regions = {"brand": _overlaps(boxes, geometry.mark_box), "season": _overlaps(boxes, geometry.tag_box)}
+    garment = torch.from_numpy(np.array(garment_mask(product, geometry).resize((grid[1], grid[0]), Image.BOX)))
+    regions["background"] = (garment.flatten() == 0) & ~regions["brand"] & ~regions["season"]
+    return regions
 
 
 def _count(counts: list, hits: torch.Tensor) -> None:
@@ -333,7 +331,8 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
           f"step time E2 / CLIP-FT: {ratio:.2f} (target <= 1.25)")
     mech = e2_rows[0]["mechanism"]
     print(f"\nE2 mechanism (seed {seeds[0]}); regional loss chance = ln(batch) = {mech['loss_chance']:.2f}")
-    print("| entity | regional loss, step 0 | regional loss, final | selection on its detail (block 2), final | chance |")
+    print("| entity | regional loss, step 0 | regional loss, final | selection on its detail (block 2), final "
+          "| chance |")
     print("|---|---|---|---|---|")
     for entity, loss in mech["regional_loss"].items():
         before = e2_rows[0]["mechanism_step0"]["regional_loss"][entity]
