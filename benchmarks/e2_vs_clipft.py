@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEMO.batch_size)
     parser.add_argument("--variant", default="", help="name of an E2 variant (its runs go to OUT/e2-VARIANT)")
     parser.add_argument("--token-attention", choices=["one-way", "full"], default=None, help="E2 variant lever")
+    parser.add_argument("--tokens-per-entity", type=int, default=None, help="E2 variant lever (default 2)")
     parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
     parser.add_argument("--entity-weights", default=None,
                         help="E2 variant lever: regional loss weights NAME=W,... (training default: all 1)")
@@ -252,7 +253,8 @@ def main() -> None:
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
-                                ("entity_weights", args.entity_weights)) if v is not None}
+                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity))
+              if v is not None}
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
@@ -263,7 +265,7 @@ def main() -> None:
         torch.manual_seed(0)  # the step-0 E2's new parts
         # the step-0 model; for E2 drawn as the trainer draws it (seed 0: the CLIP, then E2's new parts)
         initial = e2_core.load_encoder(start) if kind == "clip-ft" else e2_core.Encoder(
-            e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k == "token_attention"}),
+            e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k in ("token_attention", "tokens_per_entity")}),
             arch=args.model)
         val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
         step0 = retrieval_r1(initial, val, device)

@@ -106,6 +106,7 @@ class TrainConfig:
         global_weight: weight of the global loss against the mean regional loss (the paper's: 0.5; 0.8 measured better, see the README)
         entity_weights: weights of the regional losses in their mean, as NAME=W,... (unnamed entities weigh 1; e.g. season=0 for an entity the images cannot show)
         token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP) or full (the paper's)
+        tokens_per_entity: for an E2 built on a CLIP: selection tokens per tag entity (the paper's: 2)
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
@@ -134,6 +135,7 @@ class TrainConfig:
     global_weight: float = 0.8
     entity_weights: Optional[Union[str, Dict[str, float]]] = None
     token_attention: Literal["one-way", "full"] = "one-way"
+    tokens_per_entity: int = 2
     lora_rank: int = 0
     strict: bool = False
     encoding: str = "utf-8"
@@ -147,7 +149,7 @@ class TrainConfig:
                            for s in self.stages]
         if isinstance(self.entity_weights, str):
             self.entity_weights = parse_weights(self.entity_weights)
-        for name in ("batch_size", "accumulate", "checkpoint_every"):
+        for name in ("batch_size", "accumulate", "checkpoint_every", "tokens_per_entity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 

@@ -86,7 +86,7 @@ class E2Training(TrainingMethod):
     def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
         """``entities``: the dataset's tag entities; a CLIP gets E2 parts for exactly these."""
         if not isinstance(model, E2Model):
-            config = E2Config(token_attention=cfg.token_attention)
+            config = E2Config(token_attention=cfg.token_attention, tokens_per_entity=cfg.tokens_per_entity)
             model = E2Model(model, config.replace(entities=tuple(entities)) if entities else config, arch)
         elif entities and tuple(entities) != model.entities:
             raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "

@@ -321,3 +321,15 @@ def test_entity_weights_reach_the_regional_loss(tiny_model):
         E2Training(tiny_model, config(Path("unused"), None, entity_weights="colour=2"))
     with pytest.raises(ValueError, match="--entity-weights 'season=-1'"):
         config(Path("unused"), None, entity_weights="season=-1")
+
+
+def test_tokens_per_entity_reach_an_e2_built_on_a_clip():
+    import open_clip
+    from e2_train import E2Training
+
+    clip = open_clip.create_model(TINY)
+    method = E2Training(clip, config(Path("unused"), None, tokens_per_entity=3), entities=("brand", "season"), arch=TINY)
+    assert method.model.config.tokens_per_entity == 3
+    assert method.model.visual.selection_tokens.tokens.shape[0] == 6
+    with pytest.raises(ValueError, match="--tokens-per-entity must be >= 1"):
+        config(Path("unused"), None, tokens_per_entity=0)
