@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
     parser.add_argument("--entity-weights", default=None,
                         help="E2 variant lever: regional loss weights NAME=W,... (training default: all 1)")
+    parser.add_argument("--stage2-new-lr", type=float, default=None,
+                        help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the rest's)")
     parser.add_argument("--equal-budget", action="store_true",
                         help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
     parser.add_argument("--probe-products", type=int, default=200)
@@ -259,7 +261,8 @@ def main() -> None:
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
     registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
-    results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget},
+    results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget,
+                                                      "stage2_new_lr": args.stage2_new_lr},
                "runs": {}}
     for kind in ("clip-ft", e2_kind):
         torch.manual_seed(0)  # the step-0 E2's new parts
@@ -277,7 +280,8 @@ def main() -> None:
             if kind == "clip-ft":  # a finished run returns at once
                 best = recipe_run(kind, recipe, out, seed, **common)
             else:
-                best = finetune("e2", replace(recipe, seed=seed, stage1_on_top=not args.equal_budget), start, run,
+                best = finetune("e2", replace(recipe, seed=seed, stage1_on_top=not args.equal_budget,
+                                              stage2_new_lr=args.stage2_new_lr), start, run,
                                 data_root, **common, **levers)
             model = e2_core.load_encoder(best)
             if result_file.is_file():

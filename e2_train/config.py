@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Union
 
 
+_STAGE_KEYS = {"lr": float, "epochs": float, "steps": int, "trains": str, "new_lr": float}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of training: its length (epochs or steps), peak learning rate and what trains.
 
     ``trains="new"`` trains only what the method adds to the CLIP it starts from (E2's selection
-    tokens, fusion blocks and heads); ``"all"`` trains everything.
+    tokens, fusion blocks and heads); ``"all"`` trains everything. ``new_lr``, when set, is the peak
+    learning rate of those added parts (``lr`` then applies to the rest).
 
     Example:
         >>> Stage.parse("stage1:steps=90,lr=1e-3")
@@ -25,6 +29,7 @@ class Stage:
     epochs: Optional[float] = None
     steps: Optional[int] = None
     trains: Optional[Literal["new", "all"]] = None
+    new_lr: Optional[float] = None
 
     def __post_init__(self):
         if self.trains not in (None, "new", "all"):
@@ -32,20 +37,20 @@ class Stage:
 
     @classmethod
     def parse(cls, text: str) -> "Stage":
-        """``NAME[:key=value,...]`` with keys ``lr``, ``epochs``, ``steps``, ``trains``."""
+        """``NAME[:key=value,...]`` with keys ``lr``, ``epochs``, ``steps``, ``trains``, ``new_lr``."""
         name, _, rest = text.partition(":")
         fields = {}
         for item in filter(None, rest.split(",")):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("lr", "epochs", "steps", "trains"):
-                raise ValueError(f"--stages {text!r}: expected NAME:key=value,... with keys lr, epochs, steps, trains")
-            fields[key] = {"lr": float, "epochs": float, "steps": int, "trains": str}[key](value)
+            if not sep or key not in _STAGE_KEYS:
+                raise ValueError(f"--stages {text!r}: expected NAME:key=value,... with keys {', '.join(_STAGE_KEYS)}")
+            fields[key] = _STAGE_KEYS[key](value)
         return cls(name, **fields)
 
     def over(self, default: "Stage") -> "Stage":
         """This stage with its unset fields taken from ``default``."""
         return Stage(self.name, *(getattr(self, f) if getattr(self, f) is not None else getattr(default, f)
-                                  for f in ("lr", "epochs", "steps", "trains")))
+                                  for f in _STAGE_KEYS))
 
     def length(self) -> float:
         return self.steps if self.steps is not None else (self.epochs or 0)
@@ -90,7 +95,7 @@ class TrainConfig:
         pretrained: where to start: an encoder source (MODEL:TAG, MODEL:FILE, checkpoint directory, demo:NAME) or an open_clip tag of --model
         dataset: an installed dataset reader (e2-plugins list)
         data_root: the dataset's folder or file
-        stages: stages as NAME:key=value,... (keys lr, epochs, steps, trains=new|all); a name of the method's defaults (e2: stage1, stage2; clip-ft: finetune) fills in the rest from it
+        stages: stages as NAME:key=value,... (keys lr, epochs, steps, trains=new|all, new_lr: the added parts' lr); a name of the method's defaults (e2: stage1, stage2; clip-ft: finetune) fills in the rest from it
         max_steps: cap on optimizer steps per stage (quick runs)
         batch_size: items per micro-batch per process
         accumulate: micro-batches per optimizer step

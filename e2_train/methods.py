@@ -7,7 +7,7 @@ trains in each stage, so the loop never asks which model it holds.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from open_clip.model import CLIP
@@ -55,15 +55,18 @@ class TrainingMethod(nn.Module):
         """Called before each optimizer step of a stage; returns values to log."""
         return {}
 
-    def parameter_groups(self, weight_decay: float) -> List[Dict]:
+    def parameter_groups(self, weight_decay: float, new_lr: Optional[float] = None) -> List[Dict]:
         """Trainable parameters, with no weight decay on norms, biases, scales, embeddings and
-        selection tokens (as open_clip's trainer excludes 1-d tensors)."""
+        selection tokens (as open_clip's trainer excludes 1-d tensors); with ``new_lr``, the parts
+        the method adds form their own groups at that learning rate."""
         exempt = no_weight_decay(self.model)
-        decay, rest = [], []
+        groups = {(decays, new): [] for new in (False, True) for decays in (True, False)}
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (rest if param.ndim < 2 or name in exempt else decay).append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+                decays = param.ndim >= 2 and name not in exempt
+                groups[decays, new_lr is not None and self.is_new(name)].append(param)
+        return [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"lr": new_lr} if new else {})}
+                for (decays, new), params in groups.items() if params or not new]
 
     def loss(self, features: Dict[str, torch.Tensor], ctx, sizes) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -333,3 +333,21 @@ def test_tokens_per_entity_reach_an_e2_built_on_a_clip():
     assert method.model.visual.selection_tokens.tokens.shape[0] == 6
     with pytest.raises(ValueError, match="--tokens-per-entity must be >= 1"):
         config(Path("unused"), None, tokens_per_entity=0)
+
+
+def test_a_stage_can_give_the_new_parts_their_own_learning_rate(tmp_path, data_root, tiny_checkpoints):
+    """``new_lr=0`` in a stage that trains everything: the CLIP's weights move, E2's added parts do not."""
+    from e2_core.model import is_e2_parameter
+    from e2_train.config import Stage
+
+    assert Stage.parse("stage2:lr=1e-4,new_lr=1e-3") == Stage("stage2", lr=1e-4, new_lr=1e-3)
+    assert Stage("stage2", new_lr=0.0).over(Stage("stage2", lr=1e-4, steps=3)).new_lr == 0.0
+    with pytest.raises(ValueError, match="keys lr, epochs, steps, trains, new_lr"):
+        Stage.parse("stage2:head_lr=1e-3")
+    e2 = str(tmp_path / "e2")
+    e2_core.save_pretrained(e2_core.create_e2(pretrained=tiny_checkpoints["clip"]), e2)
+    result = train(config(tmp_path, data_root, pretrained=e2, stages=["stage2:steps=2,lr=1e-3,new_lr=0"]))
+    start, trained = weights(e2), weights(result["stage2"])
+    new = [k for k in start if is_e2_parameter(k)]
+    assert new and all(torch.equal(start[k], trained[k]) for k in new)
+    assert not torch.equal(start["visual.trunk.conv1.weight"], trained["visual.trunk.conv1.weight"])
