@@ -46,7 +46,8 @@ class Recipe:
     batch_size: int = 64
     pretrain_lr: float = 1e-3
     finetune_lr: float = 1e-4
-    stage2_new_lr: Optional[float] = None  # E2's added parts in stage 2 (None: finetune_lr, as the rest)
+    stage2_new_lr: Optional[float] = None  # E2's added parts in stage 2 (None: finetune_lr, as the rest, as the
+    #                                        shipped encoders were trained)
     seed: int = 0
 
 
@@ -93,9 +94,10 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
         return Path(train(cfg, evaluate, callbacks)["finetune"])
     stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
     stage2 = recipe.finetune_steps if recipe.stage1_on_top else recipe.finetune_steps - stage1
+    new_lr = recipe.finetune_lr if recipe.stage2_new_lr is None else recipe.stage2_new_lr
     cfg = TrainConfig(method="e2", stages=[Stage("stage1", lr=recipe.finetune_lr * 10, steps=stage1),
-                                           Stage("stage2", lr=recipe.finetune_lr, steps=stage2,
-                                                 new_lr=recipe.stage2_new_lr)], **common)
+                                           Stage("stage2", lr=recipe.finetune_lr, steps=stage2, new_lr=new_lr)],
+                      **common)
     return Path(train(cfg, evaluate, callbacks)["stage2"])
 
 

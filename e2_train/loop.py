@@ -156,8 +156,8 @@ def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, trai
                          f"{ctx.world_size} processes x {cfg.accumulate} accumulation steps")
     total = stage.steps if stage.steps is not None else math.ceil(stage.epochs * steps_per_epoch)
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    optimizer = torch.optim.Adam(method.parameter_groups(cfg.weight_decay, stage.new_lr), lr=stage.lr,
-                                 betas=(0.9, 0.999))
+    new_lr = None if stage.new_lr == stage.lr else stage.new_lr  # own groups only when it differs
+    optimizer = torch.optim.Adam(method.parameter_groups(cfg.weight_decay, new_lr), lr=stage.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(cfg.warmup_steps, total), total))
     scaler = grad_scaler(ctx.device, cfg.precision)
     state = _load_latest(folder, model, optimizer, scheduler, scaler, ctx)

@@ -83,8 +83,9 @@ def no_weight_decay(model: nn.Module) -> Set[str]:
 
 class E2Training(TrainingMethod):
     name = "e2"
-    default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"), Stage("stage2", lr=5e-5, epochs=20.0,
-                                                                                 trains="all"))
+    # stage 2: the added parts keep stage 1's learning rate (new_lr), ten times the CLIP's (see the README)
+    default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"),
+                      Stage("stage2", lr=5e-5, epochs=20.0, trains="all", new_lr=5e-4))
 
     def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
         """``entities``: the dataset's tag entities; a CLIP gets E2 parts for exactly these."""
