@@ -161,6 +161,16 @@ def _choices(task: registry.Task, name: str):
     return _unwrap(typing.get_type_hints(task.run).get(name, str))[1]
 
 
+def _argument_type(parse):
+    """``parse`` as an argparse type whose ValueError message reaches the user."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
+
+
 def task_parser(task: registry.Task) -> argparse.ArgumentParser:
     """An argparse parser built from ``task.run``'s keyword parameters, annotations and docstring."""
     doc = inspect.getdoc(task.run) or ""
@@ -178,7 +188,7 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
                           in (list, List)), None)
         if list_hint is not None:
             kind, kwargs["nargs"] = typing.get_args(list_hint)[0], "+"
-            kind = getattr(kind, "parse", kind)
+            kind = _argument_type(kind.parse) if hasattr(kind, "parse") else kind
         if param.default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:

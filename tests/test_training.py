@@ -351,3 +351,11 @@ def test_a_stage_can_give_the_new_parts_their_own_learning_rate(tmp_path, data_r
     new = [k for k in start if is_e2_parameter(k)]
     assert new and all(torch.equal(start[k], trained[k]) for k in new)
     assert not torch.equal(start["visual.trunk.conv1.weight"], trained["visual.trunk.conv1.weight"])
+
+
+def test_a_bad_stage_on_the_command_line_says_which_keys_exist(capsys):
+    from e2_plugins.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--stages", "stage2:head_lr=1e-3"])
+    assert "keys lr, epochs, steps, trains, new_lr" in capsys.readouterr().err
