@@ -226,6 +226,9 @@ def mean_se(values):
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
+E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity")  # the levers that shape the step-0 model too
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="default: the demo encoders' folder, whose seed-0 runs it shares")
@@ -268,7 +271,7 @@ def main() -> None:
         torch.manual_seed(0)  # the step-0 E2's new parts
         # the step-0 model; for E2 drawn as the trainer draws it (seed 0: the CLIP, then E2's new parts)
         initial = e2_core.load_encoder(start) if kind == "clip-ft" else e2_core.Encoder(
-            e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k in ("token_attention", "tokens_per_entity")}),
+            e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k in E2CONFIG_LEVERS}),
             arch=args.model)
         val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
         step0 = retrieval_r1(initial, val, device)

@@ -44,7 +44,10 @@ class Stage:
             key, sep, value = item.partition("=")
             if not sep or key not in _STAGE_KEYS:
                 raise ValueError(f"--stages {text!r}: expected NAME:key=value,... with keys {', '.join(_STAGE_KEYS)}")
-            fields[key] = _STAGE_KEYS[key](value)
+            try:
+                fields[key] = _STAGE_KEYS[key](value)
+            except ValueError:
+                raise ValueError(f"--stages {text!r}: {key}={value!r} is not a {_STAGE_KEYS[key].__name__}") from None
         return cls(name, **fields)
 
     def over(self, default: "Stage") -> "Stage":

@@ -46,8 +46,7 @@ class Recipe:
     batch_size: int = 64
     pretrain_lr: float = 1e-3
     finetune_lr: float = 1e-4
-    stage2_new_lr: Optional[float] = None  # E2's added parts in stage 2 (None: finetune_lr, as the rest, as the
-    #                                        shipped encoders were trained)
+    stage2_new_lr: Optional[float] = None  # E2's added parts in stage 2; None: finetune_lr (the shipped encoders')
     seed: int = 0
 
 

@@ -60,13 +60,13 @@ class TrainingMethod(nn.Module):
         selection tokens (as open_clip's trainer excludes 1-d tensors); with ``new_lr``, the parts
         the method adds form their own groups at that learning rate."""
         exempt = no_weight_decay(self.model)
-        groups = {(decays, new): [] for new in (False, True) for decays in (True, False)}
+        kinds = [(True, False), (False, False)] + ([(True, True), (False, True)] if new_lr is not None else [])
+        groups = {kind: [] for kind in kinds}  # (decays, added part): decayed first, as checkpoints expect
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                decays = param.ndim >= 2 and name not in exempt
-                groups[decays, new_lr is not None and self.is_new(name)].append(param)
+                groups[param.ndim >= 2 and name not in exempt, new_lr is not None and self.is_new(name)].append(param)
         return [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"lr": new_lr} if new else {})}
-                for (decays, new), params in groups.items() if params or not new]
+                for (decays, new), params in groups.items()]
 
     def loss(self, features: Dict[str, torch.Tensor], ctx, sizes) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -359,3 +359,6 @@ def test_a_bad_stage_on_the_command_line_says_which_keys_exist(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--stages", "stage2:head_lr=1e-3"])
     assert "keys lr, epochs, steps, trains, new_lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--stages", "stage2:new_lr=fast"])
+    assert "new_lr='fast' is not a float" in capsys.readouterr().err
