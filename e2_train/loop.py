@@ -202,7 +202,8 @@ def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, trai
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            logs.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0])
+            rates = scheduler.get_last_lr()  # the added parts' groups come last
+            logs.update(step=step, epoch=epoch, lr=rates[0], **({"new_lr": rates[-1]} if new_lr is not None else {}))
             log.step(stage.name, logs)
             for callback in callbacks:
                 callback(stage.name, step, model, logs)

@@ -351,6 +351,8 @@ def test_a_stage_can_give_the_new_parts_their_own_learning_rate(tmp_path, data_r
     new = [k for k in start if is_e2_parameter(k)]
     assert new and all(torch.equal(start[k], trained[k]) for k in new)
     assert not torch.equal(start["visual.trunk.conv1.weight"], trained["visual.trunk.conv1.weight"])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["new_lr"] for r in logged if "step" in r and "loss" in r] == [0.0, 0.0]
 
 
 def test_a_bad_stage_on_the_command_line_says_which_keys_exist(capsys):
