@@ -21,7 +21,9 @@ class Stage:
 
     Example:
         >>> Stage.parse("stage1:steps=90,lr=1e-3")
-        Stage(name='stage1', lr=0.001, epochs=None, steps=90, trains=None)
+        Stage(name='stage1', lr=0.001, epochs=None, steps=90, trains=None, new_lr=None)
+        >>> str(Stage.parse("stage2:new_lr=5e-4"))
+        'stage2:new_lr=0.0005'
     """
 
     name: str
@@ -57,6 +59,11 @@ class Stage:
 
     def length(self) -> float:
         return self.steps if self.steps is not None else (self.epochs or 0)
+
+    def __str__(self) -> str:
+        """The ``--stages`` form, e.g. ``stage1:lr=0.001,steps=90`` (:meth:`parse` reads it back)."""
+        values = ",".join(f"{k}={getattr(self, k)}" for k in _STAGE_KEYS if getattr(self, k) is not None)
+        return f"{self.name}:{values}" if values else self.name
 
 
 def parse_weights(text: str) -> Dict[str, float]:
@@ -164,5 +171,25 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
-    # settings that must match for a run folder to be resumed
-    RESUME_KEYS = ("method", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank")
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        """A saved run's settings (keys this version does not know are ignored, missing ones take their default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+    # settings that must match for a run folder to be resumed: what trains, on what data, and how
+    RESUME_KEYS = ("method", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank", "stages",
+                   "warmup_steps", "weight_decay", "multi_positive", "global_weight", "entity_weights",
+                   "token_attention", "tokens_per_entity")
+
+    def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, str]:
+        """``{--flag: other's value}`` for each of :attr:`RESUME_KEYS` where ``other`` trains differently
+        (stages compared as they run: filled in from ``default_stages``, an unset ``new_lr`` being ``lr``)."""
+        def settings(cfg):
+            values = {k: getattr(cfg, k) for k in self.RESUME_KEYS}
+            values["stages"] = " ".join(str(dataclasses.replace(s, new_lr=s.lr if s.new_lr is None else s.new_lr))
+                                        for s in resolve_stages(cfg.stages, default_stages))
+            values["entity_weights"] = values["entity_weights"] or {}
+            return values
+        mine, theirs = settings(self), settings(other)
+        return {f"--{k.replace('_', '-')}": str(theirs[k]) for k in self.RESUME_KEYS if mine[k] != theirs[k]}

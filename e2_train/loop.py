@@ -64,7 +64,7 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
     method_class = METHODS[cfg.method]
     stages = [s for s in resolve_stages(cfg.stages, method_class.default_stages) if s.length() > 0]
     if stages and all((out / s.name / "done.json").is_file() for s in stages):  # finished before: nothing to build
-        _claim_run_folder(out, cfg, ctx)  # still refuses other settings
+        _claim_run_folder(out, cfg, ctx, method_class.default_stages)  # still refuses other settings
         return {s.name: str(out / s.name / "best") for s in stages}
     torch.manual_seed(cfg.seed)  # E2's new parts; resumed runs restore the RNG from the checkpoint
     random.seed(cfg.seed)
@@ -74,7 +74,7 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
         if dataset is not None and dataset.transform is None:
             dataset.transform = start.preprocess
     method = method_class.start(start, cfg, train_set.spec.entities)
-    _claim_run_folder(out, cfg, ctx)  # only once the data and the start are known to be usable
+    _claim_run_folder(out, cfg, ctx, method_class.default_stages)  # only once the data and the start are known to be usable
     results = {}
     for stage in stages:
         results[stage.name] = str(_run_stage(stage, method, cfg, ctx, train_set, val_set, evaluate, callbacks))
@@ -104,13 +104,17 @@ def _random_clip(arch: str):
     return open_clip.create_model(arch, pretrained=None, output_dict=True)
 
 
-def _claim_run_folder(out: Path, cfg: TrainConfig, ctx) -> None:
+def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, default_stages) -> None:
     saved = out / "train_config.json"
     if saved.is_file():
-        previous = json.loads(saved.read_text())
-        changed = [k for k in TrainConfig.RESUME_KEYS if previous.get(k) != getattr(cfg, k)]
-        settings = ", ".join(f"--{k.replace('_', '-')} {previous.get(k)}" for k in changed)
+        try:
+            previous = TrainConfig.from_json(saved.read_text())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{saved} is not a readable run configuration ({e}); use another --out, or remove "
+                             f"{out} to start the run afresh") from None
+        changed = cfg.differences(previous, default_stages)
         if changed:
+            settings = ", ".join(f"{flag} {value}" for flag, value in changed.items())
             raise ValueError(f"{out} holds a run with other settings ({settings}); "
                              "use another --out, or the same settings to resume it")
     elif ctx.is_main:

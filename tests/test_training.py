@@ -179,6 +179,30 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_settings_behind(tmp_pa
     train(config(tmp_path, data_root, max_steps=1))  # the corrected command runs
 
 
+def test_a_run_folder_is_resumed_only_with_the_settings_it_was_trained_with(tmp_path, data_root):
+    import json
+
+    cfg = config(tmp_path, data_root, max_steps=1)
+    first = train(cfg)
+    assert train(cfg) == first  # finished: the same settings return it at once
+    with pytest.raises(ValueError, match=r"other settings \(--stages stage2:lr=5e-05,epochs=1.0,trains=all,"
+                                         r"new_lr=0.0005\); use another --out"):
+        train(config(tmp_path, data_root, max_steps=1, stages=["stage2:epochs=1,new_lr=1e-3"]))
+    with pytest.raises(ValueError, match=r"other settings \(--global-weight 0.8, --entity-weights \{\}\)"):
+        train(config(tmp_path, data_root, max_steps=1, global_weight=0.5, entity_weights="season=0"))
+    # a folder saved before some settings existed: missing keys are their defaults, an unset new_lr the default's
+    saved = tmp_path / "run" / "train_config.json"
+    old = json.loads(saved.read_text())
+    for key in ("tokens_per_entity", "entity_weights"):
+        del old[key]
+    del old["stages"][0]["new_lr"]
+    saved.write_text(json.dumps(old))
+    assert train(cfg) == first
+    saved.write_text("{not json")
+    with pytest.raises(ValueError, match="train_config.json is not a readable run configuration"):
+        train(cfg)
+
+
 def _catalog(root: Path, products: int, corrupt: int) -> Path:
     from PIL import Image
 
