@@ -243,8 +243,9 @@ def main() -> None:
     parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
     parser.add_argument("--entity-weights", default=None,
                         help="E2 variant lever: regional loss weights NAME=W,... (training default: all 1)")
-    parser.add_argument("--stage2-new-lr", type=float, default=None,
-                        help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the rest's)")
+    parser.add_argument("--stage2-new-lr", type=float, default=DEMO.stage2_new_lr,
+                        help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the demo "
+                             "recipe's; the rest's when it has none)")
     parser.add_argument("--equal-budget", action="store_true",
                         help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
     parser.add_argument("--probe-products", type=int, default=200)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Union
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 
 _STAGE_KEYS = {"lr": float, "epochs": float, "steps": int, "trains": str, "new_lr": float}
@@ -182,14 +182,16 @@ class TrainConfig:
                    "warmup_steps", "weight_decay", "multi_positive", "global_weight", "entity_weights",
                    "token_attention", "tokens_per_entity")
 
-    def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, str]:
-        """``{--flag: other's value}`` for each of :attr:`RESUME_KEYS` where ``other`` trains differently
-        (stages compared as they run: filled in from ``default_stages``, an unset ``new_lr`` being ``lr``)."""
+    def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, Tuple[str, str]]:
+        """``{--flag: (other's value, this one's)}`` for each of :attr:`RESUME_KEYS` where the two train
+        differently (stages as they run: filled in from ``default_stages``, an unset ``new_lr`` being ``lr``)."""
         def settings(cfg):
             values = {k: getattr(cfg, k) for k in self.RESUME_KEYS}
-            values["stages"] = " ".join(str(dataclasses.replace(s, new_lr=s.lr if s.new_lr is None else s.new_lr))
+            values["stages"] = " ".join(str(dataclasses.replace(s, new_lr=s.lr if s.new_lr is None else s.new_lr,
+                                                                epochs=s.epochs if s.steps is None else None))
                                         for s in resolve_stages(cfg.stages, default_stages))
             values["entity_weights"] = values["entity_weights"] or {}
             return values
-        mine, theirs = settings(self), settings(other)
-        return {f"--{k.replace('_', '-')}": str(theirs[k]) for k in self.RESUME_KEYS if mine[k] != theirs[k]}
+        theirs, mine = settings(other), settings(self)
+        return {f"--{k.replace('_', '-')}": (str(theirs[k]), str(mine[k])) for k in self.RESUME_KEYS
+                if theirs[k] != mine[k]}

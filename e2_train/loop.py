@@ -114,7 +114,7 @@ def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, default_stages) -> None:
                              f"{out} to start the run afresh") from None
         changed = cfg.differences(previous, default_stages)
         if changed:
-            settings = ", ".join(f"{flag} {value}" for flag, value in changed.items())
+            settings = "; ".join(f"{flag} {saved_value}, not {value}" for flag, (saved_value, value) in changed.items())
             raise ValueError(f"{out} holds a run with other settings ({settings}); "
                              "use another --out, or the same settings to resume it")
     elif ctx.is_main:

@@ -186,9 +186,11 @@ def test_a_run_folder_is_resumed_only_with_the_settings_it_was_trained_with(tmp_
     first = train(cfg)
     assert train(cfg) == first  # finished: the same settings return it at once
     with pytest.raises(ValueError, match=r"other settings \(--stages stage2:lr=5e-05,epochs=1.0,trains=all,"
-                                         r"new_lr=0.0005\); use another --out"):
+                                         r"new_lr=0.0005, not stage2:lr=5e-05,epochs=1.0,trains=all,new_lr=0.001\); "
+                                         "use another --out"):
         train(config(tmp_path, data_root, max_steps=1, stages=["stage2:epochs=1,new_lr=1e-3"]))
-    with pytest.raises(ValueError, match=r"other settings \(--global-weight 0.8, --entity-weights \{\}\)"):
+    with pytest.raises(ValueError, match=r"other settings \(--global-weight 0.8, not 0.5; "
+                                         r"--entity-weights \{\}, not \{'season': 0.0\}\)"):
         train(config(tmp_path, data_root, max_steps=1, global_weight=0.5, entity_weights="season=0"))
     # a folder saved before some settings existed: missing keys are their defaults, an unset new_lr the default's
     saved = tmp_path / "run" / "train_config.json"
