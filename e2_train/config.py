@@ -87,11 +87,13 @@ def parse_weights(text: str) -> Dict[str, float]:
 
 
 def resolve_stages(given: Optional[Sequence[Stage]], defaults: Sequence[Stage]) -> List[Stage]:
-    """The stages to run: ``given`` (each filled in from the default stage of the same name), or the defaults."""
-    if not given:
-        return list(defaults)
+    """The stages to run: ``given`` (each filled in from the default stage of the same name), or the defaults;
+    as they run: an unset ``new_lr`` is ``lr``, and ``steps``, when set, replace ``epochs``."""
     by_name = {s.name: s for s in defaults}
-    return [s.over(by_name.get(s.name, Stage(s.name, lr=5e-5, epochs=1.0, trains="all"))) for s in given]
+    stages = [s.over(by_name.get(s.name, Stage(s.name, lr=5e-5, epochs=1.0, trains="all"))) for s in given] \
+        if given else list(defaults)
+    return [dataclasses.replace(s, new_lr=s.lr if s.new_lr is None else s.new_lr,
+                                epochs=s.epochs if s.steps is None else None) for s in stages]
 
 
 @dataclass
@@ -184,12 +186,10 @@ class TrainConfig:
 
     def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, Tuple[str, str]]:
         """``{--flag: (other's value, this one's)}`` for each of :attr:`RESUME_KEYS` where the two train
-        differently (stages as they run: filled in from ``default_stages``, an unset ``new_lr`` being ``lr``)."""
+        differently (stages as they run, see :func:`resolve_stages`)."""
         def settings(cfg):
             values = {k: getattr(cfg, k) for k in self.RESUME_KEYS}
-            values["stages"] = " ".join(str(dataclasses.replace(s, new_lr=s.lr if s.new_lr is None else s.new_lr,
-                                                                epochs=s.epochs if s.steps is None else None))
-                                        for s in resolve_stages(cfg.stages, default_stages))
+            values["stages"] = " ".join(str(s) for s in resolve_stages(cfg.stages, default_stages))
             values["entity_weights"] = values["entity_weights"] or {}
             return values
         theirs, mine = settings(other), settings(self)
