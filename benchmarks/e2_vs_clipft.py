@@ -246,6 +246,9 @@ def main() -> None:
     parser.add_argument("--stage2-new-lr", type=float, default=DEMO.stage2_new_lr,
                         help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the demo "
                              "recipe's; the rest's when it has none)")
+    parser.add_argument("--gumbel-noise-end", type=float, default=None,
+                        help="E2 variant lever: Gumbel noise of the training's patch picks at the end of each stage "
+                             "(default 1: sampling throughout; 0: ends on the argmax pick evaluation makes)")
     parser.add_argument("--equal-budget", action="store_true",
                         help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
     parser.add_argument("--probe-products", type=int, default=200)
@@ -259,7 +262,8 @@ def main() -> None:
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
-                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity))
+                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
+                                ("gumbel_noise_end", args.gumbel_noise_end))
               if v is not None}
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)

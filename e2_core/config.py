@@ -35,6 +35,10 @@ class E2Config:
     gumbel_tau: float = 2.0
     # Temperature reached at the end of the schedule (see fusion.TemperatureSchedule).
     gumbel_tau_end: float = 0.5
+    # Scale of the Gumbel noise in training's forward pick, reached by the end of each stage on the same
+    # schedule from 1: 1 keeps sampling each pick from softmax(logits) (the paper); 0 ends on the argmax
+    # pick that evaluation makes, so the last steps train on the selections the model is scored with.
+    gumbel_noise_end: float = 1.0
     # Sample Gumbel noise in eval mode too (the reference does; default is argmax).
     stochastic_eval: bool = False
     # Scale of the fusion query projection Wq at init, relative to width**-0.5. Small values
@@ -63,6 +67,8 @@ class E2Config:
             raise ValueError(f"E2Config.entities has duplicates: {self.entities}")
         if self.tokens_per_entity < 1:
             raise ValueError(f"E2Config.tokens_per_entity must be >= 1, got {self.tokens_per_entity}")
+        if self.gumbel_noise_end < 0:
+            raise ValueError(f"E2Config.gumbel_noise_end must be >= 0, got {self.gumbel_noise_end}")
         if self.value_init not in ("identity", "random"):
             raise ValueError(f"E2Config.value_init must be 'identity' or 'random', got {self.value_init!r}")
         if self.token_attention not in TOKEN_ATTENTION:

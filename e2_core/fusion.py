@@ -44,6 +44,7 @@ class FusionBlock(nn.Module):
             nn.init.normal_(self.v.weight, std=std)
         self.logit_scale = logit_scale if logit_scale is not None else 1.0 / math.sqrt(width)
         self.tau = 1.0
+        self.noise = 1.0
         self.stochastic_eval = False
 
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -52,13 +53,25 @@ class FusionBlock(nn.Module):
         # the T queries and project only the chosen patches, never all N of them.
         logits = (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
         if self.training or self.stochastic_eval:
-            # straight-through Gumbel-softmax: one-hot forward, soft (temperature tau) gradient
-            weights = F.gumbel_softmax(logits.float(), tau=self.tau, hard=True).to(patches.dtype)
+            weights = straight_through_pick(logits.float(), self.tau, self.noise).to(patches.dtype)
             index, picked = weights.detach().argmax(dim=-1), weights @ patches
         else:
             index = logits.argmax(dim=-1)
             picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         return (self.v(picked) + tokens) / 2, index
+
+
+def straight_through_pick(logits: torch.Tensor, tau: float, noise: float = 1.0) -> torch.Tensor:
+    """Straight-through Gumbel-softmax over the last dim: a one-hot forward, a soft (temperature ``tau``) gradient.
+
+    The forward picks ``argmax(logits + noise * g)`` with Gumbel noise ``g``: ``noise=1`` samples from
+    ``softmax(logits)`` (the usual Gumbel-softmax), ``noise=0`` picks the argmax, as evaluation does.
+    """
+    if noise > 0:  # argmax(logits / noise + g) = argmax(logits + noise * g), the same soft weights
+        return F.gumbel_softmax(logits / noise, tau=tau / noise, hard=True)
+    soft = (logits / tau).softmax(dim=-1)
+    hard = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
 
 
 class TemperatureSchedule:

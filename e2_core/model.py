@@ -75,9 +75,10 @@ class E2VisionTransformer(nn.Module):
         row, col = selected_patches.div(cols, rounding_mode="floor"), selected_patches.remainder(cols)
         return torch.stack([col * pw, row * ph, (col + 1) * pw, (row + 1) * ph], dim=-1)
 
-    def set_gumbel_temperature(self, tau: float) -> None:
+    def set_gumbel_temperature(self, tau: float, noise: float = 1.0) -> None:
+        """The fusion blocks' Gumbel temperature (the gradient's) and noise scale (the forward pick's)."""
         for block in self.fusion:
-            block.tau = float(tau)
+            block.tau, block.noise = float(tau), float(noise)
 
     def set_stochastic_eval(self, enabled: bool) -> None:
         for block in self.fusion:
@@ -204,8 +205,8 @@ class E2Model(CLIP):
     def entities(self) -> Tuple[str, ...]:
         return self.config.entities
 
-    def set_gumbel_temperature(self, tau: float) -> None:
-        self.visual.set_gumbel_temperature(tau)
+    def set_gumbel_temperature(self, tau: float, noise: float = 1.0) -> None:
+        self.visual.set_gumbel_temperature(tau, noise)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """CLIP's text tower; token batches shorter than the context are welcome (see ``trim_padding``)."""

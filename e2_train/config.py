@@ -124,6 +124,7 @@ class TrainConfig:
         entity_weights: weights of the regional losses in their mean, as NAME=W,... (unnamed entities weigh 1; e.g. season=0 for an entity the images cannot show)
         token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP) or full (the paper's)
         tokens_per_entity: for an E2 built on a CLIP: selection tokens per tag entity (the paper's: 2)
+        gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (1: the paper's sampling throughout; 0: ends on evaluation's argmax)
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
@@ -153,6 +154,7 @@ class TrainConfig:
     entity_weights: Optional[Union[str, Dict[str, float]]] = None
     token_attention: Literal["one-way", "full"] = "one-way"
     tokens_per_entity: int = 2
+    gumbel_noise_end: float = 1.0
     lora_rank: int = 0
     strict: bool = False
     encoding: str = "utf-8"
@@ -169,6 +171,8 @@ class TrainConfig:
         for name in ("batch_size", "accumulate", "checkpoint_every", "tokens_per_entity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.gumbel_noise_end < 0:
+            raise ValueError(f"--gumbel-noise-end must be >= 0, got {self.gumbel_noise_end}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -182,7 +186,7 @@ class TrainConfig:
     # settings that must match for a run folder to be resumed: what trains, on what data, and how
     RESUME_KEYS = ("method", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank", "stages",
                    "warmup_steps", "weight_decay", "multi_positive", "global_weight", "entity_weights",
-                   "token_attention", "tokens_per_entity")
+                   "token_attention", "tokens_per_entity", "gumbel_noise_end")
 
     def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, Tuple[str, str]]:
         """``{--flag: (other's value, this one's)}`` for each of :attr:`RESUME_KEYS` where the two train

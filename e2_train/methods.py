@@ -90,7 +90,8 @@ class E2Training(TrainingMethod):
     def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
         """``entities``: the dataset's tag entities; a CLIP gets E2 parts for exactly these."""
         if not isinstance(model, E2Model):
-            config = E2Config(token_attention=cfg.token_attention, tokens_per_entity=cfg.tokens_per_entity)
+            config = E2Config(token_attention=cfg.token_attention, tokens_per_entity=cfg.tokens_per_entity,
+                              gumbel_noise_end=cfg.gumbel_noise_end)
             model = E2Model(model, config.replace(entities=tuple(entities)) if entities else config, arch)
         elif entities and tuple(entities) != model.entities:
             raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "
@@ -105,8 +106,9 @@ class E2Training(TrainingMethod):
     def on_step(self, step: int, total: int) -> Dict[str, float]:
         config = self.model.config
         tau = TemperatureSchedule(config.gumbel_tau, config.gumbel_tau_end, total)(step)
-        self.model.set_gumbel_temperature(tau)
-        return {"tau": tau}
+        noise = TemperatureSchedule(1.0, config.gumbel_noise_end, total)(step)
+        self.model.set_gumbel_temperature(tau, noise)
+        return {"tau": tau, "gumbel_noise": noise}
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         return {**self.model(batch.images, batch.text, batch.entity_text), "entity_labels": batch.entity_text.index}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from e2_core.fusion import FusionBlock, TemperatureSchedule
+from e2_core.fusion import FusionBlock, TemperatureSchedule, straight_through_pick
 
 
 def test_training_selection_is_one_hot_with_straight_through_gradient():
@@ -23,6 +23,23 @@ def test_eval_selection_is_the_argmax():
     tokens, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
     logits = (block.q(tokens) @ block.k.weight) @ patches.transpose(1, 2)
     assert torch.equal(block(tokens, patches)[1], logits.argmax(-1))
+
+
+def test_gumbel_noise_scales_how_far_training_picks_stray_from_the_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(4000, 6, requires_grad=True)
+    seed = torch.random.get_rng_state()
+    standard = torch.nn.functional.gumbel_softmax(logits, tau=0.7, hard=True)
+    torch.random.set_rng_state(seed)
+    assert torch.equal(straight_through_pick(logits, 0.7, noise=1.0), standard)  # noise 1: the usual sampling
+    argmax = logits.argmax(-1)
+    agree = {noise: (straight_through_pick(logits, 0.7, noise).argmax(-1) == argmax).float().mean().item()
+             for noise in (1.0, 0.3, 0.0)}
+    expected = logits.softmax(-1).max(-1).values.mean().item()  # P(argmax(l + g) = argmax l)
+    assert abs(agree[1.0] - expected) < 0.03 and agree[1.0] < agree[0.3] < agree[0.0] == 1.0
+    picked = straight_through_pick(logits, 0.7, noise=0.0)
+    (picked * torch.randn(6)).sum().backward()
+    assert logits.grad.abs().sum() > 0  # still a gradient through the argmax pick
 
 
 def test_eval_fusion_gathers_the_chosen_patch():

@@ -139,16 +139,19 @@ def test_stage_one_trains_exactly_the_new_parts(tmp_path, data_root, tiny_checkp
     assert new and all(not torch.equal(trained[k], fresh[k]) for k in new if "proj_cls" not in k), init
 
 
-def test_gumbel_temperature_follows_its_schedule_during_training(tmp_path, data_root):
+def test_gumbel_temperature_and_noise_follow_their_schedules_during_training(tmp_path, data_root):
     seen = []
 
     def record(stage, step, model, logs):
-        seen.append((logs["tau"], model.visual.fusion[1].tau))
+        block = model.visual.fusion[1]
+        seen.append(((logs["tau"], logs["gumbel_noise"]), (block.tau, block.noise)))
 
-    train(config(tmp_path, data_root, stages=["stage2:steps=4"]), callbacks=[record])
-    schedule = e2_core.TemperatureSchedule(2.0, 0.5, total_steps=4)
-    assert [tau for tau, _ in seen] == [schedule(step) for step in range(4)]
-    assert all(logged == applied for logged, applied in seen) and seen[0][0] == 2.0 and seen[-1][0] < 1.0
+    train(config(tmp_path, data_root, stages=["stage2:steps=4"], gumbel_noise_end=0.0), callbacks=[record])
+    tau, noise = e2_core.TemperatureSchedule(2.0, 0.5, total_steps=4), e2_core.TemperatureSchedule(1.0, 0.0, 4)
+    assert [logged for logged, _ in seen] == [(tau(step), noise(step)) for step in range(4)]
+    assert all(logged == applied for logged, applied in seen) and seen[0][0] == (2.0, 1.0) and seen[-1][0][1] < 0.2
+    with pytest.raises(ValueError, match="--gumbel-noise-end must be >= 0, got -1"):
+        config(tmp_path, data_root, gumbel_noise_end=-1.0)
 
 
 def test_weight_decay_spares_norms_biases_scales_embeddings_and_selection_tokens(tiny_model):
