@@ -92,6 +92,11 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
     blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
                "distinct": []} for _ in range(2)]
     chance = {e: [0, 0] for e in (*DETAILS, "background")}
+    # how often a training pass (Gumbel noise 1) picks evaluation's patch: softmax(logits)'s largest probability
+    agreement = [[] for _ in model.visual.fusion]
+    hooks = [block.register_forward_hook(lambda block, args, out, seen=seen: seen.append(
+        block.logits(*args).float().softmax(-1).amax(-1).mean().item())) for block, seen in
+        zip(model.visual.fusion, agreement)]
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
         vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
@@ -111,9 +116,12 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
                     _count(tally["background"][entity], where["background"][tokens])
                     if entity in DETAILS:
                         _count(tally["detail"][entity], where[entity][tokens])
+    for hook in hooks:
+        hook.remove()
     share = lambda counts: {e: h / max(n, 1) for e, (h, n) in counts.items()}  # noqa: E731
     per_block = [{"on_detail": share(t["detail"]), "on_background": share(t["background"]),
-                  "distinct_share": statistics.mean(t["distinct"])} for t in blocks]
+                  "distinct_share": statistics.mean(t["distinct"]), "training_pick_agrees": statistics.mean(seen)}
+                 for t, seen in zip(blocks, agreement)]
     return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
             "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
             "blocks": per_block, "layers": patch_contents(encoder, data, device)}
@@ -299,7 +307,8 @@ def main() -> None:
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
-                if kind != "clip-ft" and "layers" not in record["mechanism"]:  # measured at fusion block 2 only
+                if kind != "clip-ft" and "training_pick_agrees" not in record["mechanism"].get("blocks", [{}])[0]:
+                    # measured before the picks' agreement (or the blocks and layers) existed
                     record["mechanism"] = mechanism(model, val, device)
                     record["mechanism_step0"] = mechanism(initial, val, device)
                 result_file.write_text(json.dumps(record, indent=2))
@@ -358,16 +367,19 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
     chance = mech["selection_chance"]
     print(f"\nWhere the selection tokens land, per fusion block (seeds {seeds}, mean ± standard error): on the "
           f"entity's detail (chance: mark {100 * chance['brand']:.1f}%, tag {100 * chance['season']:.1f}%), on pure "
-          f"background (chance {100 * chance['background']:.1f}%), and distinct patches per image / tokens")
+          f"background (chance {100 * chance['background']:.1f}%), distinct patches per image / tokens, and how often "
+          "a training pass (Gumbel noise 1) picks evaluation's patch")
     print("| model | block | " + " | ".join(f"{e} on its detail" for e in DETAILS) + " | "
-          + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches |")
-    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 1))
+          + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches | training pick "
+          "= evaluation's |")
+    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 2))
     for label, field in (("step 0", "mechanism_step0"), ("final", "mechanism")):
         blocks = [r[field]["blocks"] for r in e2_rows]
         for b in range(2):
             cells = [mean_se([100 * x[b]["on_detail"][e] for x in blocks]) for e in DETAILS]
             cells += [mean_se([100 * x[b]["on_background"][e] for x in blocks]) for e in mech["regional_loss"]]
             cells.append(mean_se([100 * x[b]["distinct_share"] for x in blocks]))
+            cells.append(mean_se([100 * x[b]["training_pick_agrees"] for x in blocks]))
             print(f"| E2, {label} | {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
     print(f"\nWhat a patch's state holds after each layer up to fusion block 2 (seeds {seeds}): how often the nearest "
           "other image's state has the same brand (chance 3.1%), for a patch on the mark and a background patch; "

@@ -47,11 +47,15 @@ class FusionBlock(nn.Module):
         self.noise = 1.0
         self.stochastic_eval = False
 
+    def logits(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Selection logits (B, T, N) of each token over the patches."""
+        # q·(Wk p) = (q Wk)·p: fold the key projection into the T queries, never project all N patches
+        return (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
+
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T)."""
-        # q·(Wk p) = (q Wk)·p and (one-hot @ P) Wv = one-hot @ (P Wv): fold the key projection into
-        # the T queries and project only the chosen patches, never all N of them.
-        logits = (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
+        logits = self.logits(tokens, patches)
+        # (one-hot @ P) Wv = one-hot @ (P Wv): only the chosen patches go through Wv
         if self.training or self.stochastic_eval:
             weights = straight_through_pick(logits.float(), self.tau, self.noise).to(patches.dtype)
             index, picked = weights.detach().argmax(dim=-1), weights @ patches
