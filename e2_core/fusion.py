@@ -79,7 +79,7 @@ def straight_through_pick(logits: torch.Tensor, tau: float, noise: float = 1.0) 
 
 
 class TemperatureSchedule:
-    """Cosine anneal of the Gumbel temperature from ``start`` to ``end`` over ``total_steps``.
+    """Cosine anneal from ``start`` to ``end`` over ``total_steps`` (the Gumbel temperature and noise per stage).
 
     Example:
         >>> s = TemperatureSchedule(2.0, 0.5, total_steps=100)
