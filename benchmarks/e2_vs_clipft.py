@@ -254,9 +254,10 @@ def main() -> None:
     parser.add_argument("--stage2-new-lr", type=float, default=DEMO.stage2_new_lr,
                         help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the demo "
                              "recipe's; the rest's when it has none)")
-    parser.add_argument("--gumbel-noise-end", type=float, default=None,
+    parser.add_argument("--gumbel-noise-end", type=float, default=DEMO.gumbel_noise_end,
                         help="E2 variant lever: Gumbel noise of the training's patch picks at the end of each stage "
-                             "(default 1: sampling throughout; 0: ends on the argmax pick evaluation makes)")
+                             "(default: the demo recipe's, 0: ends on the argmax pick evaluation makes; 1: sampling "
+                             "throughout)")
     parser.add_argument("--equal-budget", action="store_true",
                         help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
     parser.add_argument("--probe-products", type=int, default=200)
@@ -270,15 +271,15 @@ def main() -> None:
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
-                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
-                                ("gumbel_noise_end", args.gumbel_noise_end))
+                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity))
               if v is not None}
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
     registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
     results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget,
-                                                      "stage2_new_lr": args.stage2_new_lr},
+                                                      "stage2_new_lr": args.stage2_new_lr,
+                                                      "gumbel_noise_end": args.gumbel_noise_end},
                "runs": {}}
     for kind in ("clip-ft", e2_kind):
         torch.manual_seed(0)  # the step-0 E2's new parts
@@ -297,7 +298,8 @@ def main() -> None:
                 best = recipe_run(kind, recipe, out, seed, **common)
             else:
                 best = finetune("e2", replace(recipe, seed=seed, stage1_on_top=not args.equal_budget,
-                                              stage2_new_lr=args.stage2_new_lr), start, run,
+                                              stage2_new_lr=args.stage2_new_lr,
+                                              gumbel_noise_end=args.gumbel_noise_end), start, run,
                                 data_root, **common, **levers)
             model = e2_core.load_encoder(best)
             if result_file.is_file():

@@ -36,9 +36,10 @@ class E2Config:
     # Temperature reached at the end of the schedule (see fusion.TemperatureSchedule).
     gumbel_tau_end: float = 0.5
     # Scale of the Gumbel noise in training's forward pick, reached by the end of each stage on the same
-    # schedule from 1: 1 keeps sampling each pick from softmax(logits) (the paper); 0 ends on the argmax
-    # pick that evaluation makes, so the last steps train on the selections the model is scored with.
-    gumbel_noise_end: float = 1.0
+    # schedule from 1: 0 ends on the argmax pick that evaluation makes, so the last steps train on the
+    # selections the model is scored with; 1 keeps sampling each pick from softmax(logits) (the paper).
+    # Checkpoints saved before the field existed were trained with 1 and load as such.
+    gumbel_noise_end: float = 0.0
     # Sample Gumbel noise in eval mode too (the reference does; default is argmax).
     stochastic_eval: bool = False
     # Scale of the fusion query projection Wq at init, relative to width**-0.5. Small values
@@ -107,7 +108,8 @@ class E2Config:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown E2Config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**{"token_attention": "full", **data})  # saved before the field existed: trained with "full"
+        # saved before these fields existed: trained with full attention and sampled picks
+        return cls(**{"token_attention": "full", "gumbel_noise_end": 1.0, **data})
 
     def replace(self, **overrides) -> "E2Config":
         return self.from_dict({**self.to_dict(), **overrides})

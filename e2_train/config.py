@@ -124,7 +124,7 @@ class TrainConfig:
         entity_weights: weights of the regional losses in their mean, as NAME=W,... (unnamed entities weigh 1; e.g. season=0 for an entity the images cannot show)
         token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP) or full (the paper's)
         tokens_per_entity: for an E2 built on a CLIP: selection tokens per tag entity (the paper's: 2)
-        gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (1: the paper's sampling throughout; 0: ends on evaluation's argmax)
+        gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (0: ends on evaluation's argmax; 1: the paper's sampling throughout)
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
@@ -154,7 +154,7 @@ class TrainConfig:
     entity_weights: Optional[Union[str, Dict[str, float]]] = None
     token_attention: Literal["one-way", "full"] = "one-way"
     tokens_per_entity: int = 2
-    gumbel_noise_end: float = 1.0
+    gumbel_noise_end: float = 0.0
     lora_rank: int = 0
     strict: bool = False
     encoding: str = "utf-8"
@@ -179,14 +179,20 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        """A saved run's settings (keys this version does not know are ignored, missing ones take their default)."""
+        """A saved run's settings (keys this version does not know are ignored; missing ones take what runs saved
+        before the setting existed trained with, see :attr:`SAVED_BEFORE`, else their default)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+        return cls(**{**cls.SAVED_BEFORE, **{k: v for k, v in json.loads(text).items() if k in known}})
+
+    # settings whose default changed after runs were saved without them: what those runs trained with
+    SAVED_BEFORE = {"gumbel_noise_end": 1.0}
 
     # settings that must match for a run folder to be resumed: what trains, on what data, and how
     RESUME_KEYS = ("method", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank", "stages",
                    "warmup_steps", "weight_decay", "multi_positive", "global_weight", "entity_weights",
                    "token_attention", "tokens_per_entity", "gumbel_noise_end")
+    # of those, the ones only an E2 built on a CLIP trains with (a CLIP-FT run ignores them)
+    E2_KEYS = ("token_attention", "tokens_per_entity", "gumbel_noise_end")
 
     def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, Tuple[str, str]]:
         """``{--flag: (other's value, this one's)}`` for each of :attr:`RESUME_KEYS` where the two train
@@ -197,5 +203,5 @@ class TrainConfig:
             values["entity_weights"] = values["entity_weights"] or {}
             return values
         theirs, mine = settings(other), settings(self)
-        return {f"--{k.replace('_', '-')}": (str(theirs[k]), str(mine[k])) for k in self.RESUME_KEYS
-                if theirs[k] != mine[k]}
+        keys = [k for k in self.RESUME_KEYS if self.method == "e2" or k not in self.E2_KEYS]
+        return {f"--{k.replace('_', '-')}": (str(theirs[k]), str(mine[k])) for k in keys if theirs[k] != mine[k]}

@@ -46,7 +46,8 @@ class Recipe:
     batch_size: int = 64
     pretrain_lr: float = 1e-3
     finetune_lr: float = 1e-4
-    stage2_new_lr: Optional[float] = None  # E2's added parts in stage 2; None: finetune_lr (the shipped encoders')
+    stage2_new_lr: Optional[float] = 1e-3  # E2's added parts in stage 2 (stage 1's rate); None: finetune_lr
+    gumbel_noise_end: float = 0.0  # E2's training picks end on evaluation's argmax (1: sampled throughout)
     seed: int = 0
 
 
@@ -56,7 +57,7 @@ SHIPPED = Path(__file__).with_name("demo_weights")
 # SHA-256 of each shipped checkpoint's model.safetensors: the files the README's demo numbers come from
 SHIPPED_SHA256 = {
     "clip-ft": "98e2f589e468ef958df49bd2c11978861aabb1b54166d41aad4cffcf12a946c3",
-    "e2": "b129dfa697e0632717192749fde1acc957951f6104f95a67cc3b571a3444dad4",
+    "e2": "f3ea49de16b4b83ab2e9fc6d41b69d492f5aa35fea8978e67b416170f1e90a51",
 }
 REPRODUCE = "python -m e2_train.demo"
 
@@ -96,7 +97,7 @@ def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optio
     new_lr = recipe.finetune_lr if recipe.stage2_new_lr is None else recipe.stage2_new_lr
     cfg = TrainConfig(method="e2", stages=[Stage("stage1", lr=recipe.finetune_lr * 10, steps=stage1),
                                            Stage("stage2", lr=recipe.finetune_lr, steps=stage2, new_lr=new_lr)],
-                      **common)
+                      gumbel_noise_end=recipe.gumbel_noise_end, **common)
     return Path(train(cfg, evaluate, callbacks)["stage2"])
 
 

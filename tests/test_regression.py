@@ -63,3 +63,10 @@ def test_checkpoints_saved_before_token_attention_existed_load_with_full_attenti
     assert e2_core.E2Config.from_dict(saved).token_attention == "full"
     assert e2_core.E2Config().token_attention == "one-way"
     assert e2_core.E2Config(compat="reference").token_attention == "full"
+
+
+def test_checkpoints_saved_before_the_gumbel_noise_existed_load_as_sampled_throughout():
+    saved = e2_core.E2Config().to_dict()
+    del saved["gumbel_noise_end"]
+    assert e2_core.E2Config.from_dict(saved).gumbel_noise_end == 1.0
+    assert e2_core.E2Config().gumbel_noise_end == 0.0

@@ -69,6 +69,10 @@ def test_clip_ft_baseline_and_gradient_accumulation(tmp_path, data_root):
     encoder = e2_core.load_encoder(result["finetune"])
     assert type(encoder.model).__name__ == "CLIP" and encoder.kind == "CLIP"
     assert len(losses(tmp_path / "run" / "finetune")) == 2
+    # the settings only E2 trains with do not keep a CLIP-FT run folder from being resumed
+    saved = tmp_path / "run" / "train_config.json"
+    saved.write_text(saved.read_text().replace('"tokens_per_entity": 2', '"tokens_per_entity": 4'))
+    assert train(cfg) == result
 
 
 def test_evaluator_selects_the_best_checkpoint(tmp_path, data_root):
@@ -203,6 +207,12 @@ def test_a_run_folder_is_resumed_only_with_the_settings_it_was_trained_with(tmp_
     del old["stages"][0]["new_lr"]
     saved.write_text(json.dumps(old))
     assert train(cfg) == first
+    # ... except a setting whose default changed: such a run trained with what it was then
+    del old["gumbel_noise_end"]
+    saved.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"other settings \(--gumbel-noise-end 1.0, not 0.0\)"):
+        train(cfg)
+    assert train(config(tmp_path, data_root, max_steps=1, gumbel_noise_end=1.0)) == first
     saved.write_text("{not json")
     with pytest.raises(ValueError, match="train_config.json is not a readable run configuration"):
         train(cfg)
