@@ -161,7 +161,14 @@ def model_type(saved: Mapping[str, Any]) -> str:
 def load_checkpoint(path: PathLike, config: Optional[E2Config] = None) -> Union[E2Model, CLIP]:
     """Build the architecture a checkpoint directory describes and load its weights exactly: an
     ``E2Model`` (``config`` overrides the saved ``E2Config``) or an open_clip ``CLIP``."""
-    model = build_model(read_config(path), config)
+    saved = read_config(path)
+    try:
+        model = build_model(saved, config)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:  # a value this version cannot build, e.g. an edited field
+        raise CheckpointError(f"{Path(path) / CONFIG_NAME} describes a model this version cannot build: {err}. "
+                              "Restore the file from the run that saved it, or use another checkpoint") from None
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing: the checkpoint directory {path} has a config but no weights")

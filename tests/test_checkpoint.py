@@ -92,6 +92,12 @@ def test_not_a_checkpoint_is_a_clear_error(tiny_model, tmp_path):
     config.write_text(json.dumps({"hello": 1}))
     with pytest.raises(CheckpointError, match="not an E2 checkpoint config"):
         e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+    edited = json.loads(text)
+    edited["e2_config"]["gumbel_noise_end"] = -1
+    config.write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match=r"config\.json describes a model this version cannot build: "
+                                              r"E2Config\.gumbel_noise_end must be >= 0, got -1"):
+        e2_core.load_encoder(tmp_path / "ckpt")
     config.write_text(text)
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
