@@ -58,6 +58,9 @@ class E2Config:
     # the dropped last token, the last group sharing the previous group's LayerNorm).
     compat: str = "native"
 
+    # fields whose default changed after checkpoints were saved without them: what those were trained with
+    SAVED_BEFORE = {"token_attention": "full", "gumbel_noise_end": 1.0}
+
     def __post_init__(self):
         self.entities = tuple(self.entities)
         if self.fusion_layers is not None:
@@ -108,8 +111,7 @@ class E2Config:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown E2Config field(s) {unknown}; known fields: {sorted(known)}")
-        # saved before these fields existed: trained with full attention and sampled picks
-        return cls(**{"token_attention": "full", "gumbel_noise_end": 1.0, **data})
+        return cls(**{**cls.SAVED_BEFORE, **data})
 
     def replace(self, **overrides) -> "E2Config":
         return self.from_dict({**self.to_dict(), **overrides})
