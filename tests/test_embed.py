@@ -94,6 +94,47 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(catalog, tmp_path
             assert path.read_text() == (cut / name).read_text(), name
 
 
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "deleted", "metadata deleted"])
+def test_a_damaged_shard_is_named_and_written_again_by_the_same_command(catalog, tmp_path, tiny_checkpoints,
+                                                                       damage, capsys):
+    whole, hurt = tmp_path / "whole", tmp_path / "hurt"
+    run(catalog, whole, tiny_checkpoints["e2"])
+    run(catalog, hurt, tiny_checkpoints["e2"])
+    shard = hurt / "img_emb" / "img_emb_1.npy"
+    if damage == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(100)
+    elif damage == "overwritten":
+        np.save(shard, np.zeros((3, 2), np.float32))
+    elif damage == "deleted":
+        shard.unlink()
+    else:
+        shard = hurt / "metadata" / "metadata_1.jsonl"
+        shard.unlink()
+    with pytest.raises(ValueError, match=f"{shard.name} .*; run the same `e2-plugins run embed` command again"):
+        EmbeddingShards(hurt).metadata()
+    capsys.readouterr()
+    report = run(catalog, hurt, tiny_checkpoints["e2"])
+    assert f"{shard.name}" in capsys.readouterr().err
+    assert report["img_resumed_at_shard"] == 1 and report["images"] == 9
+    assert files(hurt).keys() == files(whole).keys()
+    for name, path in files(whole).items():
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(path), np.load(hurt / name)), name
+        else:
+            assert path.read_text() == (hurt / name).read_text(), name
+
+
+def test_the_reader_names_what_a_folder_lacks(catalog, tmp_path, tiny_checkpoints):
+    out = tmp_path / "emb"
+    embed(images=catalog, encoder=tiny_checkpoints["e2"], out=out, device="cpu", batch_size=2, shard_size=4,
+          workers=0, progress=False)
+    with pytest.raises(ValueError, match="holds no region_emb .embedded without --regions"):
+        EmbeddingShards(out, "region_emb")
+    with pytest.raises(ValueError, match="holds no text embeddings"):
+        EmbeddingShards(out, "text_emb")
+
 def test_a_shard_folder_refuses_another_run(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"
     run(catalog, out, tiny_checkpoints["e2"])

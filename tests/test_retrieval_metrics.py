@@ -109,6 +109,18 @@ def test_topk_screened_chunks_match_reference(chunk_size):
                                           ranking[:, :k], err_msg=f"data {seed}, k={k}")
 
 
+
+def test_features_that_require_grad_are_scored_as_they_are():
+    # What an encoder returns outside torch.no_grad: searching it must not fail on the autograd graph.
+    images, texts = paired(40, 16, 13)
+    expected_top = topk_indices(texts, images, 5, chunk_size=16)
+    expected_full, expected_sampled = cross_modal_retrieval(images, texts), sampled_retrieval(
+        images, texts, groups=[i % 2 for i in range(40)], num_negatives=5)
+    images, texts = images.clone().requires_grad_(), (texts * 1.0).requires_grad_()
+    assert torch.equal(topk_indices(texts, images, 5, chunk_size=16), expected_top)
+    assert cross_modal_retrieval(images, texts) == expected_full
+    assert sampled_retrieval(images, texts, groups=[i % 2 for i in range(40)], num_negatives=5) == expected_sampled
+
 def test_topk_reads_a_memory_mapped_gallery(tmp_path):
     queries, gallery = quarter_vectors(30, 12, 11), quarter_vectors(500, 12, 12)
     np.save(tmp_path / "gallery.npy", gallery.numpy().astype(np.float16))

@@ -211,6 +211,7 @@ def _gallery_rows(gallery, start, stop, device, dtype):
     return rows.to(device=device, dtype=dtype)
 
 
+@torch.no_grad()
 def topk_indices(queries, gallery, k, chunk_size=4096):
     """Indices of the ``k`` most similar gallery items for each query, best first.
 
@@ -230,7 +231,8 @@ def topk_indices(queries, gallery, k, chunk_size=4096):
     case; a smaller ``chunk_size`` lowers both.
 
     Ties: on equal scores the lower gallery index ranks first, independent of ``chunk_size``.
-    ``k`` larger than the gallery is clipped to its size.
+    ``k`` larger than the gallery is clipped to its size. Features that require grad are searched as
+    they are (nothing is recorded for autograd).
 
     Returns:
         LongTensor (Q, min(k, G)) on the queries' device.
@@ -407,6 +409,7 @@ def sample_negatives(groups, num_negatives=100, seed=0):
     return torch.from_numpy(out)
 
 
+@torch.no_grad()
 def _sampled_recall(queries, gallery, candidates, ks, chunk_size):
     """Recall@K of each query against its own candidate list; candidate 0 is the positive."""
     device, dtype = queries.device, _compute_dtype(queries.dtype)

@@ -11,15 +11,18 @@ A shard folder (``e2-plugins run embed --shard-size N --out DIR``) holds, for im
 * ``manifest.json``: the encoder, its weight digest and the settings, and per input the shards done.
 
 A shard's files are written (atomically) before the manifest records it, so a run killed at any point
-continues at its first unrecorded shard, which it writes again: no item is duplicated or dropped.
+continues at its first unrecorded shard, which it writes again: no item is duplicated or dropped. A
+recorded shard whose files were damaged later (truncated, overwritten, deleted) is written again, with
+the shards after it, by the same command.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -56,6 +59,43 @@ def _read_manifest(folder: Path):
         raise ValueError(f"{folder / MANIFEST}: not valid JSON ({err}); delete the folder to start over") from err
 
 
+def _names(kind: str, manifest: dict) -> tuple:
+    """The embedding files each shard of ``kind`` has in this folder."""
+    names = KINDS[kind][0]
+    return names if kind != "img" or manifest.get("regions") else names[:1]
+
+
+def _shard_problem(folder: Path, kind: str, shard: int, manifest: dict, metadata: bool = True) -> Optional[str]:
+    """What is wrong with a recorded shard's files, or None. Only the .npy headers are read (and, with
+    ``metadata``, the metadata's lines), never the embeddings."""
+    rows = manifest[kind]["shards"][shard]["rows"]
+    for name in _names(kind, manifest):
+        path = folder / name / f"{name}_{shard}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (ValueError, OSError) as err:
+            return f"{path} is not a readable .npy file ({str(err).split('. ')[0]})"  # never unpickled
+        expected = (rows, manifest["dim"]) if name == _names(kind, manifest)[0] else (rows,)
+        if array.shape[:len(expected)] != expected or array.dtype != np.float32 and name != "selected_patches":
+            return f"{path} holds {array.dtype} {array.shape}, not float32 {expected} as {MANIFEST} records"
+    if metadata:
+        path = folder / KINDS[kind][1] / f"{KINDS[kind][1]}_{shard}.jsonl"
+        try:
+            with open(path, "rb") as f:
+                lines = sum(1 for _ in f)
+        except FileNotFoundError:
+            return f"{path} is missing"
+        if lines != rows:
+            return f"{path} has {lines} lines, not {rows} as {MANIFEST} records"
+    return None
+
+
+def _damaged(problem: str) -> str:
+    return f"{problem}; run the same `e2-plugins run embed` command again: it writes the damaged shard anew"
+
+
 class ShardedRun:
     """Writes one embed run's shards into ``folder``, continuing where an earlier run of the same
     encoder, settings and inputs stopped (anything else there is refused)."""
@@ -83,6 +123,13 @@ class ShardedRun:
         if (record["count"], record["digest"]) != (len(labels), digest):
             raise ValueError(f"--out {self.folder} holds embeddings of other {kind} inputs ({record['count']} items "
                              f"from {record['source']}); use another --out, or delete it to start over")
+        for shard in range(len(record["shards"])):
+            problem = _shard_problem(self.folder, kind, shard, self.manifest)
+            if problem:
+                print(f"{problem}: writing shard {shard} and the ones after it again", file=sys.stderr)
+                del record["shards"][shard:]
+                record["complete"] = False
+                break
         size, n = self.shard_size, len(labels)
         done, total = len(record["shards"]), math.ceil(n / size)
         batches = [list(range(b, min(b + self.batch_size, (s + 1) * size, n)))
@@ -156,8 +203,15 @@ class EmbeddingShards:
             raise ValueError(f"{self.folder}: the embed run is unfinished ({len(record['shards'])} of "
                              f"{math.ceil(record['count'] / manifest['shard_size'])} shards); run the same command "
                              f"again to finish it")
+        if name not in _names(kind, manifest):
+            raise ValueError(f"{self.folder} holds no {name} (embedded without --regions)")
         self._kind, self._record = kind, record
         self._shards = [s for s, info in enumerate(record["shards"]) if info["rows"]]
+        for shard in self._shards:
+            problem = _shard_problem(self.folder, kind, shard, manifest, metadata=False)
+            if problem:
+                raise ValueError(_damaged(problem))
+        self._manifest = manifest
         self._arrays = [np.load(self.folder / name / f"{name}_{s}.npy", mmap_mode="r") for s in self._shards]
         self._starts = np.cumsum([0] + [len(a) for a in self._arrays])
         trailing = self._arrays[0].shape[1:] if self._arrays else (manifest["dim"],)
@@ -187,6 +241,9 @@ class EmbeddingShards:
         folder = KINDS[self._kind][1]
         rows = []
         for shard in self._shards:
+            problem = _shard_problem(self.folder, self._kind, shard, self._manifest)
+            if problem:
+                raise ValueError(_damaged(problem))
             with open(self.folder / folder / f"{folder}_{shard}.jsonl") as f:
                 rows += [json.loads(line) for line in f]
         return rows
