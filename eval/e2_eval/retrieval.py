@@ -113,25 +113,19 @@ class _RunningTopK:
         width, rows = scores.shape
         n, tail = width // _GROUP, width % _GROUP
         if n:
-            maxima = scores[:n * _GROUP].view(_GROUP, n, rows).amax(dim=0).t().contiguous()   # (rows, n)
-            row_best = maxima.amax(dim=1)                                          # NaN if a score is
+            maxima = scores[:n * _GROUP].view(_GROUP, n, rows).amax(dim=0)      # (n, rows): group j, query i
+            row_best = maxima.amax(dim=0)                                        # NaN if a score is
         else:
-            maxima, row_best = scores.new_empty(rows, 0), scores.new_zeros(rows)
+            maxima, row_best = scores.new_empty(0, rows), scores.new_zeros(rows)
         if not torch.isfinite(row_best.sum() + scores[width - tail:].sum()):
             return False
         if self.values.shape[1] == self.k:
-            # most rows have no group above their k-th best: find the others first, on one value per row
-            kth = self.values[:, -1]
-            hit_rows = (row_best > kth).nonzero()[:, 0]
-            i, hit_groups = (maxima.index_select(0, hit_rows) > kth[hit_rows, None]).nonzero(as_tuple=True)
-            hit_rows = hit_rows[i]
-            if len(hit_rows) > self.rows and n >= self.k:     # early on, the chunk's own k-th best bounds more
-                keep = maxima[hit_rows, hit_groups] >= self._chunk_bound(maxima)[hit_rows]
-                hit_rows, hit_groups = hit_rows[keep], hit_groups[keep]
-        else:
-            hits = (maxima >= self._chunk_bound(maxima)[:, None] if n >= self.k   # a score k items of
-                    else torch.ones_like(maxima, dtype=torch.bool))                # the chunk reach
-            hit_rows, hit_groups = hits.nonzero(as_tuple=True)
+            hits = maxima > self.values[:, -1]
+            if n >= self.k and hits.sum() > self.rows:            # early on, the chunk's own k-th best bounds more
+                hits &= maxima >= self._chunk_bound(maxima)
+        else:                                                     # a score k items of the chunk reach
+            hits = maxima >= self._chunk_bound(maxima) if n >= self.k else torch.ones_like(maxima, dtype=torch.bool)
+        hit_groups, hit_rows = hits.nonzero(as_tuple=True)
         if len(hit_rows):
             items = hit_groups[:, None] + n * torch.arange(_GROUP, device=scores.device)     # (hits, _GROUP)
             values = scores.view(-1).index_select(0, (items * rows + hit_rows[:, None]).view(-1))
@@ -147,15 +141,15 @@ class _RunningTopK:
         return True
 
     def _chunk_bound(self, maxima):
-        """Per row, a score that at least k items of the chunk reach: the k-th largest maximum of
+        """Per query, a score that at least k items of the chunk reach: the k-th largest maximum of
         about 4k disjoint sets of groups (cheaper to find than the k-th largest group maximum, and
         never above it)."""
-        rows, n = maxima.shape
+        n, rows = maxima.shape
         per = max(1, n // (4 * self.k))
         sets = n // per
         if per > 1:
-            maxima = maxima.as_strided((rows, per, sets), (maxima.stride(0), sets, 1)).amax(dim=1)
-        return maxima.topk(self.k, dim=1).values[:, -1]
+            maxima = maxima[:per * sets].view(per, sets, rows).amax(dim=0)
+        return maxima.t().topk(self.k, dim=1).values[:, -1]
 
     def _wait(self, rows, values, indices):
         self.pending.append((rows, values, indices))
