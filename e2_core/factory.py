@@ -42,6 +42,10 @@ def load_encoder(source: Any, *, device: Union[str, torch.device] = "cpu", name:
     """The one door to an encoder: any of the source forms in this module's docstring, or an
     encoder object (an open_clip ``CLIP``, an ``E2Model``, an ``Encoder``).
 
+    A loaded source comes in eval mode, ready for inference: E2's selection then takes each token's
+    best patch (in train mode it samples, so embeddings vary from call to call); ``.train()`` to
+    fine-tune it. An encoder object keeps the mode it has.
+
     Example:
         >>> encoder = load_encoder("ViT-B-32:openai")     # open_clip's CLIP     # doctest: +SKIP
         >>> encoder = load_encoder("runs/e2/stage2/best")  # an E2 checkpoint     # doctest: +SKIP
@@ -52,7 +56,7 @@ def load_encoder(source: Any, *, device: Union[str, torch.device] = "cpu", name:
     text = str(source)
     encoder = _from_path(text) if os.path.exists(text) else _from_scheme(text)
     encoder.name = name or text
-    return encoder.to(device)
+    return encoder.to(device).eval()
 
 
 def adapt(encoder: Any, target: str, **options) -> Any:

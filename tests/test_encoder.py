@@ -102,6 +102,26 @@ def test_every_loaded_encoder_saves_and_reloads(tmp_path, tiny_checkpoints):
         assert again.kind == encoder.kind and again.fingerprint() == encoder.fingerprint()
 
 
+
+def test_a_loaded_encoder_is_ready_for_inference(tiny_checkpoints):
+    # The README's use: load, then encode, no .eval() in between. E2 in train mode samples its
+    # selection, so two calls would differ; loaded, it gives one embedding per image.
+    images = torch.randn(4, 3, 64, 64)
+    for kind, path in tiny_checkpoints.items():
+        encoder = load_encoder(path)
+        assert not encoder.training and not any(m.training for m in encoder.modules()), kind
+        with torch.no_grad():
+            assert torch.equal(encoder.encode_image(images), encoder.encode_image(images)), kind
+    e2 = load_encoder(tiny_checkpoints["e2"])
+    with torch.no_grad():
+        assert torch.equal(e2.encode_image_regions(images).selected_patches,
+                           e2.encode_image_regions(images).selected_patches)
+        e2.train()
+        sampled = [e2.encode_image_regions(images).selected_patches for _ in range(3)]
+    assert not all(torch.equal(sampled[0], s) for s in sampled[1:])      # what eval mode prevents
+    mine = Encoder(e2_core.create_e2(TINY), arch=TINY)
+    assert load_encoder(mine).training                                    # an object keeps its mode
+
 def test_weights_file_needs_its_architecture_and_is_loaded_with_it(tmp_path):
     torch.manual_seed(3)
     clip = open_clip.create_model(TINY)
