@@ -18,7 +18,7 @@ import open_clip
 import torch
 
 import e2_core
-from e2_core.runtime import autocast, resolve_device
+from e2_core.runtime import autocast, compiled, resolve_device
 
 
 def timed(fn, device: torch.device) -> float:
@@ -61,8 +61,7 @@ def main() -> None:
 
     encoders = {("image", "CLIP"): clip.encode_image, ("image", "E2"): e2.encode_image,
                 ("text", "CLIP"): clip.encode_text, ("text", "E2"): e2.encode_text}
-    if args.compile:
-        encoders = {key: torch.compile(fn) for key, fn in encoders.items()}
+    encoders = {key: compiled(fn, device, enabled=args.compile) for key, fn in encoders.items()}
     inputs = {"image": images, "text": texts}
     jobs = {key: (lambda fn=fn, x=inputs[key[0]]: fn(x)) for key, fn in encoders.items()}
     seconds = {key: [] for key in jobs}

