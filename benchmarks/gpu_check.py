@@ -1,7 +1,8 @@
 """Correctness of the E2 encoder on a GPU at real ViT-B/32 sizes (a script, not a unit test).
 
 Checks: CUDA fp32 matches CPU fp32; AMP (bf16 and fp16) forward is finite and close to fp32;
-a training step under AMP gives finite gradients on every E2 part; eval is deterministic.
+a training step under AMP gives finite gradients on every E2 part; eval is deterministic; the
+compiled encoder (the embed task's default on a GPU) selects the same patches as the eager one.
 
     python benchmarks/gpu_check.py
 """
@@ -14,7 +15,7 @@ import sys
 import torch
 
 import e2_core
-from e2_core.runtime import autocast
+from e2_core.runtime import autocast, compiled
 
 
 def trainer_check() -> dict:
@@ -72,6 +73,12 @@ def main() -> int:
         again = gpu_model.encode_image_regions(images.cuda())
         report["eval deterministic on cuda"] = bool(torch.equal(again.image_features, gpu.image_features))
         ok &= report["eval deterministic on cuda"]
+        fast = compiled(gpu_model.encode_image_regions, torch.device("cuda"))(images.cuda())  # embed's default
+        report["compiled vs eager fp32: selected patches equal"] = bool(torch.equal(fast.selected_patches,
+                                                                                   gpu.selected_patches))
+        report["compiled vs eager fp32: max abs diff (global)"] = \
+            (fast.image_features - gpu.image_features).abs().max().item()
+        ok &= report["compiled vs eager fp32: selected patches equal"]
 
     gpu_model.train()
     loss_fn = e2_core.RegionalContrastiveLoss(gpu_model.entities)
