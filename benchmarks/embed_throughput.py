@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fast-decode", action="store_true", help="the task's --fast-decode (JPEGs at reduced scale)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -57,15 +58,14 @@ def main() -> None:
     net = e2_core.as_encoder(model.to(device).eval())
     print(f"{net.label} {args.model} (random weights) on {device}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores; {args.images} JPEG files of {args.image_size} px, {args.workers} workers, "
-          f"best of {args.repeats}")
+          f"{'fast decode, ' if args.fast_decode else ''}best of {args.repeats}")
     print(f"{'batch':>6} {'forward img/s':>14} {'embed img/s':>12} {'embed / forward':>16}")
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog"
         catalog.mkdir()
         write_catalog(catalog, args.images, args.image_size)
         paths = list_images(catalog)
-        size = net.model.visual.image_size
-        size = size if isinstance(size, (tuple, list)) else (size, size)
+        size = net.image_size
         for batch_size in args.batch_sizes:
             pixels = torch.randn(batch_size, 3, *size, device=device)
             batches = -(-args.images // batch_size)
@@ -79,10 +79,11 @@ def main() -> None:
                     forward = max(forward, batches * batch_size / (time.perf_counter() - start))
 
                     run = ShardedRun(Path(tmp) / f"out-{batch_size}-{repeat}", net, args.shard_size, batch_size,
-                                     False, False)
+                                     False, False, args.fast_decode)
                     start = time.perf_counter()
                     report = run.write("img", [str(p) for p in paths], catalog,
-                                       lambda b: _image_batches(net, paths, b, False, False, args.workers, device))
+                                       lambda b: _image_batches(net, paths, b, False, False, args.workers, device,
+                                                                args.fast_decode))
                     embedded = max(embedded, report["images"] / (time.perf_counter() - start))
             print(f"{batch_size:>6} {forward:>14.1f} {embedded:>12.1f} {embedded / forward:>16.3f}", flush=True)
 

@@ -103,6 +103,11 @@ class Encoder(nn.Module):
         return self._tokenizer
 
     @property
+    def image_size(self) -> Tuple[int, int]:
+        """(height, width) of the images ``preprocess`` makes and the image tower takes."""
+        return tuple(self._preprocess_cfg().size)
+
+    @property
     def preprocess(self) -> Callable:
         """PIL image -> tensor, as in evaluation (resize, centre crop, normalise)."""
         return image_transform_v2(self._preprocess_cfg(), is_train=False)

@@ -205,3 +205,40 @@ def test_embed_compiles_when_asked_and_runs_eager_where_compiling_fails(catalog,
         for name in ("image_features", "text_features"):
             assert torch.equal(a.get_tensor(name), b.get_tensor(name))
     assert plain["images"] == 9
+
+
+def test_fast_decode_reads_jpegs_at_a_reduced_scale_close_to_a_full_decode(tmp_path, tiny_checkpoints):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    gradient = np.linspace(0, 255, 512 * 384 * 3).reshape(384, 512, 3).astype(np.uint8)
+    for i in range(3):
+        Image.fromarray(np.roll(gradient, 40 * i, axis=1)).save(folder / f"photo{i}.jpg", quality=92)
+    Image.fromarray(gradient).save(folder / "photo.png")                  # not a JPEG: decoded whole either way
+    sizes = []
+    images = e2_embed._Images(sorted(folder.iterdir()), lambda image: sizes.append(image.size) or 0, draft=(64, 64))
+    [images[i] for i in range(4)]
+    assert sizes == [(512, 384), (128, 96), (128, 96), (128, 96)]      # 1/4: the smallest scale >= 64 px each way
+
+    outputs = {}
+    for fast in (False, True):
+        out = tmp_path / f"fast{fast}.safetensors"
+        embed(images=folder, encoder=tiny_checkpoints["e2"], out=out, device="cpu", workers=0, progress=False,
+              fast_decode=fast)
+        with safe_open(str(out), "pt") as f:
+            outputs[fast] = f.get_tensor("image_features")
+    cosine = (outputs[False] * outputs[True]).sum(dim=1)
+    assert torch.equal(outputs[False][0], outputs[True][0])                # the PNG
+    assert cosine[1:].min() > 0.99 and not torch.equal(outputs[False][1:], outputs[True][1:])
+
+
+def test_a_shard_folder_keeps_its_decoding(catalog, tmp_path, tiny_checkpoints):
+    out = tmp_path / "emb"
+    run(catalog, out, tiny_checkpoints["e2"])
+    with pytest.raises(ValueError, match="fast_decode=False, not True; use another --out"):
+        run(catalog, out, tiny_checkpoints["e2"], fast_decode=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["fast_decode"]                                           # a folder from before the option
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run(catalog, out, tiny_checkpoints["e2"])["images"] == 9
+    with pytest.raises(ValueError, match="fast_decode=False, not True"):
+        run(catalog, out, tiny_checkpoints["e2"], fast_decode=True)

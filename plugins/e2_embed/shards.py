@@ -37,6 +37,10 @@ KINDS = {"img": (("img_emb", "region_emb", "selected_patches"), "metadata", "ima
          "text": (("text_emb",), "text_metadata", "caption")}
 
 
+#: settings of folders written before the setting was recorded
+SAVED_BEFORE = {"fast_decode": False}
+
+
 def _write_json(path: Path, value) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
 
@@ -100,17 +104,20 @@ class ShardedRun:
     """Writes one embed run's shards into ``folder``, continuing where an earlier run of the same
     encoder, settings and inputs stopped (anything else there is refused)."""
 
-    def __init__(self, folder: Path, net, shard_size: int, batch_size: int, regions: bool, progress: bool = True):
+    def __init__(self, folder: Path, net, shard_size: int, batch_size: int, regions: bool, progress: bool = True,
+                 fast_decode: bool = False):
         self.folder, self.progress, self.shard_size, self.batch_size = folder, progress, shard_size, batch_size
         settings = {"encoder": net.name, "fingerprint": net.fingerprint(), "entities": list(net.entities),
-                    "dim": net.embed_dim, "shard_size": shard_size, "batch_size": batch_size, "regions": regions}
+                    "dim": net.embed_dim, "shard_size": shard_size, "batch_size": batch_size, "regions": regions,
+                    "fast_decode": fast_decode}
         manifest = _read_manifest(folder)
         if manifest is None and folder.exists() and any(folder.iterdir()):
             raise ValueError(f"--out {folder} is a non-empty folder without {MANIFEST}: not an embed shard folder; "
                              f"choose another --out")
         for key, value in settings.items():
-            if manifest is not None and manifest.get(key) != value:
-                raise ValueError(f"--out {folder} holds embeddings made with {key}={manifest.get(key)!r}, not "
+            saved = manifest.get(key, SAVED_BEFORE.get(key)) if manifest is not None else value
+            if saved != value:
+                raise ValueError(f"--out {folder} holds embeddings made with {key}={saved!r}, not "
                                  f"{value!r}; use another --out, or delete it to start over")
         self.manifest = manifest or {"format": 1, **settings}
 
