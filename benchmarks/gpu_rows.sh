@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's GPU rows in one run (ViT-B/32, about 12 minutes on one H200): the CUDA checks, image and
 # text encoding E2/CLIP at batch 32 eager and compiled and at batch 256 under AMP, the training step
-# E2/CLIP-FT under AMP, and catalog embedding against the forward pass (full and --fast-decode). Each log goes to $OUT (default
-# gpu-rows/); a step that fails or runs past its limit is reported and the next one runs.
+# E2/CLIP-FT under AMP, and catalog embedding against the forward pass (full and --fast-decode). Each
+# log goes to $OUT (default gpu-rows/); a step that fails or runs past its limit is reported and the
+# next one runs.
 #
 #     bash benchmarks/gpu_rows.sh            # extra arguments go to every benchmark, e.g. --model ViT-B-16
 set -u
