@@ -38,6 +38,15 @@ def files(folder: Path):
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def assert_same_files(folder: Path, expected: Path):
+    assert files(folder).keys() == files(expected).keys()
+    for name, path in files(expected).items():
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(path), np.load(folder / name)), name
+        else:
+            assert path.read_text() == (folder / name).read_text(), name
+
+
 def test_shard_folder_layout_and_reader(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"
     report = run(catalog, out, tiny_checkpoints["e2"], workers=2)
@@ -89,12 +98,7 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(catalog, tmp_path
 
     report = run(catalog, cut, tiny_checkpoints["e2"])
     assert report["img_resumed_at_shard"] == 1 and report["images"] == 9
-    assert files(cut).keys() == files(whole).keys()
-    for name, path in files(whole).items():
-        if name.endswith(".npy"):
-            assert np.array_equal(np.load(path), np.load(cut / name)), name
-        else:
-            assert path.read_text() == (cut / name).read_text(), name
+    assert_same_files(cut, whole)
 
 
 
@@ -121,12 +125,7 @@ def test_a_damaged_shard_is_named_and_written_again_by_the_same_command(catalog,
     report = run(catalog, hurt, tiny_checkpoints["e2"])
     assert f"{shard.name}" in capsys.readouterr().err
     assert report["img_resumed_at_shard"] == 1 and report["images"] == 9
-    assert files(hurt).keys() == files(whole).keys()
-    for name, path in files(whole).items():
-        if name.endswith(".npy"):
-            assert np.array_equal(np.load(path), np.load(hurt / name)), name
-        else:
-            assert path.read_text() == (hurt / name).read_text(), name
+    assert_same_files(hurt, whole)
 
 
 def test_the_reader_names_what_a_folder_lacks(catalog, tmp_path, tiny_checkpoints):
