@@ -195,9 +195,10 @@ def test_embed_compiles_when_asked_and_runs_eager_where_compiling_fails(catalog,
     assert calls == []                                                    # unset on a CPU: not compiled
     capsys.readouterr()
     embed(images=catalog, texts=catalog.parent / "texts.txt", encoder=tiny_checkpoints["e2"],
-          out=tmp_path / "asked.safetensors", device="cpu", batch_size=4, workers=0, progress=False, compile=True)
+          out=tmp_path / "asked.safetensors", device="cpu", batch_size=4, workers=0, progress=True, compile=True)
     assert calls == ["encode_image", "encode_text"]                        # tried once each, then eager
     err = capsys.readouterr().err
+    assert "encoding under torch.compile: the first batches compile the encoder" in err
     assert err.count("torch.compile failed (RuntimeError: no C compiler found); running without it") == 2
     with safe_open(str(tmp_path / "plain.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "asked.safetensors"), "pt") as b:

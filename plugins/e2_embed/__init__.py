@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -73,10 +74,10 @@ class _Compiled:
     """The encoder with its three encode methods under :func:`e2_core.runtime.compiled`."""
 
     def __init__(self, net, device: torch.device, enabled: Optional[bool]):
-        self.net = net
+        self.net, self.active = net, device.type == "cuda" if enabled is None else enabled
         for name in ("encode_image", "encode_image_regions", "encode_text"):
             if hasattr(net, name):
-                setattr(self, name, compiled(getattr(net, name), device, enabled))
+                setattr(self, name, compiled(getattr(net, name), device, self.active))
 
     def __getattr__(self, name):
         return getattr(self.net, name)
@@ -156,6 +157,9 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     lines = _read_texts(Path(texts), encoding) if texts is not None else None
     net.eval()
     net = _Compiled(net, dev, compile)
+    if net.active and progress:
+        print("encoding under torch.compile: the first batches compile the encoder (about a minute; --no-compile "
+              "runs without it)", file=sys.stderr)
     image_batches = functools.partial(_image_batches, net, paths, regions=regions, strict=strict, workers=workers,
                                       device=dev, fast_decode=fast_decode)
     with torch.no_grad(), autocast(dev):
