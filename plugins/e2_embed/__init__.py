@@ -151,6 +151,8 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     net = load_encoder(encoder, device=dev)
     if regions and not net.has_regions:
         raise ValueError(f"--regions needs an E2 encoder; {encoder} is a CLIP")
+    if fast_decode and not hasattr(net, "image_size"):
+        raise ValueError(f"--fast-decode needs the encoder's input size (image_size), which {encoder} does not give")
     if images is None and texts is None:
         images, texts = _synthetic_inputs(Path(out).parent / "synthetic-validation")
     paths = list_images(Path(images), encoding) if images is not None else None
