@@ -140,7 +140,7 @@ def test_the_reader_names_what_a_folder_lacks(catalog, tmp_path, tiny_checkpoint
 def test_a_shard_folder_refuses_another_run(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"
     run(catalog, out, tiny_checkpoints["e2"])
-    with pytest.raises(ValueError, match="shard_size=4, not 3; use another --out"):
+    with pytest.raises(ValueError, match="shard_size=4, not shard_size=3; use another --out"):
         embed(images=catalog, encoder=tiny_checkpoints["e2"], out=out, device="cpu", regions=True, batch_size=2,
               shard_size=3, progress=False)
     with pytest.raises(ValueError, match="encoder="):
@@ -234,11 +234,11 @@ def test_fast_decode_reads_jpegs_at_a_reduced_scale_close_to_a_full_decode(tmp_p
 def test_a_shard_folder_keeps_its_decoding(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"
     run(catalog, out, tiny_checkpoints["e2"])
-    with pytest.raises(ValueError, match="fast_decode=False, not True; use another --out"):
+    with pytest.raises(ValueError, match="fast_decode=False, not fast_decode=True; use another --out"):
         run(catalog, out, tiny_checkpoints["e2"], fast_decode=True)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["fast_decode"]                                           # a folder from before the option
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert run(catalog, out, tiny_checkpoints["e2"])["images"] == 9
-    with pytest.raises(ValueError, match="fast_decode=False, not True"):
+    with pytest.raises(ValueError, match="fast_decode=False, not fast_decode=True"):
         run(catalog, out, tiny_checkpoints["e2"], fast_decode=True)

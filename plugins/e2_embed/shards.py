@@ -118,7 +118,7 @@ class ShardedRun:
             saved = manifest.get(key, SAVED_BEFORE.get(key)) if manifest is not None else value
             if saved != value:
                 raise ValueError(f"--out {folder} holds embeddings made with {key}={saved!r}, not "
-                                 f"{value!r}; use another --out, or delete it to start over")
+                                 f"{key}={value!r}; use another --out, or delete it to start over")
         self.manifest = manifest or {"format": 1, **settings}
 
     def write(self, kind: str, labels: List[str], source, encode: Callable) -> dict:
