@@ -46,6 +46,11 @@ def grad_scaler(device: torch.device, precision: str = "amp") -> torch.amp.GradS
     return torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype(device, precision) == torch.float16)
 
 
+def compiles(device: torch.device, enabled: Optional[bool] = None) -> bool:
+    """Whether :func:`compiled` compiles: ``enabled``, or when unset, on CUDA only."""
+    return torch.device(device).type == "cuda" if enabled is None else bool(enabled)
+
+
 def compiled(fn: Callable, device: torch.device, enabled: Optional[bool] = None) -> Callable:
     """``fn`` (an encoder's ``encode_image``, ...) under ``torch.compile`` for inference, or ``fn`` itself.
 
@@ -55,7 +60,7 @@ def compiled(fn: Callable, device: torch.device, enabled: Optional[bool] = None)
     the same patches as the eager one. Where compiling fails (no compiler or Triton on the machine),
     a line says so and ``fn`` runs as it is; an error of ``fn``'s own is raised by the eager run.
     """
-    if not (torch.device(device).type == "cuda" if enabled is None else enabled):
+    if not compiles(device, enabled):
         return fn
     state = {"fn": torch.compile(fn)}
 

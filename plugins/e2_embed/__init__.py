@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from e2_core import load_encoder
 from e2_core.checkpoint import save_tensors
 from e2_core.registry import Task
-from e2_core.runtime import autocast, compiled, resolve_device
+from e2_core.runtime import autocast, compiled, compiles, resolve_device
 
 from .shards import EmbeddingShards, ShardedRun
 
@@ -74,7 +74,7 @@ class _Compiled:
     """The encoder with its three encode methods under :func:`e2_core.runtime.compiled`."""
 
     def __init__(self, net, device: torch.device, enabled: Optional[bool]):
-        self.net, self.active = net, device.type == "cuda" if enabled is None else enabled
+        self.net, self.active = net, compiles(device, enabled)
         for name in ("encode_image", "encode_image_regions", "encode_text"):
             if hasattr(net, name):
                 setattr(self, name, compiled(getattr(net, name), device, self.active))
