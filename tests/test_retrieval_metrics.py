@@ -109,6 +109,16 @@ def test_topk_screened_chunks_match_reference(chunk_size):
                                           ranking[:, :k], err_msg=f"data {seed}, k={k}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_ranks_by_score_then_lower_index(dtype):
+    # Candidates arrive in any order; -0.0 and 0.0 are one score, so the lower index of the two wins.
+    from e2_eval.retrieval import _select_topk
+    values = torch.tensor([[0.0, -0.0, 0.5, -1.0, 0.5, -0.0], [-2.0, -3.0, -2.0, -math.inf, -2.0, -1.0]], dtype=dtype)
+    indices = torch.tensor([[9, 4, 70, 2, 8, 5], [6, 5, 3, 0, 1, 2**32 - 2]])
+    top_values, top_indices = _select_topk(values, indices, 4)
+    assert top_indices.tolist() == [[8, 70, 4, 5], [2**32 - 2, 1, 3, 6]]
+    assert top_values.dtype == dtype and top_values.tolist() == [[0.5, 0.5, 0.0, 0.0], [-1.0, -2.0, -2.0, -2.0]]
+
 
 def test_features_that_require_grad_are_scored_as_they_are():
     # What an encoder returns outside torch.no_grad: searching it must not fail on the autograd graph.

@@ -62,29 +62,25 @@ def _compute_dtype(dtype):
 #: candidates are merged once there are ``_WAIT`` groups per query waiting.
 _GROUP = 8
 _WAIT = 4
+_LOW_31, _LOW_32 = 2**31 - 1, 2**32 - 1
 
 
 def _select_topk(values, indices, k):
     """Top ``k`` of each row by (score descending, gallery index ascending), in that order.
 
-    Columns may come in any order. Everything above the k-th largest score is kept (well defined even
-    where ``torch.topk``'s choice among ties is not) and the slots left go to the tied items of lowest
-    index; only rows with more ties than slots need the extra sort this takes.
+    Columns may come in any order; gallery indices are below 2**32. float32 scores are ranked by one
+    64-bit key per entry, the score's bits made order-preserving above the complement of the index, so
+    one ``topk`` settles ties as well; other dtypes by two stable sorts.
     """
-    kth = values.topk(k, dim=1).values[:, -1:]
-    keep = values >= kth
-    crowded = (keep.sum(dim=1) > k).nonzero()[:, 0]
-    if len(crowded):
-        v, t, i = values[crowded], kth[crowded], indices[crowded]
-        room = k - (v > t).sum(dim=1, keepdim=True)
-        tied = torch.where(v == t, i, torch.iinfo(i.dtype).max)
-        last = tied.sort(dim=1).values.gather(1, room - 1)          # the highest tied index that fits
-        keep[crowded] = (v > t) | ((v == t) & (i <= last))
-    columns = keep.nonzero()[:, 1].view(-1, k)                      # exactly k per row
-    values, indices = values.gather(1, columns), indices.gather(1, columns)
+    if values.dtype == torch.float32:
+        bits = (values + 0.0).view(torch.int32)                         # + 0.0: -0.0 ranks as 0.0
+        keys = ((bits ^ ((bits >> 31) & _LOW_31)).long() << 32) | (_LOW_32 - indices)
+        keys = keys.topk(k, dim=1).values
+        bits = (keys >> 32).int()
+        return (bits ^ ((bits >> 31) & _LOW_31)).view(torch.float32), _LOW_32 - (keys & _LOW_32)
     order = indices.sort(dim=1).indices
     values, indices = values.gather(1, order), indices.gather(1, order)
-    order = values.sort(dim=1, descending=True, stable=True).indices  # stable: keeps lower index first
+    order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]   # stable: lower index first
     return values.gather(1, order), indices.gather(1, order)
 
 
@@ -94,17 +90,19 @@ class _RunningTopK:
     A chunk's scores come gallery-major, (items, queries): ``gallery_chunk @ queries.T`` is the faster
     matrix product here. Only scores that can still enter the top k are kept: the chunk's items are
     screened in groups of ``_GROUP``, group j holding items j, j + n, j + 2n, ... (so that its maxima
-    are an element-wise maximum of contiguous rows, the fast reduction), and a group is a candidate
-    for a query only if its maximum beats the query's k-th best known (strictly: on a tie the earlier
-    item wins) and reaches a score that k items of the chunk itself reach (``_chunk_bound``; before k
-    are known, that alone). The last ``width % _GROUP`` items are always candidates. Candidates wait
-    until there are ``_WAIT`` groups per query, then are merged into the top k.
+    are an element-wise maximum of contiguous rows, the fast reduction). Each query keeps a floor, a
+    score that k items seen before reach: a group is a candidate only if its maximum beats the floor
+    (strictly: on a tie the earlier item wins) and, when more than one group per query would be,
+    reaches a score that k items of the chunk itself reach (``_chunk_bound``, which then raises the
+    floor). The last ``width % _GROUP`` items are always candidates. Candidates wait until there are
+    ``_WAIT`` groups per query, then are merged into the top k, whose k-th score raises the floor.
     """
 
     def __init__(self, rows, k, dtype, device):
         self.k, self.rows, self.seen = k, rows, 0
         self.values = torch.empty(rows, 0, dtype=dtype, device=device)
         self.indices = torch.empty(rows, 0, dtype=torch.long, device=device)
+        self.floor = torch.full((rows,), -math.inf, dtype=dtype, device=device)
         self.pending, self.pending_groups = [], 0
 
     def add(self, scores, offset):
@@ -119,12 +117,11 @@ class _RunningTopK:
             maxima, row_best = scores.new_empty(0, rows), scores.new_zeros(rows)
         if not torch.isfinite(row_best.sum() + scores[width - tail:].sum()):
             return False
-        if self.values.shape[1] == self.k:
-            hits = maxima > self.values[:, -1]
-            if n >= self.k and hits.sum() > self.rows:            # early on, the chunk's own k-th best bounds more
-                hits &= maxima >= self._chunk_bound(maxima)
-        else:                                                     # a score k items of the chunk reach
-            hits = maxima >= self._chunk_bound(maxima) if n >= self.k else torch.ones_like(maxima, dtype=torch.bool)
+        hits = maxima > self.floor
+        if n >= self.k and hits.sum() > self.rows:               # the chunk's own k-th best bounds more
+            bound = self._chunk_bound(maxima)
+            hits &= maxima >= bound
+            torch.maximum(self.floor, bound, out=self.floor)
         hit_groups, hit_rows = hits.nonzero(as_tuple=True)
         if len(hit_rows):
             items = hit_groups[:, None] + n * torch.arange(_GROUP, device=scores.device)     # (hits, _GROUP)
@@ -136,7 +133,7 @@ class _RunningTopK:
             indices = torch.arange(offset + width - tail, offset + width - tail + _GROUP, device=scores.device)
             self._wait(torch.arange(rows, device=scores.device), values, indices.expand(rows, _GROUP))
         self.seen += width
-        if self.values.shape[1] < self.k or self.pending_groups >= _WAIT * self.rows:
+        if self.pending_groups >= _WAIT * self.rows:
             self._merge()
         return True
 
@@ -182,6 +179,8 @@ class _RunningTopK:
         else:
             self.values.index_copy_(0, changed, values)
             self.indices.index_copy_(0, changed, indices)
+        if self.values.shape[1] == self.k:
+            torch.maximum(self.floor, self.values[:, -1], out=self.floor)
 
     def result(self):
         self._merge()
@@ -246,6 +245,8 @@ def topk_indices(queries, gallery, k, chunk_size=4096):
         raise ValueError(f"k must be a positive integer, got {k}")
     if num_gallery == 0:
         raise ValueError("gallery is empty")
+    if num_gallery > _LOW_32:
+        raise ValueError(f"gallery has {num_gallery} items; search at most 2**32 - 1 at a time and merge the results")
     k = min(k, num_gallery)
     device, dtype = queries.device, _compute_dtype(queries.dtype)
     starts = range(0, queries.shape[0], chunk_size)
