@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -226,15 +226,23 @@ class E2Model(CLIP):
         Every distinct string is encoded once (brands and seasons repeat across a batch), each length
         bucket cut to its own longest string.
         """
-        if not isinstance(entity_text, EntityTokens):
-            raise TypeError(f"entity_text must be EntityTokens from e2_core.tokenize_entities, got {type(entity_text).__name__}")
-        if entity_text.index.ndim != 2 or entity_text.index.shape[1] != len(self.entities):
-            raise ValueError(f"entity_text holds {tuple(entity_text.index.shape)} (items, entities) but the model's "
-                             f"entities are {list(self.entities)}: give one string per entity, in that order")
-        tokens = entity_text.tokens
-        features = [self.encode_text(tokens[start:end, :columns], normalize=normalize)
-                    for start, end, columns in entity_text.spans()]
-        return torch.cat(features)[entity_text.index]
+        return self._encode_texts(None, entity_text, normalize)[1]
+
+    def _encode_texts(self, text: Optional[torch.Tensor], entity_text: Optional[EntityTokens],
+                      normalize: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The global texts and the entity strings' buckets, with one token-embedding lookup for all."""
+        batches = [] if text is None else [text]
+        if entity_text is not None:
+            if not isinstance(entity_text, EntityTokens):
+                raise TypeError(f"entity_text must be EntityTokens from e2_core.tokenize_entities, got "
+                                f"{type(entity_text).__name__}")
+            if entity_text.index.ndim != 2 or entity_text.index.shape[1] != len(self.entities):
+                raise ValueError(f"entity_text holds {tuple(entity_text.index.shape)} (items, entities) but the "
+                                 f"model's entities are {list(self.entities)}: give one string per entity, in that order")
+            batches += [entity_text.tokens[start:end, :columns] for start, end, columns in entity_text.spans()]
+        features = text_tower_batches(self, batches, normalize=normalize)
+        text_features = features.pop(0) if text is not None else None
+        return text_features, None if entity_text is None else torch.cat(features)[entity_text.index]
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
                 entity_text: Optional[EntityTokens] = None):
@@ -252,10 +260,12 @@ class E2Model(CLIP):
             vision = self.encode_image_regions(image, normalize=True)
             out["image_features"] = vision.image_features
             out["image_regional_features"] = vision.regional_features
-        if text is not None:
-            out["text_features"] = self.encode_text(text, normalize=True)
+        if text is not None or entity_text is not None:
+            text_features, entity_text_features = self._encode_texts(text, entity_text, normalize=True)
+            if text is not None:
+                out["text_features"] = text_features
         if entity_text is not None:
-            out["entity_text_features"] = self.encode_entity_text(entity_text, normalize=True)
+            out["entity_text_features"] = entity_text_features
             if image is not None and len(entity_text) != image.shape[0]:
                 raise ValueError(f"entity_text has {len(entity_text)} items but the image batch has "
                                  f"{image.shape[0]}: give one row of entity strings per image")
@@ -266,6 +276,17 @@ class E2Model(CLIP):
     def e2_parameters(self):
         """The parameters E2 adds to CLIP (trained alone in stage 1)."""
         return [p for name, p in self.named_parameters() if is_e2_parameter(name)]
+
+
+def text_tower_batches(clip: CLIP, batches: Sequence[torch.Tensor], normalize: bool = False) -> List[torch.Tensor]:
+    """:func:`text_tower` on several token batches (of any widths) with one token-embedding lookup, so that
+    training builds one dense gradient of the embedding table (100 MB at ViT-B), not one per batch."""
+    if not batches:
+        return []
+    embedded = clip.token_embedding(torch.cat([batch.reshape(-1) for batch in batches]))
+    embedded = embedded.split([batch.numel() for batch in batches])
+    return [text_tower(clip, batch, rows.view(*batch.shape, -1), normalize=normalize)
+            for batch, rows in zip(batches, embedded)]
 
 
 def text_tower(clip: CLIP, text: torch.Tensor, token_embeddings: Optional[torch.Tensor] = None,

@@ -39,6 +39,23 @@ def test_entity_buckets_give_the_unbucketed_embeddings(tiny_model, tokenizer):
     assert torch.allclose(tiny_model.encode_entity_text(bucketed), tiny_model.encode_entity_text(one_bucket), atol=1e-6)
 
 
+
+def test_global_texts_and_entity_buckets_share_one_embedding_lookup(tiny_model, tokenizer):
+    # One lookup, so the backward builds one dense gradient of the embedding table, not one per text batch.
+    long = "a long description of a shirt with a small embroidered logo at the chest"
+    rows = [["SHIRTS", "Acne", long, "FW2016", "wool"], ["JEANS", "Prada", long + " and tag", "SS2017", "silk"]]
+    entity_text = e2_core.tokenize_entities(tokenizer, rows)
+    _, text, _ = make_batch(tokenizer, batch=2)
+    lookups = []
+    hook = tiny_model.token_embedding.register_forward_hook(lambda *args: lookups.append(1))
+    try:
+        out = tiny_model(None, text, entity_text)
+    finally:
+        hook.remove()
+    assert len(lookups) == 1 and len(entity_text.spans()) >= 2
+    assert torch.equal(out["text_features"], tiny_model.encode_text(text, normalize=True))
+    assert torch.equal(out["entity_text_features"], tiny_model.encode_entity_text(entity_text, normalize=True))
+
 def test_clip_tuple_output(tiny_model, tokenizer):
     images, text, _ = make_batch(tokenizer)
     tiny_model.output_dict = False
