@@ -1,5 +1,6 @@
 """The embed task's shard folders: layout, resuming an interrupted run, the memory-mapped reader."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -242,3 +243,16 @@ def test_a_shard_folder_keeps_its_decoding(catalog, tmp_path, tiny_checkpoints):
     assert run(catalog, out, tiny_checkpoints["e2"])["images"] == 9
     with pytest.raises(ValueError, match="fast_decode=False, not fast_decode=True"):
         run(catalog, out, tiny_checkpoints["e2"], fast_decode=True)
+
+def test_texts_come_from_a_pipe_and_a_folder_is_refused(catalog, tmp_path, tiny_checkpoints):
+    read, write = os.pipe()                                  # what `--texts <(command)` hands over
+    os.write(write, b"red shirt\n\nblue jeans\n")
+    os.close(write)
+    try:
+        report = embed(texts=Path(f"/dev/fd/{read}"), encoder=tiny_checkpoints["clip"], out=tmp_path / "emb",
+                       device="cpu", progress=False)
+    finally:
+        os.close(read)
+    assert report["texts"] == 2
+    with pytest.raises(ValueError, match="is a folder; give a text file"):
+        embed(texts=tmp_path, encoder=tiny_checkpoints["clip"], out=tmp_path / "emb2", device="cpu", progress=False)

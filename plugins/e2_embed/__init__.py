@@ -200,8 +200,10 @@ def _single_file(net, out: Path, paths, lines, batch_size, image_batches, dev) -
 
 
 def _read_texts(path: Path, encoding: str = "utf-8") -> List[str]:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--texts {path}: no such file (one text per line)")
+    if path.is_dir():
+        raise ValueError(f"--texts {path} is a folder; give a text file, one text per line")
     return _read_lines(path, encoding)
 
 
