@@ -256,3 +256,16 @@ def test_texts_come_from_a_pipe_and_a_folder_is_refused(catalog, tmp_path, tiny_
     assert report["texts"] == 2
     with pytest.raises(ValueError, match="is a folder; give a text file"):
         embed(texts=tmp_path, encoder=tiny_checkpoints["clip"], out=tmp_path / "emb2", device="cpu", progress=False)
+
+
+def test_a_catalog_needs_only_its_image_column(catalog, tmp_path, tiny_checkpoints):
+    # A CSV saved by a spreadsheet (BOM, CRLF) with no text column; a JSONL whose paths are under "path".
+    (tmp_path / "images.csv").write_bytes("\ufeffimage,title\r\nimgs/img0.png,\"Shirt, red\"\r\n./imgs/img2.png,Coat\r\n"
+                                          .encode("utf-8"))
+    (tmp_path / "images.jsonl").write_text('{"path": "imgs/img1.png"}\n\n{"path": "%s"}\n' % (catalog / "img3.png"))
+    assert e2_embed.list_images(tmp_path / "images.csv") == [catalog / "img0.png", catalog / "img2.png"]
+    report = embed(images=tmp_path / "images.jsonl", image_column="path", encoder=tiny_checkpoints["clip"],
+                   out=tmp_path / "emb.safetensors", device="cpu", workers=0, progress=False)
+    assert report["images"] == 2 and not report["unreadable_images"]
+    with pytest.raises(ValueError, match=r"images.jsonl:1: column 'image' missing; this row has \['path'\]"):
+        e2_embed.list_images(tmp_path / "images.jsonl")

@@ -56,17 +56,7 @@ class Catalog(ProductDataset):
                  image_root: Optional[Union[str, os.PathLike]] = None, **kwargs):
         super().__init__(**kwargs)
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such catalog file")
-        suffix = self.path.suffix.lower()
-        if suffix not in JSON_SUFFIXES + CSV_SUFFIXES:
-            raise DataError(f"{self.path}: unknown catalog format {suffix!r}; use one of "
-                            f"{JSON_SUFFIXES + CSV_SUFFIXES} (JSON lines or CSV with a header)")
-        read = _read_jsonl if suffix in JSON_SUFFIXES else _read_csv
-        with open_text(self.path, self.encoding) as f:
-            columns, rows = read(self.path, f)
-        if not rows:
-            raise DataError(f"{self.path}: empty file, no products")
+        columns, rows = read_rows(self.path, self.encoding)
         if id_column is None:
             id_column = "id" if "id" in columns else None
         self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
@@ -82,9 +72,7 @@ class Catalog(ProductDataset):
         self.tags: List[Dict[str, str]] = []
         self.views: List[List[Path]] = []
         for number, (where, row) in enumerate(rows, start=1):
-            image = _required(row, image_column, where, columns)
-            if not image:
-                raise DataError(f"{where}: column {image_column!r} (the image path) is empty")
+            image = _image(row, image_column, where, columns)
             if id_column is None:
                 pid = str(number)
             else:
@@ -97,11 +85,7 @@ class Catalog(ProductDataset):
                 self.product_ids.append(pid)
                 self.tags.append(tags)
                 self.views.append([])
-            self.views[first_of[pid]].append(self._resolve(image))
-
-    def _resolve(self, image: str) -> Path:
-        p = Path(image).expanduser()
-        return p if p.is_absolute() else self.image_root / p
+            self.views[first_of[pid]].append(_resolve(image, self.image_root))
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -120,6 +104,44 @@ class Catalog(ProductDataset):
 
 
 Row = Dict[str, object]
+
+
+def catalog_images(path: Union[str, os.PathLike], image_column: str = "image", encoding: str = "utf-8",
+                   image_root: Optional[Union[str, os.PathLike]] = None) -> List[Path]:
+    """Every row's image path of a catalog file, in file order (no other column is needed); relative
+    paths resolve against ``image_root``, by default the file's folder."""
+    path = Path(path)
+    columns, rows = read_rows(path, encoding)
+    root = Path(image_root) if image_root is not None else path.parent
+    return [_resolve(_image(row, image_column, where, columns), root) for where, row in rows]
+
+
+def read_rows(path: Path, encoding: str = "utf-8") -> Tuple[List[str], List[Tuple[str, Row]]]:
+    """A catalog file's columns and its rows, each with where it is (``file:line``)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such catalog file")
+    suffix = path.suffix.lower()
+    if suffix not in JSON_SUFFIXES + CSV_SUFFIXES:
+        raise DataError(f"{path}: unknown catalog format {suffix!r}; use one of "
+                        f"{JSON_SUFFIXES + CSV_SUFFIXES} (JSON lines or CSV with a header)")
+    read = _read_jsonl if suffix in JSON_SUFFIXES else _read_csv
+    with open_text(path, encoding) as f:
+        columns, rows = read(path, f)
+    if not rows:
+        raise DataError(f"{path}: empty file, no products")
+    return columns, rows
+
+
+def _image(row: Row, column: str, where: str, columns: Sequence[str]) -> str:
+    image = _required(row, column, where, columns)
+    if not image:
+        raise DataError(f"{where}: column {column!r} (the image path) is empty")
+    return image
+
+
+def _resolve(image: str, root: Path) -> Path:
+    p = Path(image).expanduser()
+    return p if p.is_absolute() else root / p
 
 
 def _read_jsonl(path: Path, f) -> Tuple[List[str], List[Tuple[str, Row]]]:

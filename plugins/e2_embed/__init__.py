@@ -28,15 +28,15 @@ FILE_NAMES = {"img_emb": "image_features", "region_emb": "image_regional_feature
               "selected_patches": "selected_patches", "text_emb": "text_features"}
 
 
-def list_images(images: Path, encoding: str = "utf-8") -> List[Path]:
-    """A folder (searched recursively), a catalog (CSV / JSONL: its image column, every view) or a text
+def list_images(images: Path, encoding: str = "utf-8", image_column: str = "image") -> List[Path]:
+    """A folder (searched recursively), a catalog (CSV / JSONL: every row's ``image_column``) or a text
     file with one image path per line."""
-    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, Catalog
+    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, catalog_images
 
     if images.is_dir():
         return sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if images.is_file() and images.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
-        return [path for views in Catalog(images, encoding=encoding).views for path in views]
+        return catalog_images(images, image_column, encoding)
     if images.is_file():
         lines = _read_lines(images, encoding)
         return [Path(line) if Path(line).is_absolute() else images.parent / line for line in lines]
@@ -117,7 +117,8 @@ def _text_batches(net, lines: List[str], batches: List[List[int]], device: torch
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
           out: Path = Path("embeddings.safetensors"), batch_size: int = 64, device: str = "auto", regions: bool = False,
           strict: bool = False, shard_size: int = 0, workers: Optional[int] = None, progress: bool = True,
-          encoding: str = "utf-8", compile: Optional[bool] = None, fast_decode: bool = False) -> dict:
+          encoding: str = "utf-8", compile: Optional[bool] = None, fast_decode: bool = False,
+          image_column: str = "image") -> dict:
     """Encode images and/or texts into L2-normalised embeddings, one safetensors file or resumable shards.
 
     With neither --images nor --texts, the synthetic validation products (first view, global text)
@@ -128,7 +129,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     same command again continues an interrupted run at its first unfinished shard.
 
     Args:
-        images: folder of images, a catalog (CSV / JSONL: its image column), or a text file listing image paths
+        images: folder of images, a catalog (CSV / JSONL: its --image-column), or a text file listing image paths
         texts: text file, one text per line
         encoder: a checkpoint directory (E2 or CLIP), MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         out: output .safetensors file (paths and texts are kept in its metadata), or the shard folder with --shard-size
@@ -142,6 +143,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         encoding: text encoding of the --images and --texts files (e.g. latin-1, cp1252)
         compile: encode with torch.compile (unset: on with a GPU, off on a CPU; without it where compiling fails)
         fast_decode: decode JPEGs at a reduced scale no smaller than the encoder's input (libjpeg's DCT scaling): several times faster on large photos; embeddings within cosine 0.999 of a full decode, E2's selections can differ
+        image_column: the image path column of an --images catalog (no other column is needed)
     """
     if shard_size < 0 or (workers or 0) < 0 or batch_size < 1:
         raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
@@ -155,7 +157,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         raise ValueError(f"--fast-decode needs the encoder's input size (image_size), which {encoder} does not give")
     if images is None and texts is None:
         images, texts = _synthetic_inputs(Path(out).parent / "synthetic-validation")
-    paths = list_images(Path(images), encoding) if images is not None else None
+    paths = list_images(Path(images), encoding, image_column) if images is not None else None
     lines = _read_texts(Path(texts), encoding) if texts is not None else None
     net.eval()
     net = _Compiled(net, dev, compile)
