@@ -1,6 +1,9 @@
 """Pinned numbers of E2's forward pass: a silent change in the math (token order, fusion, pooling,
 heads, text tower) fails here. The weights are set from a seeded generator in name order, so the
 numbers do not depend on open_clip's own initialisation."""
+from pathlib import Path
+
+import pytest
 import torch
 
 import e2_core
@@ -56,6 +59,30 @@ def test_one_way_attention_leaves_clip_untouched_until_fusion_block_2():
         e2_state = out.hidden_states[second][:, model.config.num_tokens:]
         assert torch.allclose(e2_state, clip, atol=1e-5) == same, mode
 
+
+
+@pytest.mark.parametrize("block_type", ["default", "custom"])
+@pytest.mark.parametrize("train", [False, True])
+def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train):
+    # open_clip's default block casts masks to floats and its custom block reads booleans: both must mask, in
+    # the fused inference path and with autograd.
+    import json
+
+    from open_clip.model import CLIP
+
+    from e2_core.model import run_layers
+
+    config = json.loads((Path(e2_core.__file__).parent / "model_configs" / f"{TINY}.json").read_text())
+    torch.manual_seed(0)
+    clip = CLIP(config["embed_dim"], {**config["vision_cfg"], "block_type": block_type}, config["text_cfg"])
+    model = e2_core.E2Model(clip, e2_core.E2Config(token_attention="one-way")).train(train)
+    visual = model.visual
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.set_grad_enabled(train):
+        out = visual.forward_features(images, output_hidden_states=True)
+        clip_states = run_layers(visual.trunk.transformer, visual.trunk._embeds(images), 0, visual.fusion_layers[1])
+    e2_states = out.hidden_states[visual.fusion_layers[1]][:, model.config.num_tokens:]
+    torch.testing.assert_close(e2_states, clip_states, atol=1e-5, rtol=1e-5)
 
 def test_checkpoints_saved_before_token_attention_existed_load_with_full_attention():
     saved = e2_core.E2Config().to_dict()
