@@ -179,3 +179,15 @@ def test_train_and_run_refuse_an_unknown_dataset_alike(tmp_path, capsys):
     assert capsys.readouterr().err == from_train == (
         "e2-plugins: error: unknown dataset 'nope'; installed datasets: amazon-fashion, catalog, fashiongen, synthetic\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("task", ["retrieval", "caption"])
+def test_a_bad_encoder_is_refused_before_the_baseline_does_any_work(task, tmp_path, capsys, tiny_checkpoints):
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 60, 20, 20)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "products.csv").write_text("image,text,brand\np0.png,Coat,A\np1.png,Hat,B\np2.png,Bag,C\n")
+    out = tmp_path / "out"
+    assert main(["run", task, "--dataset", "catalog", "--data-root", str(tmp_path / "products.csv"), "--baseline",
+                 tiny_checkpoints["clip"], "--encoder", "nope:xx", "--out", str(out), "--device", "cpu"]) == 2
+    assert "encoder 'nope:xx' is none of" in capsys.readouterr().err
+    assert not any(p.is_file() for p in out.rglob("*"))      # no embeddings cached, no decoder trained

@@ -61,8 +61,10 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     results: Dict = {"dataset": dataset, "encoders": {}}
     shown: Dict[str, Dict[str, List[str]]] = {}
     val_refs: Dict[str, List[str]] = {}
-    for role, source in (("baseline", baseline), ("encoder", encoder)):
-        model = load_encoder(source, device=dev).eval()
+    sources = {"baseline": baseline, "encoder": encoder}
+    models = {role: load_encoder(source, device=dev) for role, source in sources.items()}  # a bad one fails first
+    for role, source in sources.items():
+        model = models[role].eval()
         label = model.label
         train = open_dataset(dataset, data_root, "train", train=False, transform=model.preprocess, encoding=encoding)
         val = open_dataset(dataset, data_root, "validation", train=False, transform=model.preprocess,

@@ -69,8 +69,10 @@ def cir(dataset: Literal["synthetic", "fashioniq"] = "synthetic", data_root: Opt
             results["dropped"][f"{data.split}/{data.category}"] = {"triplets": data.dropped,
                                                                    "gallery_images": data.missing_images}
     figures = {}
-    for role, source in (("baseline", baseline), ("encoder", encoder)):
-        model = load_encoder(source, device=dev)
+    sources = {"baseline": baseline, "encoder": encoder}
+    models = {role: load_encoder(source, device=dev) for role, source in sources.items()}  # a bad one fails first
+    for role, source in sources.items():
+        model = models[role]
         label = model.label
         cache = out / "embeddings"
         train = _train_data(model, train_split, cache, batch_size, str(dev))

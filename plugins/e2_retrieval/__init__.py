@@ -40,8 +40,10 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     results, embeddings, encoders = {}, {}, {}
     options = dict(train=False, strict=strict, encoding=encoding)
     open_dataset(dataset, data_root, "validation", **options)  # a data problem is reported before any model loads
-    for role, source in (("baseline", baseline), ("encoder", encoder)):
-        model = load_encoder(source, device=dev)
+    sources = {"baseline": baseline, "encoder": encoder}
+    models = {role: load_encoder(source, device=dev) for role, source in sources.items()}  # a bad one fails first
+    for role, source in sources.items():
+        model = models[role]
         label = model.label if model.label not in results else f"{model.label} #2"
         data = open_dataset(dataset, data_root, "validation", transform=model.preprocess, **options)
         images, texts, indices, skipped = cached_embeddings(
