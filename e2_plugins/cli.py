@@ -61,10 +61,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, registry.PluginLoadError)
+ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+          PermissionError, registry.PluginLoadError)
 
 
 def _message(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:    # the system's own words
+        return f"{err.filename}: {err.strerror}" + (f" (-> {err.filename2})" if err.filename2 else "")
     return str(err.args[0] if isinstance(err, KeyError) and err.args else err)
 
 

@@ -181,13 +181,27 @@ def test_train_and_run_refuse_an_unknown_dataset_alike(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def _catalog(folder: Path) -> Path:
+    """Three products in a catalog file, with their images."""
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 60, 20, 20)).save(folder / f"p{i}.png")
+    (folder / "products.csv").write_text("image,text,brand\np0.png,Coat,A\np1.png,Hat,B\np2.png,Bag,C\n")
+    return folder / "products.csv"
+
+
 @pytest.mark.parametrize("task", ["retrieval", "caption"])
 def test_a_bad_encoder_is_refused_before_the_baseline_does_any_work(task, tmp_path, capsys, tiny_checkpoints):
-    for i in range(3):
-        Image.new("RGB", (32, 32), (i * 60, 20, 20)).save(tmp_path / f"p{i}.png")
-    (tmp_path / "products.csv").write_text("image,text,brand\np0.png,Coat,A\np1.png,Hat,B\np2.png,Bag,C\n")
     out = tmp_path / "out"
-    assert main(["run", task, "--dataset", "catalog", "--data-root", str(tmp_path / "products.csv"), "--baseline",
+    assert main(["run", task, "--dataset", "catalog", "--data-root", str(_catalog(tmp_path)), "--baseline",
                  tiny_checkpoints["clip"], "--encoder", "nope:xx", "--out", str(out), "--device", "cpu"]) == 2
     assert "encoder 'nope:xx' is none of" in capsys.readouterr().err
     assert not any(p.is_file() for p in out.rglob("*"))      # no embeddings cached, no decoder trained
+
+
+def test_an_out_that_is_a_file_is_named_not_a_traceback(tmp_path, capsys, tiny_checkpoints):
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    assert main(["run", "retrieval", "--dataset", "catalog", "--data-root", str(_catalog(tmp_path)), "--baseline",
+                 tiny_checkpoints["clip"], "--encoder", tiny_checkpoints["e2"], "--out", str(taken)]) == 2
+    assert capsys.readouterr().err == f"e2-plugins: error: {taken}: File exists\n"
+    assert taken.read_text() == "keep me"

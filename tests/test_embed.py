@@ -269,3 +269,11 @@ def test_a_catalog_needs_only_its_image_column(catalog, tmp_path, tiny_checkpoin
     assert report["images"] == 2 and not report["unreadable_images"]
     with pytest.raises(ValueError, match=r"images.jsonl:1: column 'image' missing; this row has \['path'\]"):
         e2_embed.list_images(tmp_path / "images.jsonl")
+
+
+def test_out_must_match_the_output_kind(catalog, tmp_path, tiny_checkpoints):
+    (tmp_path / "emb.safetensors").write_text("")
+    with pytest.raises(ValueError, match="is a file; with --shard-size, --out is the folder of shards"):
+        run(catalog, tmp_path / "emb.safetensors", tiny_checkpoints["clip"])
+    with pytest.raises(ValueError, match="is a folder; give a .safetensors file, or --shard-size N"):
+        embed(images=catalog, encoder=tiny_checkpoints["clip"], out=tmp_path, device="cpu", progress=False)

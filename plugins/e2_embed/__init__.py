@@ -147,6 +147,13 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     """
     if shard_size < 0 or (workers or 0) < 0 or batch_size < 1:
         raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
+    out = Path(out)
+    if shard_size and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; with --shard-size, --out is the folder of shards (new, or an "
+                         "earlier run's to continue)")
+    if not shard_size and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a .safetensors file, or --shard-size N to write shards there "
+                         "(a folder of shards continues with the --shard-size it was written with)")
     dev = resolve_device(device)
     if workers is None:
         workers = 1 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
@@ -156,7 +163,7 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     if fast_decode and not hasattr(net, "image_size"):
         raise ValueError(f"--fast-decode needs the encoder's input size (image_size), which {encoder} does not give")
     if images is None and texts is None:
-        images, texts = _synthetic_inputs(Path(out).parent / "synthetic-validation")
+        images, texts = _synthetic_inputs(out.parent / "synthetic-validation")
     paths = list_images(Path(images), encoding, image_column) if images is not None else None
     lines = _read_texts(Path(texts), encoding) if texts is not None else None
     net.eval()
@@ -168,14 +175,14 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
                                       device=dev, fast_decode=fast_decode)
     with torch.no_grad(), autocast(dev):
         if shard_size:
-            run = ShardedRun(Path(out), net, shard_size, batch_size, regions, progress, fast_decode)
+            run = ShardedRun(out, net, shard_size, batch_size, regions, progress, fast_decode)
             report = {}
             if paths is not None:
                 report.update(run.write("img", [str(p) for p in paths], images, image_batches))
             if lines is not None:
                 report.update(run.write("text", lines, texts, lambda b: _text_batches(net, lines, b, dev)))
             return {"out": str(out), "encoder": net.name, **report}
-        return _single_file(net, Path(out), paths, lines, batch_size, image_batches, dev)
+        return _single_file(net, out, paths, lines, batch_size, image_batches, dev)
 
 
 def _single_file(net, out: Path, paths, lines, batch_size, image_batches, dev) -> dict:
