@@ -137,6 +137,9 @@ def test_the_reader_names_what_a_folder_lacks(catalog, tmp_path, tiny_checkpoint
         EmbeddingShards(out, "region_emb")
     with pytest.raises(ValueError, match="holds no text embeddings"):
         EmbeddingShards(out, "text_emb")
+    with pytest.raises(FileNotFoundError, match="no manifest.json; not a folder written by .* or its run stopped"):
+        EmbeddingShards(tmp_path)
+
 
 def test_a_shard_folder_refuses_another_run(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"

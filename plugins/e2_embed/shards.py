@@ -201,8 +201,8 @@ class EmbeddingShards:
                              f"{', '.join(n for names, _, _ in KINDS.values() for n in names)}")
         manifest = _read_manifest(self.folder)
         if manifest is None:
-            raise FileNotFoundError(f"{self.folder}: no {MANIFEST}; not a folder written by "
-                                    f"`e2-plugins run embed --shard-size N`")
+            raise FileNotFoundError(f"{self.folder}: no {MANIFEST}; not a folder written by `e2-plugins run embed "
+                                    f"--shard-size N`, or its run stopped before the first shard (run it again)")
         record = manifest.get(kind)
         if record is None:
             raise ValueError(f"{self.folder} holds no {kind} embeddings")
