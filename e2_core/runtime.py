@@ -12,11 +12,21 @@ PRECISIONS = ("amp", "amp_bf16", "amp_fp16", "fp32")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is checked and passed to ``torch.device``."""
     if device != "auto":
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-        return torch.device(device)
+        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        mps = getattr(torch.backends, "mps", None)
+        if chosen.type == "mps" and (mps is None or not mps.is_available()):
+            raise ValueError(f"device {device!r} requested but Apple MPS is not available; use --device cpu or auto")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -205,3 +205,15 @@ def test_an_out_that_is_a_file_is_named_not_a_traceback(tmp_path, capsys, tiny_c
                  tiny_checkpoints["clip"], "--encoder", tiny_checkpoints["e2"], "--out", str(taken)]) == 2
     assert capsys.readouterr().err == f"e2-plugins: error: {taken}: File exists\n"
     assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"),
+    ("cuda:7", "device 'cuda:7'"),
+])
+def test_a_device_that_is_not_there_is_named(device, message, tmp_path, capsys, tiny_checkpoints):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["run", "embed", "--texts", str(_catalog(tmp_path)), "--encoder", tiny_checkpoints["clip"],
+                 "--device", device, "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert message in capsys.readouterr().err
