@@ -54,6 +54,10 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown --method {', '.join(unknown)}; the captioners are {', '.join(METHODS)}")
+    for name, value, least in (("beams", beams, 1), ("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                               ("max_images", max_images, 0), ("page_images", page_images, 0)):
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
