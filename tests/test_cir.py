@@ -85,6 +85,16 @@ def test_bad_input_is_reported_not_hidden(fiq, tmp_path):
         load_fashioniq(tmp_path / "nowhere", "dress", "val")
 
 
+
+@pytest.mark.parametrize("option, value, message", [("batch_size", 0, "--batch-size must be >= 1, got 0"),
+                                                      ("figure_queries", -2, "--figure-queries must be >= 0, got -2")])
+def test_cir_refuses_counts_out_of_range_before_any_work(option, value, message, tmp_path):
+    from e2_cir import cir
+
+    with pytest.raises(ValueError, match=message):
+        cir(dataset="fashioniq", data_root=str(tmp_path / "nowhere"), out=tmp_path / "out", **{option: value})
+    assert not (tmp_path / "out").exists()
+
 def test_keyword_phrases_and_masking():
     assert keyword_phrases("is made of checked wool and has the Arlo logo") == ["checked wool", "Arlo logo"]
     assert keyword_phrases("is red instead of navy") == ["red", "navy"]

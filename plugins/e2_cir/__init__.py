@@ -52,6 +52,9 @@ def cir(dataset: Literal["synthetic", "fashioniq"] = "synthetic", data_root: Opt
         raise ValueError(f"unknown --method {', '.join(unknown)}; the methods are {', '.join(METHODS)}")
     if convention is not None and convention not in CONVENTIONS:
         raise ValueError(f"unknown --convention {convention!r}; the conventions are {', '.join(CONVENTIONS)}")
+    for name, value, least in (("batch_size", batch_size, 1), ("figure_queries", figure_queries, 0)):
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     categories = category or list(CATEGORIES)
     root = _data_root(dataset, data_root)
     dev = resolve_device(device)
