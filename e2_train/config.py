@@ -168,9 +168,11 @@ class TrainConfig:
                            for s in self.stages]
         if isinstance(self.entity_weights, str):
             self.entity_weights = parse_weights(self.entity_weights)
-        for name in ("batch_size", "accumulate", "checkpoint_every", "tokens_per_entity"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("batch_size", 1), ("accumulate", 1), ("checkpoint_every", 1), ("tokens_per_entity", 1),
+                            ("max_steps", 1), ("warmup_steps", 0), ("eval_every", 0), ("workers", 0),
+                            ("weight_decay", 0), ("lora_rank", 0)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         if self.gumbel_noise_end < 0:
             raise ValueError(f"--gumbel-noise-end must be >= 0, got {self.gumbel_noise_end}")
 

@@ -403,3 +403,11 @@ def test_a_bad_stage_on_the_command_line_says_which_keys_exist(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--stages", "stage2:new_lr=fast"])
     assert "new_lr='fast' is not a float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, least", [("max_steps", 0, 1), ("warmup_steps", -5, 0), ("eval_every", -1, 0),
+                                                  ("workers", -1, 0), ("weight_decay", -0.1, 0), ("batch_size", 0, 1)])
+def test_counts_out_of_range_are_refused_before_training(option, value, least, tmp_path, data_root):
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be >= {least}, got {value}"):
+        config(tmp_path, data_root, **{option: value})
+    assert not (tmp_path / "run").exists()
