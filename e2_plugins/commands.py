@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import typing
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 from e2_core.registry import Task
 
@@ -30,7 +30,7 @@ def _options_of_train_config() -> None:
 _options_of_train_config()
 
 
-def synthetic(out: Path = Path("data/synthetic"), size: str = "small", seed: int = 0,
+def synthetic(out: Path = Path("data/synthetic"), size: Literal["tiny", "small"] = "small", seed: int = 0,
               fashioniq_triplets: int = 100) -> Dict:
     """Generate synthetic fashion products in FashionGen's h5 layout, FashionIQ-layout triplets and caption references.
 
@@ -42,6 +42,8 @@ def synthetic(out: Path = Path("data/synthetic"), size: str = "small", seed: int
     """
     from e2_core.data.builders.synthetic import write_fashiongen, write_fashioniq
 
+    if fashioniq_triplets < 0:
+        raise ValueError(f"--fashioniq-triplets must be >= 0, got {fashioniq_triplets}")
     written = {split: str(path) for split, path in write_fashiongen(out, size, seed=seed, progress=True).items()}
     if fashioniq_triplets:
         written["fashioniq"] = write_fashioniq(out / "fashioniq", fashioniq_triplets, seed=seed)

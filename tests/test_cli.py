@@ -150,6 +150,12 @@ def test_every_option_shows_its_default_and_errors_use_the_flag_names(tmp_path, 
         "images you have, or --download to download the image URLs of the metadata\n")
     assert main(["data", "amazon-fashion", "--metadata", "m.json", "--download", "--test-fraction", "2"]) == 2
     assert capsys.readouterr().err == "e2-plugins: error: --test-fraction must be in [0, 1), got 2.0\n"
+    assert main(["data", "synthetic", "--fashioniq-triplets", "-3", "--out", str(tmp_path / "syn")]) == 2
+    assert capsys.readouterr().err == "e2-plugins: error: --fashioniq-triplets must be >= 0, got -3\n"
+    with pytest.raises(SystemExit):
+        main(["data", "synthetic", "--size", "huge", "--out", str(tmp_path / "syn")])
+    assert "invalid choice: 'huge' (choose from 'tiny', 'small')" in capsys.readouterr().err
+    assert not (tmp_path / "syn").exists()
 
 
 def test_embed_reads_a_catalogs_image_column_and_names_a_file_that_is_not_utf8(tmp_path, capsys, tiny_checkpoints):
