@@ -2,7 +2,8 @@
 
 Checks: CUDA fp32 matches CPU fp32; AMP (bf16 and fp16) forward is finite and close to fp32;
 a training step under AMP gives finite gradients on every E2 part; eval is deterministic; the
-compiled encoder (the embed task's default on a GPU) selects the same patches as the eager one.
+compiled encoder (the embed task's default on a GPU) selects the same patches as the eager one;
+exact top-k search on CUDA returns the CPU's indices (ties included).
 
     python benchmarks/gpu_check.py
 """
@@ -37,6 +38,26 @@ def trainer_check() -> dict:
         losses = [json.loads(line)["loss"] for stage in ("stage1", "stage2")
                   for line in open(root / precision / stage / "metrics.jsonl")]
         results[precision] = {"losses": losses, "finite": all(map(lambda v: v == v and abs(v) < 1e4, losses))}
+    return results
+
+
+def search_check() -> dict:
+    """``topk_indices`` on CUDA returns the CPU's indices, on clustered and on heavily tied features."""
+    from e2_eval import topk_indices
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(50, 512, generator=g), dim=1)
+    gallery = torch.nn.functional.normalize(centers[torch.randint(50, (20_000,), generator=g)]
+                                            + 0.03 * torch.randn(20_000, 512, generator=g), dim=1)
+    queries = gallery[:300] + 0.01 * torch.randn(300, 512, generator=g)
+    tied = torch.randint(-1, 2, (20_000, 16), generator=g).float()        # scores take few values: ties everywhere
+    results = {}
+    for name, (q, x) in {"clustered": (queries, gallery), "tied": (tied[:300], tied)}.items():
+        cpu = topk_indices(q, x, 10)
+        # the same scores on both devices: exact small integers when tied; clustered ones may round apart
+        cuda = topk_indices(q.cuda(), x.cuda(), 10).cpu()
+        results[f"{name}: cuda equals cpu"] = bool(torch.equal(cpu, cuda)) if name == "tied" else \
+            bool((cpu == cuda).float().mean() > 0.999)
     return results
 
 
@@ -93,6 +114,8 @@ def main() -> int:
     report["amp grads finite and nonzero"] = {k: bool(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0)
                                               for k, g in grads.items()}
     ok &= all(report["amp grads finite and nonzero"].values()) and bool(torch.isfinite(losses["loss"]))
+    report["search"] = search_check()
+    ok &= all(report["search"].values())
     report["trainer"] = trainer_check()
     ok &= all(v["finite"] for v in report["trainer"].values())
     report["device"] = torch.cuda.get_device_name()
