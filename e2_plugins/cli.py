@@ -56,6 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ERRORS as err:
         print(f"e2-plugins: error: {_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ne2-plugins: interrupted (train and embed --shard-size continue where they stopped when the same "
+              "command runs again)", file=sys.stderr)
+        return 130
     _reject_extra(parser, rest)
     parser.print_help()
     return 0

@@ -223,3 +223,16 @@ def test_a_device_that_is_not_there_is_named(device, message, tmp_path, capsys, 
     assert main(["run", "embed", "--texts", str(_catalog(tmp_path)), "--encoder", tiny_checkpoints["clip"],
                  "--device", device, "--out", str(tmp_path / "e.safetensors")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_in_one_line_and_status_130(monkeypatch, capsys):
+    fake_entry_points(monkeypatch, EntryPoint("slow", "tests_plugin_slow:run", registry.TASK_GROUP))
+
+    def run():
+        """Interrupted by the user."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(__import__("sys").modules, "tests_plugin_slow", type("M", (), {"run": staticmethod(run)}))
+    assert main(["run", "slow"]) == 130
+    assert capsys.readouterr().err == ("\ne2-plugins: interrupted (train and embed --shard-size continue where they "
+                                       "stopped when the same command runs again)\n")
