@@ -57,8 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"e2-plugins: error: {_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ne2-plugins: interrupted (train and embed --shard-size continue where they stopped when the same "
-              "command runs again)", file=sys.stderr)
+        print("\ne2-plugins: interrupted (run the same command again: train continues from its last checkpoint, "
+              "embed --shard-size from its last finished shard)", file=sys.stderr)
         return 130
     _reject_extra(parser, rest)
     parser.print_help()

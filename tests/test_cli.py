@@ -234,5 +234,5 @@ def test_ctrl_c_ends_in_one_line_and_status_130(monkeypatch, capsys):
 
     monkeypatch.setitem(__import__("sys").modules, "tests_plugin_slow", type("M", (), {"run": staticmethod(run)}))
     assert main(["run", "slow"]) == 130
-    assert capsys.readouterr().err == ("\ne2-plugins: interrupted (train and embed --shard-size continue where they "
-                                       "stopped when the same command runs again)\n")
+    assert capsys.readouterr().err == ("\ne2-plugins: interrupted (run the same command again: train continues from "
+                                       "its last checkpoint, embed --shard-size from its last finished shard)\n")
