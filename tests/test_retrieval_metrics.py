@@ -437,3 +437,13 @@ def test_faiss_index_exact_and_approximate():
     index = FaissIndex(gallery.numpy(), "auto", nprobe=219, chunk_size=500)   # every list searched
     assert index.spec == "IVF219,Flat" and torch.equal(index.search(queries, 10), exact)
     assert FaissIndex(gallery, "HNSW16").search(queries, 10).shape == (50, 10)
+
+
+def test_faiss_index_names_a_description_it_cannot_build_or_train():
+    pytest.importorskip("faiss")
+    gallery = gaussian_unit(300, 16, 22)
+    with pytest.raises(ValueError, match=r"faiss cannot build 'nonsense' \(could not parse index string nonsense\)"):
+        FaissIndex(gallery, "nonsense")
+    with pytest.raises(ValueError, match=r"cannot train 'IVF4096,Flat' on 300 rows of the 300-item gallery \(Number of "
+                                         r"training points \(300\) should be at least as large as number of clusters"):
+        FaissIndex(gallery, "IVF4096,Flat")

@@ -9,6 +9,7 @@ copy of the vectors for ``Flat`` storage, far less with ``PQ``).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -57,9 +58,19 @@ class FaissIndex:
         if spec == "auto":
             spec = f"IVF{max(1, min(65536, round(4 * math.sqrt(num_gallery))))},Flat"
         self.spec, self.size = spec, num_gallery
-        self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        try:
+            self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            raise ValueError(f"faiss cannot build {spec!r} ({_faiss_reason(err)}); give an index_factory description "
+                             f"such as 'IVF4096,Flat', 'HNSW32', 'IVF65536,PQ64' or 'Flat', or 'auto'") from None
         if not self.index.is_trained:
-            self.index.train(self._sample(gallery, num_gallery, train_size, chunk_size))
+            sample = self._sample(gallery, num_gallery, train_size, chunk_size)
+            try:
+                self.index.train(sample)
+            except RuntimeError as err:
+                raise ValueError(f"faiss cannot train {spec!r} on {len(sample)} rows of the {num_gallery}-item gallery "
+                                 f"({_faiss_reason(err)}); use fewer lists or centroids for a gallery this size, "
+                                 f"or spec='auto'") from None
         for start in range(0, num_gallery, chunk_size):
             self.index.add(self._rows(gallery, start, start + chunk_size))
         params = faiss.extract_index_ivf(self.index) if "IVF" in spec else None
@@ -92,3 +103,8 @@ class FaissIndex:
         q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
         _, indices = self.index.search(q, min(k, self.size))
         return torch.from_numpy(indices).to(queries.device)
+
+
+def _faiss_reason(err: RuntimeError) -> str:
+    """A faiss error without its C++ location and failed condition."""
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", str(err).strip())
