@@ -290,6 +290,10 @@ def test_diffusers_adapter_refuses_what_it_cannot_do(encoders, monkeypatch):
         e2_core.adapt(e2, "diffusers", pipeline=pipe, parts=("text_encoder",))
     with pytest.raises(ValueError, match="StableDiffusionPipeline has no 'text_encoder_3' component"):
         e2_core.adapt(e2, "diffusers", pipeline=pipe, parts=("text_encoder_3",))
+    with pytest.raises(ValueError, match="parts= names the components to put into a pipeline; without pipeline=, give"):
+        e2_core.adapt(e2, "diffusers", parts=("text_encoder",))
+    with pytest.raises(ValueError, match="part= names the one component returned without a pipeline"):
+        e2_core.adapt(e2, "diffusers", pipeline=pipe, part="text_encoder")
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r"the diffusers adapter needs diffusers: pip install 'e2-plugins\[diffusers\]'"):
         e2_core.adapt(e2, "diffusers")

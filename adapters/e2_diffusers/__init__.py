@@ -26,21 +26,25 @@ PARTS = {
 INSTALL = "pip install 'e2-plugins[diffusers]'"
 
 
-def to_diffusers(encoder, pipeline: Any = None, parts: Sequence[str] = ("image_encoder",), part: Optional[str] = None):
+def to_diffusers(encoder, pipeline: Any = None, parts: Optional[Sequence[str]] = None, part: Optional[str] = None):
     """The encoder as diffusers components.
 
     Args:
         encoder: an :class:`e2_core.Encoder`.
         pipeline: a diffusers pipeline to put them into (``register_modules``, so that ``save_pretrained`` keeps
             them); it is returned. Without one, the component ``part`` is returned.
-        parts: the components to replace in ``pipeline`` (see :data:`PARTS`).
+        parts: the components to replace in ``pipeline`` (see :data:`PARTS`; default ``("image_encoder",)``).
         part: the one component to return when no pipeline is given (default ``image_encoder``).
     """
     _require_diffusers()
     if pipeline is None:
+        if parts is not None:
+            raise ValueError("parts= names the components to put into a pipeline; without pipeline=, give part=NAME")
         return _component(encoder, part or "image_encoder")
+    if part is not None:
+        raise ValueError("part= names the one component returned without a pipeline; with pipeline=, give parts=(...)")
     components = {}
-    for name in parts:
+    for name in parts or ("image_encoder",):
         if name not in getattr(pipeline, "config", {}):
             raise ValueError(f"{type(pipeline).__name__} has no {name!r} component; it has: "
                              f"{', '.join(k for k in pipeline.config if not k.startswith('_'))}")
