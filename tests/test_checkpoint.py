@@ -118,8 +118,12 @@ def test_local_clip_checkpoint_is_loaded(tmp_path):
     assert torch.equal(model.visual.proj_cls, clip.visual.proj)
     assert torch.equal(model.token_embedding.weight, clip.token_embedding.weight)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not load CLIP weights"):
-        e2_core.create_e2(TINY, pretrained=str(tmp_path / "garbage.pt"))
+    (tmp_path / "notes.txt").write_text("keep me\n")           # torch's unpickler fails on it with an IndexError
+    other = open_clip.create_model(TINY, embed_dim=32)          # a CLIP of another shape: open_clip asserts
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    for name in ("garbage.pt", "notes.txt", "other.pt"):
+        with pytest.raises(CheckpointError, match="could not load CLIP weights .*is it a CLIP weights file of this"):
+            e2_core.create_e2(TINY, pretrained=str(tmp_path / name))
 
 
 def test_unreachable_pretrained_tag_fails_fast_offline():
