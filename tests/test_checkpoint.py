@@ -1,9 +1,11 @@
 import json
 import re
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from open_clip.model import CLIP
 
 import e2_core
 from e2_core import CheckpointError, save_pretrained
@@ -118,9 +120,10 @@ def test_local_clip_checkpoint_is_loaded(tmp_path):
     assert torch.equal(model.visual.proj_cls, clip.visual.proj)
     assert torch.equal(model.token_embedding.weight, clip.token_embedding.weight)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "notes.txt").write_text("keep me\n")           # torch's unpickler fails on it with an IndexError
-    other = open_clip.create_model(TINY, embed_dim=32)          # a CLIP of another shape: open_clip asserts
-    torch.save(other.state_dict(), tmp_path / "other.pt")
+    (tmp_path / "notes.txt").write_text("red shirt\nblue jeans\n")   # torch's unpickler fails with an IndexError
+    config = json.loads((Path(e2_core.__file__).parent / "model_configs" / f"{TINY}.json").read_text())
+    other = CLIP(config["embed_dim"], config["vision_cfg"], {**config["text_cfg"], "width": 32})
+    torch.save(other.state_dict(), tmp_path / "other.pt")             # another text width: open_clip asserts
     for name in ("garbage.pt", "notes.txt", "other.pt"):
         with pytest.raises(CheckpointError, match="could not load CLIP weights .*is it a CLIP weights file of this"):
             e2_core.create_e2(TINY, pretrained=str(tmp_path / name))
