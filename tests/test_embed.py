@@ -280,3 +280,13 @@ def test_out_must_match_the_output_kind(catalog, tmp_path, tiny_checkpoints):
         run(catalog, tmp_path / "emb.safetensors", tiny_checkpoints["clip"])
     with pytest.raises(ValueError, match="is a folder; give a .safetensors file, or --shard-size N"):
         embed(images=catalog, encoder=tiny_checkpoints["clip"], out=tmp_path, device="cpu", progress=False)
+
+
+def test_image_urls_are_named_not_joined_to_the_folder(tmp_path):
+    (tmp_path / "images.csv").write_text("image\nlocal.png\nhttps://example.com/a.jpg\n")
+    (tmp_path / "images.txt").write_text("local.png\nhttp://example.com/b.png\n")
+    with pytest.raises(ValueError, match=r"images.csv:3: https://example.com/a.jpg is a URL; images are read from "
+                                         r"local files: download them first"):
+        e2_embed.list_images(tmp_path / "images.csv")
+    with pytest.raises(ValueError, match=r"images.txt: http://example.com/b.png is a URL"):
+        e2_embed.list_images(tmp_path / "images.txt")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -136,7 +137,15 @@ def _image(row: Row, column: str, where: str, columns: Sequence[str]) -> str:
     image = _required(row, column, where, columns)
     if not image:
         raise DataError(f"{where}: column {column!r} (the image path) is empty")
-    return image
+    return local_image(image, where)
+
+
+def local_image(path: str, where: str) -> str:
+    """``path``, refused when it is a URL: images are read from local files."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
+        raise DataError(f"{where}: {path} is a URL; images are read from local files: download them first (e.g. "
+                        f"with img2dataset) and list their local paths")
+    return path
 
 
 def _resolve(image: str, root: Path) -> Path:

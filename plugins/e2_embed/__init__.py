@@ -31,14 +31,14 @@ FILE_NAMES = {"img_emb": "image_features", "region_emb": "image_regional_feature
 def list_images(images: Path, encoding: str = "utf-8", image_column: str = "image") -> List[Path]:
     """A folder (searched recursively), a catalog (CSV / JSONL: every row's ``image_column``) or a text
     file with one image path per line."""
-    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, catalog_images
+    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, catalog_images, local_image
 
     if images.is_dir():
         return sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if images.is_file() and images.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
         return catalog_images(images, image_column, encoding)
     if images.is_file():
-        lines = _read_lines(images, encoding)
+        lines = [local_image(line, str(images)) for line in _read_lines(images, encoding)]
         return [Path(line) if Path(line).is_absolute() else images.parent / line for line in lines]
     raise FileNotFoundError(f"--images {images}: no such folder or list file")
 
