@@ -86,6 +86,21 @@ def _select_topk(values, indices, k):
     return values.gather(1, order), indices.gather(1, order)
 
 
+class _Screens:
+    """Buffers for a chunk's group maxima and candidate mask, kept from chunk to chunk and shared by the
+    query chunks, which take their turns."""
+
+    def __init__(self):
+        self.maxima = self.hits = None
+
+    def get(self, n, rows, scores):
+        size = n * rows
+        if self.maxima is None or self.maxima.numel() < size:
+            self.maxima = scores.new_empty(size)
+            self.hits = torch.empty(size, dtype=torch.bool, device=scores.device)
+        return self.maxima[:size].view(n, rows), self.hits[:size].view(n, rows)
+
+
 class _RunningTopK:
     """The top ``k`` of each of ``rows`` queries over the gallery chunks added so far, in gallery order.
 
@@ -100,27 +115,20 @@ class _RunningTopK:
     then are merged into the top k, whose k-th score raises the floor.
     """
 
-    def __init__(self, rows, k, dtype, device):
+    def __init__(self, rows, k, dtype, device, screens=None):
         self.k, self.rows, self.seen = k, rows, 0
         self.values = torch.empty(rows, 0, dtype=dtype, device=device)
         self.indices = torch.empty(rows, 0, dtype=torch.long, device=device)
         self.floor = torch.full((rows,), -math.inf, dtype=dtype, device=device)
         self.pending, self.pending_groups = [], 0
-        self._maxima = self._hits = None
-
-    def _screens(self, n, scores):
-        """(n, rows) buffers for the group maxima and the candidate mask, kept from chunk to chunk."""
-        if self._maxima is None or self._maxima.shape[0] < n:
-            self._maxima = scores.new_empty(n, self.rows)
-            self._hits = torch.empty(n, self.rows, dtype=torch.bool, device=scores.device)
-        return self._maxima[:n], self._hits[:n]
+        self.screens = screens or _Screens()
 
     def add(self, scores, offset):
         """Screens the (items, queries) scores of gallery items ``offset, offset + 1, ...``; False if
         any is NaN or infinite."""
         width, rows = scores.shape
         n, tail = width // _GROUP, width % _GROUP
-        maxima, hits = self._screens(n, scores)
+        maxima, hits = self.screens.get(n, rows, scores)
         torch.amax(scores[:n * _GROUP].view(_GROUP, n, rows), dim=0, out=maxima)  # (n, rows): group j, query i
         row_best = maxima.amax(dim=0) if n else scores.new_zeros(rows)           # NaN if a score is
         if not torch.isfinite(row_best.sum() + scores[width - tail:].sum()):
@@ -259,7 +267,8 @@ def topk_indices(queries, gallery, k, chunk_size=4096):
     k = min(k, num_gallery)
     device, dtype = queries.device, _compute_dtype(queries.dtype)
     starts = range(0, queries.shape[0], chunk_size)
-    tops = [_RunningTopK(min(chunk_size, queries.shape[0] - s), k, dtype, device) for s in starts]
+    screens = _Screens()
+    tops = [_RunningTopK(min(chunk_size, queries.shape[0] - s), k, dtype, device, screens) for s in starts]
     buffer = torch.empty(min(queries.shape[0], chunk_size) * min(num_gallery, chunk_size), dtype=dtype,
                          device=device)
     for g_start in range(0, num_gallery, chunk_size):
