@@ -41,9 +41,9 @@ def synthetic(out: Path = Path("data/synthetic"), size: Literal["tiny", "small"]
         fashioniq_triplets: composed-retrieval triplets per FashionIQ category (0: none)
     """
     from e2_core.data.builders.synthetic import write_fashiongen, write_fashioniq
+    from e2_core.errors import check_at_least
 
-    if fashioniq_triplets < 0:
-        raise ValueError(f"--fashioniq-triplets must be >= 0, got {fashioniq_triplets}")
+    check_at_least(0, fashioniq_triplets=fashioniq_triplets)
     written = {split: str(path) for split, path in write_fashiongen(out, size, seed=seed, progress=True).items()}
     if fashioniq_triplets:
         written["fashioniq"] = write_fashioniq(out / "fashioniq", fashioniq_triplets, seed=seed)

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from e2_core.errors import check_at_least
 
 _STAGE_KEYS = {"lr": float, "epochs": float, "steps": int, "trains": str, "new_lr": float}
 
@@ -168,13 +169,10 @@ class TrainConfig:
                            for s in self.stages]
         if isinstance(self.entity_weights, str):
             self.entity_weights = parse_weights(self.entity_weights)
-        for name, least in (("batch_size", 1), ("accumulate", 1), ("checkpoint_every", 1), ("tokens_per_entity", 1),
-                            ("max_steps", 1), ("warmup_steps", 0), ("eval_every", 0), ("workers", 0),
-                            ("weight_decay", 0), ("lora_rank", 0)):
-            if getattr(self, name) is not None and getattr(self, name) < least:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
-        if self.gumbel_noise_end < 0:
-            raise ValueError(f"--gumbel-noise-end must be >= 0, got {self.gumbel_noise_end}")
+        check_at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, checkpoint_every=self.checkpoint_every,
+                       tokens_per_entity=self.tokens_per_entity, max_steps=self.max_steps)
+        check_at_least(0, warmup_steps=self.warmup_steps, eval_every=self.eval_every, workers=self.workers,
+                       weight_decay=self.weight_decay, lora_rank=self.lora_rank, gumbel_noise_end=self.gumbel_noise_end)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

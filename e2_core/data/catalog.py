@@ -73,7 +73,7 @@ class Catalog(ProductDataset):
         self.tags: List[Dict[str, str]] = []
         self.views: List[List[Path]] = []
         for number, (where, row) in enumerate(rows, start=1):
-            image = _image(row, image_column, where, columns)
+            image = _image(row, image_column, where, columns, self.image_root)
             if id_column is None:
                 pid = str(number)
             else:
@@ -86,7 +86,7 @@ class Catalog(ProductDataset):
                 self.product_ids.append(pid)
                 self.tags.append(tags)
                 self.views.append([])
-            self.views[first_of[pid]].append(_resolve(image, self.image_root))
+            self.views[first_of[pid]].append(image)
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -114,7 +114,7 @@ def catalog_images(path: Union[str, os.PathLike], image_column: str = "image", e
     path = Path(path)
     columns, rows = read_rows(path, encoding)
     root = Path(image_root) if image_root is not None else path.parent
-    return [_resolve(_image(row, image_column, where, columns), root) for where, row in rows]
+    return [_image(row, image_column, where, columns, root) for where, row in rows]
 
 
 def read_rows(path: Path, encoding: str = "utf-8") -> Tuple[List[str], List[Tuple[str, Row]]]:
@@ -133,23 +133,20 @@ def read_rows(path: Path, encoding: str = "utf-8") -> Tuple[List[str], List[Tupl
     return columns, rows
 
 
-def _image(row: Row, column: str, where: str, columns: Sequence[str]) -> str:
+def _image(row: Row, column: str, where: str, columns: Sequence[str], root: Path) -> Path:
     image = _required(row, column, where, columns)
     if not image:
         raise DataError(f"{where}: column {column!r} (the image path) is empty")
-    return local_image(image, where)
+    return image_path(image, root, where)
 
 
-def local_image(path: str, where: str) -> str:
-    """``path``, refused when it is a URL: images are read from local files."""
+def image_path(path: str, root: Path, where: str) -> Path:
+    """A listed image's local path: relative ones resolve against ``root``; a URL is refused (images are
+    read from local files)."""
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
         raise DataError(f"{where}: {path} is a URL; images are read from local files: download them first (e.g. "
                         f"with img2dataset) and list their local paths")
-    return path
-
-
-def _resolve(image: str, root: Path) -> Path:
-    p = Path(image).expanduser()
+    p = Path(path).expanduser()
     return p if p.is_absolute() else root / p
 
 

@@ -115,13 +115,13 @@ class _RunningTopK:
     then are merged into the top k, whose k-th score raises the floor.
     """
 
-    def __init__(self, rows, k, dtype, device, screens=None):
+    def __init__(self, rows, k, dtype, device, screens):
         self.k, self.rows, self.seen = k, rows, 0
         self.values = torch.empty(rows, 0, dtype=dtype, device=device)
         self.indices = torch.empty(rows, 0, dtype=torch.long, device=device)
         self.floor = torch.full((rows,), -math.inf, dtype=dtype, device=device)
         self.pending, self.pending_groups = [], 0
-        self.screens = screens or _Screens()
+        self.screens = screens
 
     def add(self, scores, offset):
         """Screens the (items, queries) scores of gallery items ``offset, offset + 1, ...``; False if

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from e2_core import load_encoder
 from e2_core.data import E2Collate, open_dataset
+from e2_core.errors import check_at_least
 from e2_core.registry import Task
 from e2_core.runtime import resolve_device
 from e2_eval.captions import caption_metrics, write_coco_results
@@ -54,10 +55,8 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown --method {', '.join(unknown)}; the captioners are {', '.join(METHODS)}")
-    for name, value, least in (("beams", beams, 1), ("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                               ("max_images", max_images, 0), ("page_images", page_images, 0)):
-        if value < least:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    check_at_least(1, beams=beams, epochs=epochs, batch_size=batch_size)
+    check_at_least(0, max_images=max_images, page_images=page_images)
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Dict, List, Literal, Optional
 import torch
 
 from e2_core import load_encoder
+from e2_core.errors import check_at_least
 from e2_core.registry import Task
 from e2_core.runtime import resolve_device
 from e2_eval.fashioniq import (CATEGORIES, CONVENTIONS, FashionIQ, composed_recall, compose, embed_images,
@@ -52,9 +53,8 @@ def cir(dataset: Literal["synthetic", "fashioniq"] = "synthetic", data_root: Opt
         raise ValueError(f"unknown --method {', '.join(unknown)}; the methods are {', '.join(METHODS)}")
     if convention is not None and convention not in CONVENTIONS:
         raise ValueError(f"unknown --convention {convention!r}; the conventions are {', '.join(CONVENTIONS)}")
-    for name, value, least in (("batch_size", batch_size, 1), ("figure_queries", figure_queries, 0)):
-        if value < least:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    check_at_least(1, batch_size=batch_size)
+    check_at_least(0, figure_queries=figure_queries)
     categories = category or list(CATEGORIES)
     root = _data_root(dataset, data_root)
     dev = resolve_device(device)

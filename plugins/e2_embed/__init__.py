@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from e2_core import load_encoder
 from e2_core.checkpoint import save_tensors
+from e2_core.errors import check_at_least
 from e2_core.registry import Task
 from e2_core.runtime import autocast, compiled, compiles, resolve_device
 
@@ -31,15 +32,14 @@ FILE_NAMES = {"img_emb": "image_features", "region_emb": "image_regional_feature
 def list_images(images: Path, encoding: str = "utf-8", image_column: str = "image") -> List[Path]:
     """A folder (searched recursively), a catalog (CSV / JSONL: every row's ``image_column``) or a text
     file with one image path per line."""
-    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, catalog_images, local_image
+    from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, catalog_images, image_path
 
     if images.is_dir():
         return sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if images.is_file() and images.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
         return catalog_images(images, image_column, encoding)
     if images.is_file():
-        lines = [local_image(line, str(images)) for line in _read_lines(images, encoding)]
-        return [Path(line) if Path(line).is_absolute() else images.parent / line for line in lines]
+        return [image_path(line, images.parent, str(images)) for line in _read_lines(images, encoding)]
     raise FileNotFoundError(f"--images {images}: no such folder or list file")
 
 
@@ -145,8 +145,8 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         fast_decode: decode JPEGs at a reduced scale no smaller than the encoder's input (libjpeg's DCT scaling): several times faster on large photos; embeddings within cosine 0.999 of a full decode, E2's selections can differ
         image_column: the image path column of an --images catalog (no other column is needed)
     """
-    if shard_size < 0 or (workers or 0) < 0 or batch_size < 1:
-        raise ValueError("--shard-size and --workers must be >= 0 and --batch-size >= 1")
+    check_at_least(0, shard_size=shard_size, workers=workers)
+    check_at_least(1, batch_size=batch_size)
     out = Path(out)
     if shard_size and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; with --shard-size, --out is the folder of shards (new, or an "
