@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from e2_core.data.builders.synthetic import write_fashioniq
+from e2_data.synthetic import write_fashioniq
 from e2_cir import cir
 from e2_cir.methods import METHODS
 

@@ -37,7 +37,7 @@ import e2_core
 from e2_core import registry
 from e2_core.texts import build_texts
 from e2_core.data import default_synthetic_root, open_dataset
-from e2_core.data.builders.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand_names, catalog, \
+from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand_names, catalog, \
     garment_mask, layout, render
 from e2_core.loss import contrastive_loss
 from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run

@@ -24,7 +24,7 @@ def trainer_check() -> dict:
     import tempfile
     from pathlib import Path
 
-    from e2_core.data.builders.synthetic import write_fashiongen
+    from e2_data.synthetic import write_fashiongen
     from e2_train import TrainConfig, train
 
     root = Path(tempfile.mkdtemp())

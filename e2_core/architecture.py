@@ -6,34 +6,19 @@ built any other way it is read off the modules (:func:`clip_config_of`) and chec
 """
 from __future__ import annotations
 
-import contextlib
-import logging
+import dataclasses
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import open_clip
 import torch
 from open_clip.model import CLIP, set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg
 from open_clip.transformer import LayerScale, QuickGELU, VisionTransformer
 from torch import nn
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
-
-
-@contextlib.contextmanager
-def weights_follow() -> Iterator[None]:
-    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" warning while a
-    model is built whose trained weights are loaded next (it would read as "this model is random")."""
-    def keep(record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
 
 
 def list_models() -> List[str]:
@@ -120,6 +105,16 @@ def clip_config_of(clip: CLIP, arch: Optional[str] = None) -> Dict[str, Any]:
         cfg["nonscalar_logit_scale"] = True
     _check_rebuilds(clip, cfg)
     return cfg
+
+
+def random_clip(arch: str) -> CLIP:
+    """open_clip's architecture ``arch`` with random weights and its default preprocessing: the same
+    weights for the same seed as ``open_clip.create_model(arch)``, without its "initialized randomly"
+    warning (the trainer loads a checkpoint next, or says itself that it starts from random weights)."""
+    cfg = named_config(arch)  # an unknown architecture is refused with the list of known ones
+    size = cfg["vision_cfg"]["image_size"]
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return build_clip(cfg, dataclasses.asdict(PreprocessCfg(size=size)))
 
 
 def build_clip(clip_config: Mapping[str, Any], preprocess_cfg: Optional[Mapping[str, Any]] = None) -> CLIP:

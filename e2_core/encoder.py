@@ -207,8 +207,12 @@ class Encoder(nn.Module):
 
     @property
     def label(self) -> str:
-        """A short name for result tables: the demo encoders by their method, others by kind and source."""
-        return {"demo:e2": "E2", "demo:clip-ft": "CLIP-FT"}.get(self.name, f"{self.kind} ({self.name})")
+        """A short name for result tables: the one given (e.g. by an encoder scheme), else kind and source."""
+        return self.__dict__.get("_label") or f"{self.kind} ({self.name})"
+
+    @label.setter
+    def label(self, value: str) -> None:
+        self.__dict__["_label"] = value
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, arch={self.arch!r}, embed_dim={self.embed_dim}"

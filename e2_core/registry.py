@@ -9,6 +9,9 @@ third parties' alike.
   ``open(root, split, **options) -> ProductDataset``), opened by ``--dataset NAME``.
 * ``e2_plugins.encoders``: a function ``NAME -> Encoder or checkpoint path``, making the encoder
   source ``SCHEME:NAME`` (e.g. ``demo:e2``).
+* ``e2_plugins.cir_methods``, ``e2_plugins.caption_methods``, ``e2_plugins.training_methods``: a method
+  class of the ``cir`` task (``e2_cir.CIRMethod``), of the ``caption`` task (``e2_caption.Captioner``)
+  or of the trainer (``e2_train.TrainingMethod``); ``--method`` offers what is installed.
 
 Listing reads metadata; an entry point is imported only when it is loaded, and a failure to
 load is reported, never raised past the CLI. A third-party ``pyproject.toml``::
@@ -19,15 +22,21 @@ load is reported, never raised past the CLI. A third-party ``pyproject.toml``::
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 TASK_GROUP = "e2_plugins.tasks"
 ADAPTER_GROUP = "e2_plugins.adapters"
 DATASET_GROUP = "e2_plugins.datasets"
 ENCODER_GROUP = "e2_plugins.encoders"
-GROUPS = {"tasks": TASK_GROUP, "adapters": ADAPTER_GROUP, "datasets": DATASET_GROUP, "encoders": ENCODER_GROUP}
+CIR_METHOD_GROUP = "e2_plugins.cir_methods"
+CAPTION_METHOD_GROUP = "e2_plugins.caption_methods"
+TRAINING_METHOD_GROUP = "e2_plugins.training_methods"
+GROUPS = {"tasks": TASK_GROUP, "adapters": ADAPTER_GROUP, "datasets": DATASET_GROUP, "encoders": ENCODER_GROUP,
+          "CIR methods": CIR_METHOD_GROUP, "caption methods": CAPTION_METHOD_GROUP,
+          "training methods": TRAINING_METHOD_GROUP}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,8 @@ class Task:
     name: str
     run: Callable[..., Any]
     description: str = ""
+    #: option name -> a function giving its choices now (e.g. the installed methods of a registry)
+    choices: Mapping[str, Callable[[], Sequence[str]]] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -46,16 +57,18 @@ class Task:
 
 @dataclass(frozen=True)
 class DatasetReader:
-    """A dataset ``--dataset NAME`` opens: ``open(root, split, **options) -> ProductDataset``.
+    """A dataset ``--dataset NAME`` opens: ``open(root, split, **options)``, a ``ProductDataset`` when
+    ``kind`` is ``products``, a FashionIQ-style set of one category when ``triplets`` (composed retrieval).
 
-    Opening has no side effects. ``prepare(root) -> message``, when given, is an explicit step the
-    command line runs first (e.g. generating the synthetic data when it is not there yet).
+    Opening has no side effects. ``prepare(root) -> message``, when given, makes the data where it is
+    missing (``open_dataset(..., prepare=True)`` runs it first; e.g. generating the synthetic data).
     """
 
     name: str
     open: Callable[..., Any]
     description: str = ""
     prepare: Optional[Callable[..., Optional[str]]] = None
+    kind: str = "products"
 
     @property
     def summary(self) -> str:
@@ -140,9 +153,36 @@ def get(group: str, name: str, eps: Optional[Iterable[EntryPoint]] = None) -> An
     """Load one plugin of ``group`` by name; an unknown name lists the installed ones."""
     plugins = {p.name: p for p in discover(group, eps)}
     if name not in plugins:
-        kind = next(k for k, g in GROUPS.items() if g == group)
+        kind = next((k for k, g in GROUPS.items() if g == group), f"{group} plugins")
         raise KeyError(f"unknown {kind[:-1]} {name!r}; installed {kind}: {', '.join(plugins) or 'none'}")
     return plugins[name].load()
+
+
+class Registry(MappingABC):
+    """The plugins of one entry-point group as a read-only mapping, name -> loaded object: ``list(r)``
+    names the installed ones (nothing imported), ``r[name]`` loads one (an unknown name lists them).
+
+        >>> METHODS = Registry(CIR_METHOD_GROUP)          # doctest: +SKIP
+        >>> METHODS["searle"], list(METHODS)              # doctest: +SKIP
+    """
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __getitem__(self, name: str) -> Any:
+        return get(self.group, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in list(self)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([plugin.name for plugin in discover(self.group)])
+
+    def __len__(self) -> int:
+        return len(discover(self.group))
+
+    def __repr__(self) -> str:
+        return f"Registry({self.group!r}: {', '.join(self)})"
 
 
 def get_task(name: str, eps: Optional[Iterable[EntryPoint]] = None) -> Task:

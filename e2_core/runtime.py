@@ -3,10 +3,12 @@ and training."""
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from typing import Callable, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("amp", "amp_bf16", "amp_fp16", "fp32")
 
@@ -81,7 +83,7 @@ def compiled(fn: Callable, device: torch.device, enabled: Optional[bool] = None)
             if state["fn"] is fn:
                 raise
             reason = (str(err).strip().splitlines() or [""])[0][:200]
-            print(f"torch.compile failed ({type(err).__name__}: {reason}); running without it", file=sys.stderr)
+            log.warning("torch.compile failed (%s: %s); running without it", type(err).__name__, reason)
             state["fn"] = fn
             return fn(*args, **kwargs)
     return call

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import re
 import sys
 import typing
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from e2_core import registry
+from e2_core.errors import MethodsFailed
 
 from .commands import COMMANDS, DATA_BUILDERS
 
@@ -34,6 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = sub.add_parser("data", help="build a dataset: data synthetic | data amazon-fashion", add_help=False)
     data.add_argument("what", nargs="?", help="synthetic or amazon-fashion")
     args, rest = parser.parse_known_args(argv)
+    _configure_logging()
 
     try:
         if args.command == "list":
@@ -66,7 +69,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-          PermissionError, registry.PluginLoadError)
+          PermissionError, registry.PluginLoadError, MethodsFailed)
+#: the packages whose progress notes (``logging`` at INFO) the command line shows
+PACKAGES = ("e2_core", "e2_data", "e2_train", "e2_eval", "e2_plugins", "e2_retrieval", "e2_cir", "e2_caption",
+            "e2_embed", "e2_open_clip", "e2_transformers", "e2_diffusers", "e2_clip_benchmark")
+
+
+class _Stderr(logging.StreamHandler):
+    """Plain lines on whatever ``sys.stderr`` is at the time (the library's notes, as the command line shows them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler sets it; the current sys.stderr is used instead
+        pass
+
+
+def _configure_logging() -> None:
+    """This package's notes (``logging``, from INFO) on stderr as plain lines, once; others' warnings reach
+    stderr as Python shows them when nothing else is configured."""
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(isinstance(h, _Stderr) for h in logger.handlers):
+            logger.addHandler(_Stderr())
 
 
 def _message(err: Exception) -> str:
@@ -76,12 +108,14 @@ def _message(err: Exception) -> str:
 
 
 def in_flags(message: str, names) -> str:
-    """A message about Python parameters in the command line's words: ``data_root`` -> ``--data-root``,
-    ``download=True`` -> ``--download``, ``strict=False`` -> ``--no-strict``."""
+    """A message about Python parameters in the command line's words, the one place they are translated:
+    ``data_root`` -> ``--data-root``, ``beams=0`` -> ``--beams=0``, ``download=True`` -> ``--download``,
+    ``strict=False`` -> ``--no-strict``."""
     for name in names:
         flag = name.replace("_", "-")
         message = re.sub(rf"(?<![\w-]){name}=True\b", f"--{flag}", message)
         message = re.sub(rf"(?<![\w-]){name}=False\b", f"--no-{flag}", message)
+        message = re.sub(rf"(?<![\w-]){name}=", f"--{flag}=", message)
         if "_" in name:  # a one-word name is also an English word: left alone
             message = re.sub(rf"(?<![\w-]){name}\b", f"--{flag}", message)
     return message
@@ -100,12 +134,21 @@ def _list() -> int:
             print("  (none installed)")
         for plugin in plugins:
             try:
-                obj = plugin.load()
-                summary = getattr(obj, "summary", None) or (inspect.getdoc(obj) or "").split("\n")[0]
+                summary = _summary_of(plugin.load())
                 print(f"  {plugin.name:<14} {plugin.distribution:<22} {summary}")
             except registry.PluginLoadError:
                 print(f"  {plugin.name:<14} {plugin.distribution:<22} FAILED TO LOAD: {plugin.error}")
     return 0
+
+
+def _summary_of(obj) -> str:
+    """A plugin's one line: its own summary or docstring (a class's not inherited), else its module's."""
+    summary = getattr(obj, "summary", None)
+    if isinstance(summary, str):
+        return summary
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else inspect.getdoc(obj)
+    doc = doc or sys.modules[obj.__module__].__doc__ or ""
+    return " ".join(doc.split())[:110].split(". ")[0]
 
 
 def _info(model_name: str, pretrained: Optional[str]) -> int:
@@ -147,13 +190,6 @@ def _summary(plugin: registry.Plugin) -> str:
 
 def _execute(task: registry.Task, argv: List[str]) -> int:
     options = vars(task_parser(task).parse_args(argv))
-    if "dataset" in options and not _choices(task, "dataset"):
-        # a product dataset from the registry: an unknown name lists the installed readers; data is made first
-        reader = registry.get_dataset(options["dataset"])
-        if reader.prepare is not None:
-            message = reader.prepare(options.get("data_root"))
-            if message:
-                print(message, file=sys.stderr)
     try:
         result = task.run(**options)
     except ERRORS as err:
@@ -161,11 +197,6 @@ def _execute(task: registry.Task, argv: List[str]) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
-
-
-def _choices(task: registry.Task, name: str):
-    """The fixed choices of a task option (a ``Literal``), if it has them."""
-    return _unwrap(typing.get_type_hints(task.run).get(name, str))[1]
 
 
 def _argument_type(parse):
@@ -200,13 +231,14 @@ def task_parser(task: registry.Task) -> argparse.ArgumentParser:
             kwargs["required"] = True
         else:
             kwargs["default"] = param.default
+        choices = list(task.choices[name]()) if name in task.choices else choices
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = kind
             if choices:
                 kwargs["choices"] = choices
-        if "default" in kwargs:  # every option says what it is when not given
+        if "default" in kwargs and "(default" not in (kwargs["help"] or ""):  # says what it is when not given
             default = kwargs["default"]
             shown = ("not set" if default is None else f"--{'' if default else 'no-'}{flag[2:]}" if kind is bool
                      else " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default)

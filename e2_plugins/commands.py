@@ -7,7 +7,7 @@ import typing
 from pathlib import Path
 from typing import Dict, List, Literal, Optional
 
-from e2_core.registry import Task
+from e2_core.registry import TRAINING_METHOD_GROUP, Registry, Task
 
 
 def train(**options) -> Dict:
@@ -40,7 +40,7 @@ def synthetic(out: Path = Path("data/synthetic"), size: Literal["tiny", "small"]
         seed: the seed everything is drawn from
         fashioniq_triplets: composed-retrieval triplets per FashionIQ category (0: none)
     """
-    from e2_core.data.builders.synthetic import write_fashiongen, write_fashioniq
+    from e2_data.synthetic import write_fashiongen, write_fashioniq
     from e2_core.errors import check_at_least
 
     check_at_least(0, fashioniq_triplets=fashioniq_triplets)
@@ -63,12 +63,12 @@ def amazon_fashion(metadata: List[Path], out: Path = Path("data/amazon-fashion")
         seed: seed of the split
         workers: concurrent downloads
     """
-    from e2_core.data.builders.amazon import build_amazon_fashion
+    from e2_data.amazon import build_amazon_fashion
 
     return build_amazon_fashion([str(p) for p in metadata], out, images_dir=images_dir, download=download,
                                 test_fraction=test_fraction, seed=seed, workers=workers)
 
 
-COMMANDS = {"train": Task("train", train)}
+COMMANDS = {"train": Task("train", train, choices={"method": lambda: list(Registry(TRAINING_METHOD_GROUP))})}
 DATA_BUILDERS = {"synthetic": Task("data synthetic", synthetic),
                  "amazon-fashion": Task("data amazon-fashion", amazon_fashion)}

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from e2_core.registry import TRAINING_METHOD_GROUP, Registry
+
 from e2_core.errors import check_at_least
 
 _STAGE_KEYS = {"lr": float, "epochs": float, "steps": int, "trains": str, "new_lr": float}
@@ -103,7 +105,7 @@ class TrainConfig:
 
     Args:
         out: run folder (checkpoints, metrics.jsonl, best model); a run already there is resumed
-        method: e2, or clip-ft for the CLIP fine-tuning baseline trained by the same loop
+        method: an installed training method: e2, or clip-ft for the CLIP fine-tuning baseline trained by the same loop
         model: open_clip architecture of a random start (when --pretrained is not given)
         pretrained: where to start: an encoder source (MODEL:TAG, MODEL:FILE, checkpoint directory, demo:NAME) or an open_clip tag of --model
         dataset: an installed dataset reader (e2-plugins list)
@@ -133,7 +135,7 @@ class TrainConfig:
     """
 
     out: str = "runs/e2"
-    method: Literal["e2", "clip-ft"] = "e2"
+    method: str = "e2"
     model: str = "ViT-B-32"
     pretrained: Optional[str] = None
     dataset: str = "synthetic"
@@ -162,8 +164,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.method not in ("e2", "clip-ft"):
-            raise ValueError(f"--method must be 'e2' or 'clip-ft', got {self.method!r}")
+        methods = Registry(TRAINING_METHOD_GROUP)
+        if self.method not in methods:
+            raise ValueError(f"unknown method={self.method}; the installed training methods are {', '.join(methods)}")
         if self.stages is not None:
             self.stages = [s if isinstance(s, Stage) else Stage.parse(s) if isinstance(s, str) else Stage(**s)
                            for s in self.stages]
@@ -187,21 +190,21 @@ class TrainConfig:
     # settings whose default changed after runs were saved without them: what those runs trained with
     SAVED_BEFORE = {"gumbel_noise_end": 1.0}
 
-    # settings that must match for a run folder to be resumed: what trains, on what data, and how
+    # settings that must match for a run folder to be resumed: what trains, on what data, and how (with the
+    # method's own settings, TrainingMethod.own_settings)
     RESUME_KEYS = ("method", "model", "dataset", "batch_size", "accumulate", "seed", "lora_rank", "stages",
-                   "warmup_steps", "weight_decay", "multi_positive", "global_weight", "entity_weights",
-                   "token_attention", "tokens_per_entity", "gumbel_noise_end")
-    # of those, the ones only an E2 built on a CLIP trains with (a CLIP-FT run ignores them)
-    E2_KEYS = ("token_attention", "tokens_per_entity", "gumbel_noise_end")
+                   "warmup_steps", "weight_decay", "multi_positive", "global_weight", "entity_weights")
 
-    def differences(self, other: "TrainConfig", default_stages: Sequence[Stage]) -> Dict[str, Tuple[str, str]]:
-        """``{--flag: (other's value, this one's)}`` for each of :attr:`RESUME_KEYS` where the two train
-        differently (stages as they run, see :func:`resolve_stages`)."""
+    def differences(self, other: "TrainConfig", default_stages: Sequence[Stage],
+                    own_settings: Sequence[str] = ()) -> Dict[str, Tuple[str, str]]:
+        """``{setting: (other's value, this one's)}`` for each of :attr:`RESUME_KEYS` and ``own_settings``
+        where the two train differently (stages as they run, see :func:`resolve_stages`)."""
+        keys = list(self.RESUME_KEYS) + [k for k in own_settings if k not in self.RESUME_KEYS]
+
         def settings(cfg):
-            values = {k: getattr(cfg, k) for k in self.RESUME_KEYS}
+            values = {k: getattr(cfg, k) for k in keys}
             values["stages"] = " ".join(str(s) for s in resolve_stages(cfg.stages, default_stages))
             values["entity_weights"] = values["entity_weights"] or {}
             return values
         theirs, mine = settings(other), settings(self)
-        keys = [k for k in self.RESUME_KEYS if self.method == "e2" or k not in self.E2_KEYS]
-        return {f"--{k.replace('_', '-')}": (str(theirs[k]), str(mine[k])) for k in keys if theirs[k] != mine[k]}
+        return {k: (str(theirs[k]), str(mine[k])) for k in keys if theirs[k] != mine[k]}

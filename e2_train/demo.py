@@ -1,7 +1,6 @@
-"""The demo encoders every task uses when given none: a small CLIP-FT and a small E2, trained by
-this package's trainer on synthetic products. They ship with the package (``demo_weights/``, checked
-against their SHA-256 on load) and are the encoder sources ``demo:clip-ft`` and ``demo:e2``
-(entry-point group ``e2_plugins.encoders``). ``python -m e2_train.demo`` reproduces them.
+"""The recipe of the demo encoders (``demo:clip-ft`` and ``demo:e2``, shipped and loaded by
+``e2_core.demo``): ``python -m e2_train.demo`` trains them with this package's trainer on synthetic
+products and says whether the result is identical to the shipped files.
 
 Recipe (``DEMO``): a small CLIP (``ViT-S-16-128``) is first pre-trained from scratch on synthetic
 products disjoint from the task data; CLIP-FT and E2 are then fine-tuned from it on the same
@@ -13,7 +12,6 @@ zeros, so words the generator never writes carry no meaning for these encoders).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -25,14 +23,13 @@ import torch
 from e2_core import registry
 from e2_core.checkpoint import CONFIG_NAME, FORMAT, WEIGHTS_NAME, compact_state_dict, load_checkpoint, save_tensors
 from e2_core.data import default_synthetic_root
-from e2_core.data.builders.synthetic import SIZES, brand_names, catalog, tags_of, write_fashiongen
-from e2_core.errors import CheckpointError
+from e2_data.synthetic import SIZES, brand_names, catalog, tags_of, write_fashiongen
+from e2_core.demo import KINDS, SHIPPED_SHA256, sha256
 from e2_core.texts import build_texts
 
 from .config import Stage, TrainConfig
 from .loop import train
 
-KINDS = ("clip-ft", "e2")
 
 
 @dataclass(frozen=True)
@@ -52,15 +49,6 @@ class Recipe:
 
 
 DEMO = Recipe()
-
-SHIPPED = Path(__file__).with_name("demo_weights")
-# SHA-256 of each shipped checkpoint's model.safetensors: the files the README's demo numbers come from
-SHIPPED_SHA256 = {
-    "clip-ft": "98e2f589e468ef958df49bd2c11978861aabb1b54166d41aad4cffcf12a946c3",
-    "e2": "f3ea49de16b4b83ab2e9fc6d41b69d492f5aa35fea8978e67b416170f1e90a51",
-}
-REPRODUCE = "python -m e2_train.demo"
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("E2_PLUGINS_CACHE", Path.home() / ".cache" / "e2-plugins"))
@@ -112,36 +100,6 @@ def recipe_run(kind: str, recipe: Recipe, root: Path, seed: int, **overrides) ->
     start = pretrain_clip(recipe, root / "pretrain", root / "synthetic-pretrain", **overrides)
     return finetune(kind, replace(recipe, seed=seed), start, root / kind / f"seed{seed}",
                     default_synthetic_root("small", 0), **overrides)
-
-
-def demo_encoders() -> Dict[str, Path]:
-    """``{"clip-ft": checkpoint, "e2": checkpoint}``: the shipped demo encoders."""
-    return {kind: demo_encoder(kind) for kind in KINDS}
-
-
-def demo_encoder(name: str) -> Path:
-    """The checkpoint of the shipped demo encoder ``name`` (``e2`` or ``clip-ft``), checked against its digest."""
-    if name not in KINDS:
-        raise ValueError(f"unknown demo encoder {name!r}; the demo encoders are " + ", ".join(f"demo:{k}" for k in KINDS))
-    path = SHIPPED / name
-    weights = path / WEIGHTS_NAME
-    how = (f"reinstall e2-plugins, or reproduce the demo encoders with `{REPRODUCE}` (about 80 min on 2 CPU "
-           "cores) and pass the checkpoints it prints as --encoder / --baseline")
-    if not weights.is_file() or not (path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"the shipped demo encoder demo:{name} is missing ({path} lacks {CONFIG_NAME} or "
-                              f"{WEIGHTS_NAME}): {how}")
-    if sha256(weights) != SHIPPED_SHA256[name]:
-        raise CheckpointError(f"the shipped demo encoder demo:{name} is corrupt ({weights} does not match its "
-                              f"SHA-256 {SHIPPED_SHA256[name][:12]}...): {how}")
-    return path
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def generator_vocabulary(tokenizer) -> torch.Tensor:

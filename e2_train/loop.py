@@ -6,8 +6,8 @@ Exact resume: the data order depends only on ``(seed, epoch)``, the view drawn f
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -33,6 +33,8 @@ from . import distributed
 from .config import Stage, TrainConfig, resolve_stages
 from .methods import METHODS, TrainingMethod
 
+log = logging.getLogger(__name__)
+
 #: ``evaluate(encoder, dataset) -> {"sumr": ..., ...}``, run on the main process for model selection.
 Evaluator = Callable[[Encoder, ProductDataset], Dict[str, float]]
 #: ``callback(stage, step, model, logs)`` after every optimizer step.
@@ -46,7 +48,7 @@ def train(cfg: TrainConfig, evaluate: Optional[Evaluator] = None, callbacks: Lis
         >>> train(TrainConfig(out="runs/demo", model="ViT-S-16-128", dataset="synthetic"))  # doctest: +SKIP
     """
     options = dict(seed=cfg.seed, strict=cfg.strict, encoding=cfg.encoding)
-    train_set = open_dataset(cfg.dataset, cfg.data_root, "train", train=True, **options)
+    train_set = open_dataset(cfg.dataset, cfg.data_root, "train", train=True, prepare=True, **options)
     val_set = open_dataset(cfg.dataset, cfg.data_root, "validation", train=False, **options)
     return fit(cfg, train_set, val_set, evaluate, callbacks)
 
@@ -64,17 +66,17 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
     method_class = METHODS[cfg.method]
     stages = [s for s in resolve_stages(cfg.stages, method_class.default_stages) if s.length() > 0]
     if stages and all((out / s.name / "done.json").is_file() for s in stages):  # finished before: nothing to build
-        _claim_run_folder(out, cfg, ctx, method_class.default_stages)  # still refuses other settings
+        _claim_run_folder(out, cfg, ctx, method_class)  # still refuses other settings
         return {s.name: str(out / s.name / "best") for s in stages}
     torch.manual_seed(cfg.seed)  # E2's new parts; resumed runs restore the RNG from the checkpoint
     random.seed(cfg.seed)
     resuming = any((out / s.name / "latest.json").is_file() for s in stages)
-    start = _start_encoder(cfg, weights_follow=resuming)
+    start = _start_encoder(cfg, resuming)
     for dataset in (train_set, val_set):
         if dataset is not None and dataset.transform is None:
             dataset.transform = start.preprocess
     method = method_class.start(start, cfg, train_set.spec.entities)
-    _claim_run_folder(out, cfg, ctx, method_class.default_stages)  # only once the data and the start are known to be usable
+    _claim_run_folder(out, cfg, ctx, method_class)  # only once the data and the start are known to be usable
     results = {}
     for stage in stages:
         results[stage.name] = str(_run_stage(stage, method, cfg, ctx, train_set, val_set, evaluate, callbacks))
@@ -83,40 +85,32 @@ def fit(cfg: TrainConfig, train_set: ProductDataset, val_set: Optional[ProductDa
     return results
 
 
-def _start_encoder(cfg: TrainConfig, weights_follow: bool = False) -> Encoder:
-    """The run's starting point: an encoder source, an open_clip tag of ``cfg.model``, or random weights
-    (``weights_follow``: a checkpoint's are loaded next, so open_clip's random-init warning is not shown)."""
+def _start_encoder(cfg: TrainConfig, resuming: bool = False) -> Encoder:
+    """The run's starting point: an encoder source, an open_clip tag of ``cfg.model``, or random weights."""
     source = cfg.pretrained
     if source is None:
-        with architecture.weights_follow() if weights_follow else contextlib.nullcontext():
-            return Encoder(_random_clip(cfg.model), arch=cfg.model)
+        if not resuming:  # a resumed run loads its checkpoint's weights next
+            log.warning("no pretrained weights given: %s starts from random weights", cfg.model)
+        return Encoder(architecture.random_clip(cfg.model), arch=cfg.model)
     if not os.path.exists(source) and ":" not in source:
         source = f"{cfg.model}:{source}"
     return load_encoder(source)
 
 
-def _random_clip(arch: str):
-    import open_clip
-
-    from e2_core.architecture import named_config
-
-    named_config(arch)  # an unknown architecture is refused with the list of known ones
-    return open_clip.create_model(arch, pretrained=None, output_dict=True)
-
-
-def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, default_stages) -> None:
+def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, method_class) -> None:
     saved = out / "train_config.json"
     if saved.is_file():
         try:
             previous = TrainConfig.from_json(saved.read_text())
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{saved} is not a readable run configuration ({e}); use another --out, or remove "
+            raise ValueError(f"{saved} is not a readable run configuration ({e}); use another output folder, or remove "
                              f"{out} to start the run afresh") from None
-        changed = cfg.differences(previous, default_stages)
+        changed = cfg.differences(previous, method_class.default_stages, method_class.own_settings)
         if changed:
-            settings = "; ".join(f"{flag} {saved_value}, not {value}" for flag, (saved_value, value) in changed.items())
+            settings = "; ".join(f"{key}={saved_value}, not {key}={value}"
+                                 for key, (saved_value, value) in changed.items())
             raise ValueError(f"{out} holds a run with other settings ({settings}); "
-                             "use another --out, or the same settings to resume it")
+                             "use another output folder, or the same settings to resume it")
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(cfg.to_json())
@@ -299,7 +293,7 @@ def _load_latest(folder: Path, model, optimizer, scheduler, scaler, ctx) -> Dict
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(_as_tuple(state["python_rng"]))
     if ctx.is_main:
-        print(f"resuming {folder.name} from step {state['step']} ({target})")
+        log.info("resuming %s from step %s (%s)", folder.name, state["step"], target)
     return state
 
 

@@ -18,16 +18,21 @@ from e2_core.fusion import TemperatureSchedule
 from e2_core.loss import RegionalContrastiveLoss, contrastive_loss
 from e2_core.model import is_e2_parameter, text_tower
 
+from e2_core.registry import TRAINING_METHOD_GROUP, Registry
+
 from . import distributed
 from .config import Stage, TrainConfig
 
 
 class TrainingMethod(nn.Module):
     """The model being trained and its objective. ``forward(batch)`` gives this process's features
-    (what DDP wraps); :meth:`loss` gathers them from every process and scores them."""
+    (what DDP wraps); :meth:`loss` gathers them from every process and scores them. A new method is one
+    module and one line in the ``e2_plugins.training_methods`` entry-point group (``--method NAME``)."""
 
     name: str = ""
     default_stages: Tuple[Stage, ...] = ()
+    #: the TrainConfig settings only this method trains with (a run folder resumes only with the same values)
+    own_settings: Tuple[str, ...] = ()
 
     def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
         super().__init__()
@@ -83,6 +88,7 @@ def no_weight_decay(model: nn.Module) -> Set[str]:
 
 class E2Training(TrainingMethod):
     name = "e2"
+    own_settings = ("token_attention", "tokens_per_entity", "gumbel_noise_end")
     # stage 2: the added parts keep stage 1's learning rate (new_lr), ten times the CLIP's (see the README)
     default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"),
                       Stage("stage2", lr=5e-5, epochs=20.0, trains="all", new_lr=5e-4))
@@ -128,8 +134,8 @@ class CLIPFineTuning(TrainingMethod):
 
     def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
         if isinstance(model, E2Model):
-            raise ValueError("--method clip-ft fine-tunes a CLIP, but the start is an E2 model; "
-                             "start from a CLIP (MODEL:TAG, a CLIP checkpoint) or use --method e2")
+            raise ValueError(f"method={self.name} fine-tunes a CLIP, but the start is an E2 model; "
+                             "start from a CLIP (MODEL:TAG, a CLIP checkpoint) or use method=e2")
         super().__init__(model, cfg, entities, arch)
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
@@ -144,4 +150,5 @@ class CLIPFineTuning(TrainingMethod):
         return {"loss": contrastive_loss(image, text, features["logit_scale"])}
 
 
-METHODS = {method.name: method for method in (E2Training, CLIPFineTuning)}
+#: every installed training method, by the name ``--method`` takes (loaded when used)
+METHODS = Registry(TRAINING_METHOD_GROUP)

@@ -36,7 +36,7 @@ def make_batch(tokenizer, batch=4, seed=0):
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     """Synthetic products in FashionGen's layout: 64 for training, 16 for validation."""
-    from e2_core.data.builders.synthetic import write_fashiongen
+    from e2_data.synthetic import write_fashiongen
 
     root = tmp_path_factory.mktemp("synthetic")
     write_fashiongen(root, {"train": 64, "validation": 16}, seed=0)

@@ -151,10 +151,10 @@ def test_capdec_on_a_local_language_model_uses_its_tokenizer(tiny_checkpoints, t
     assert again.caption_features(_features(encoder, texts)) == captions
 
 
-@pytest.mark.parametrize("option, value, message", [("beams", 0, "--beams must be >= 1, got 0"),
-                                                      ("epochs", 0, "--epochs must be >= 1, got 0"),
-                                                      ("max_images", -3, "--max-images must be >= 0, got -3"),
-                                                      ("page_images", -1, "--page-images must be >= 0, got -1")])
+@pytest.mark.parametrize("option, value, message", [("beams", 0, "beams=0: must be >= 1"),
+                                                      ("epochs", 0, "epochs=0: must be >= 1"),
+                                                      ("max_images", -3, "max_images=-3: must be >= 0"),
+                                                      ("page_images", -1, "page_images=-1: must be >= 0")])
 def test_caption_refuses_counts_out_of_range_before_any_work(option, value, message, tmp_path):
     from e2_caption import caption
 

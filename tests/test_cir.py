@@ -8,8 +8,9 @@ from PIL import Image
 
 import e2_core
 from e2_core.data import DataError
-from e2_core.data.builders.synthetic import write_fashioniq
-from e2_eval.fashioniq import compose, composed_recall, load_fashioniq, summarize
+from e2_data.synthetic import write_fashioniq
+from e2_core.data.fashioniq import load_fashioniq
+from e2_eval.fashioniq import compose, composed_recall, summarize
 from e2_cir.methods import METHODS, NetworkMismatch, QueryBatch, TrainData, load_network, save_network
 from e2_cir.phrases import keyword_phrases, mask_phrase
 
@@ -86,8 +87,8 @@ def test_bad_input_is_reported_not_hidden(fiq, tmp_path):
 
 
 
-@pytest.mark.parametrize("option, value, message", [("batch_size", 0, "--batch-size must be >= 1, got 0"),
-                                                      ("figure_queries", -2, "--figure-queries must be >= 0, got -2")])
+@pytest.mark.parametrize("option, value, message", [("batch_size", 0, "batch_size=0: must be >= 1"),
+                                                      ("figure_queries", -2, "figure_queries=-2: must be >= 0")])
 def test_cir_refuses_counts_out_of_range_before_any_work(option, value, message, tmp_path):
     from e2_cir import cir
 
@@ -103,13 +104,13 @@ def test_keyword_phrases_and_masking():
 
 
 def _train_and_queries(encoder, fiq):
-    from e2_eval.fashioniq import embed_images
+    from e2_eval.fashioniq import embed_names
 
     splits = [load_fashioniq(fiq, c, "train") for c in ("dress", "shirt", "toptee")]
-    train = TrainData(torch.cat([embed_images(encoder, d.gallery, d) for d in splits]),
+    train = TrainData(torch.cat([embed_names(encoder, d.gallery, d) for d in splits]),
                       [c for d in splits for t in d.triplets for c in t.captions])
     val = load_fashioniq(fiq, "dress", "val")
-    refs = embed_images(encoder, [t.reference for t in val.triplets], val)
+    refs = embed_names(encoder, [t.reference for t in val.triplets], val)
     return train, val, refs
 
 
@@ -187,7 +188,7 @@ def test_cir_task_side_by_side_with_json_and_figures(fiq, tiny_checkpoints, tmp_
     assert scores["mean R@10"] == pytest.approx((scores["dress"]["R@10"] + scores["shirt"]["R@10"]) / 2)
     assert Image.open(out / "cir-cirevl.png").size[0] > 400
     assert main(["run", "cir", "--dataset", "fashioniq"]) == 2
-    assert "--dataset fashioniq needs --data-root" in capsys.readouterr().err
+    assert "dataset 'fashioniq' needs --data-root" in capsys.readouterr().err
     assert main([*args, "--method", "searle", "--convention", "cirevl"]) == 2
     assert "gives no place for the reference image" in capsys.readouterr().err
 
@@ -238,15 +239,15 @@ def test_cirevl_captions_with_a_decoder_of_the_caption_task(fiq, tiny_checkpoint
 
 
 def test_gallery_cache_is_safetensors_and_a_broken_one_is_recomputed(tmp_path, tiny_checkpoints):
-    from e2_eval.fashioniq import embed_images
+    from e2_eval.fashioniq import embed_names
 
     root = tmp_path / "fiq"
     write_fashioniq(root, triplets_per_category=2, seed=0, splits=("val",))
     data = load_fashioniq(root, "dress", "val")
     encoder = e2_core.load_encoder(tiny_checkpoints["e2"])
     names = data.gallery[:3]
-    first = embed_images(encoder, names, data, cache_dir=tmp_path / "cache")
-    (cache,) = (tmp_path / "cache").glob("fiq-*.safetensors")
+    first = embed_names(encoder, names, data, cache_dir=tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("images-*.safetensors")
     cache.write_bytes(b"not safetensors")
-    assert torch.equal(embed_images(encoder, names, data, cache_dir=tmp_path / "cache"), first)
+    assert torch.equal(embed_names(encoder, names, data, cache_dir=tmp_path / "cache"), first)
     assert cache.read_bytes() != b"not safetensors"  # replaced

@@ -151,7 +151,7 @@ def test_every_option_shows_its_default_and_errors_use_the_flag_names(tmp_path, 
     assert main(["data", "amazon-fashion", "--metadata", "m.json", "--download", "--test-fraction", "2"]) == 2
     assert capsys.readouterr().err == "e2-plugins: error: --test-fraction must be in [0, 1), got 2.0\n"
     assert main(["data", "synthetic", "--fashioniq-triplets", "-3", "--out", str(tmp_path / "syn")]) == 2
-    assert capsys.readouterr().err == "e2-plugins: error: --fashioniq-triplets must be >= 0, got -3\n"
+    assert capsys.readouterr().err == "e2-plugins: error: --fashioniq-triplets=-3: must be >= 0\n"
     with pytest.raises(SystemExit):
         main(["data", "synthetic", "--size", "huge", "--out", str(tmp_path / "syn")])
     assert "invalid choice: 'huge' (choose from 'tiny', 'small')" in capsys.readouterr().err
@@ -170,8 +170,8 @@ def test_embed_reads_a_catalogs_image_column_and_names_a_file_that_is_not_utf8(t
             tiny_checkpoints["clip"], "--out", str(tmp_path / "emb.safetensors"), "--device", "cpu", "--workers", "0"]
     assert main(args) == 2
     assert capsys.readouterr().err == (
-        f"e2-plugins: error: {texts}:1: byte 0xe0 is not utf-8 text; give the file's encoding, e.g. --encoding "
-        "latin-1 or --encoding cp1252 (encoding=... from Python), or save the file as UTF-8\n")
+        f"e2-plugins: error: {texts}:1: byte 0xe0 is not utf-8 text; give the file's encoding, e.g. --encoding=latin-1 "
+        "or --encoding=cp1252, or save the file as UTF-8\n")
     assert main(args + ["--encoding", "latin-1"]) == 0
     with safe_open(str(tmp_path / "emb.safetensors"), "pt") as f:
         assert f.get_tensor("image_features").shape[0] == 3 and json.loads(f.metadata()["texts"]) == ["robe à fleurs"]
@@ -183,7 +183,8 @@ def test_train_and_run_refuse_an_unknown_dataset_alike(tmp_path, capsys):
     from_train = capsys.readouterr().err
     assert main(["run", "retrieval", "--dataset", "nope", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == from_train == (
-        "e2-plugins: error: unknown dataset 'nope'; installed datasets: amazon-fashion, catalog, fashiongen, synthetic\n")
+        "e2-plugins: error: unknown dataset 'nope'; installed product datasets: amazon-fashion, catalog, fashiongen, "
+        "synthetic\n")
     assert not (tmp_path / "run").exists()
 
 

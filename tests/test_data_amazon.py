@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from e2_core.data.amazon import AmazonFashion
-from e2_core.data.builders.amazon import build_amazon_fashion
+from e2_data.amazon import build_amazon_fashion
 from e2_core.data.base import DataError
-import e2_core.data.builders.amazon as amazon
+import e2_data.amazon as amazon
 
 
 def image_bytes(color, fmt="PNG"):
@@ -104,7 +104,7 @@ def test_reader_corrupt_and_missing_images(tmp_path):
     path = str(root / "Fashion" / CORRUPT / f"{CORRUPT}_0.png")
     sample = data[bad]
     assert sample.image is None and path in sample.error
-    with pytest.raises(DataError, match="without --strict") as info:
+    with pytest.raises(DataError, match="strict=False skips") as info:
         AmazonFashion(root, split="train", strict=True)[bad]
     assert path in str(info.value)
     os.remove(root / "Fashion" / "B000000001" / "B000000001_0.png")
@@ -332,7 +332,7 @@ def test_a_metadata_file_that_is_not_utf8_is_named_with_the_encoding_option(tmp_
     meta = root / "meta-fashion.json"
     meta.write_bytes(meta.read_text().replace("Levi", "Lévi", 1).encode("latin-1"))
     with pytest.raises(DataError, match=r"meta-fashion\.json:\d+: byte 0xe9 is not utf-8 text; give the file's "
-                                        r"encoding, e\.g\. --encoding latin-1"):
+                                        r"encoding, e\.g\. encoding=latin-1"):
         AmazonFashion(root, split="train")
     assert AmazonFashion(root, split="train", encoding="latin-1").product(0).tags["brand"] == "Lévi's"
 

@@ -119,7 +119,7 @@ def test_a_file_that_is_not_utf8_is_named_with_the_encoding_option(tmp_path):
     with pytest.raises(DataError) as err:
         Catalog(path)
     assert str(err.value) == (f"{path}:2: byte 0xe8 is not utf-8 text; give the file's encoding, "
-                              "e.g. --encoding latin-1 or --encoding cp1252 (encoding=... from Python), or save "
+                              "e.g. encoding=latin-1 or encoding=cp1252, or save "
                               "the file as UTF-8")
     assert Catalog(path, encoding="latin-1").product(0).tags["brand"] == "Hermès"
     with pytest.raises(DataError, match="unknown text encoding 'latin-9x'"):
@@ -155,4 +155,4 @@ def test_strict_in_a_dataloader_worker_raises_the_readers_message_not_a_tracebac
     with pytest.raises(DataError) as err:
         next(iter(loader))
     assert str(err.value) == (f"{tmp_path / 'broken.png'}: not a readable image (unknown format or corrupt header) "
-                              "(run without --strict to skip and report unreadable images)")
+                              "(strict=False skips and reports unreadable images)")

@@ -4,7 +4,7 @@ import pytest
 
 import e2_core
 from e2_core.data import DataError, E2Collate, FashionGen
-from e2_core.data.builders.synthetic import catalog, garment_mask, layout, render, write_fashiongen, \
+from e2_data.synthetic import catalog, garment_mask, layout, render, write_fashiongen, \
     write_fashioniq
 from conftest import TINY
 

@@ -1,5 +1,6 @@
-"""The shipped demo encoders: the files the README's numbers came from, a score floor on the synthetic
-validation products, and a clear message when they are missing or corrupt."""
+"""The shipped demo encoders (``e2_core.demo``): the files the README's numbers came from, a score floor on
+the synthetic validation products, a clear message when they are missing or corrupt, and their recipe
+(``e2_train.demo``) writing compact copies; loading them imports no training code."""
 import os
 import shutil
 
@@ -8,7 +9,7 @@ import torch
 
 import e2_core
 from e2_core import CheckpointError
-from e2_train import demo
+from e2_core import demo
 
 # T2I / I2T R@1 (full protocol) on the first 300 of the 1,000 synthetic validation products, measured
 # with the shipped files; floors one point lower (other CPUs may flip a near-tie or two)
@@ -17,7 +18,7 @@ MEASURED_300 = {"clip-ft": (90.0, 90.7), "e2": (91.0, 93.3)}
 
 @pytest.fixture(scope="module")
 def validation_300(tmp_path_factory):
-    from e2_core.data.builders.synthetic import SIZES, write_fashiongen
+    from e2_data.synthetic import SIZES, write_fashiongen
 
     root = tmp_path_factory.mktemp("synthetic-validation")
     # the small split's validation products come after its training products
@@ -32,7 +33,7 @@ def test_shipped_demo_encoders_are_the_measured_ones(validation_300):
 
     scores = {}
     for kind in demo.KINDS:
-        assert demo.sha256(demo.demo_encoder(kind) / "model.safetensors") == demo.SHIPPED_SHA256[kind]
+        assert demo.sha256(demo.demo_checkpoint(kind) / "model.safetensors") == demo.SHIPPED_SHA256[kind]
         encoder = e2_core.load_encoder(f"demo:{kind}")
         assert encoder.has_regions == (kind == "e2")
         data = open_dataset("synthetic", validation_300, "validation", transform=encoder.preprocess)
@@ -43,6 +44,15 @@ def test_shipped_demo_encoders_are_the_measured_ones(validation_300):
     for kind, (t2i, i2t) in scores.items():
         floor_t2i, floor_i2t = MEASURED_300[kind]
         assert t2i >= floor_t2i - 1.0 and i2t >= floor_i2t - 1.0, (kind, scores[kind], MEASURED_300[kind])
+
+
+def test_loading_a_demo_encoder_imports_no_training_code():
+    import subprocess
+    import sys
+
+    code = "import sys, e2_core; e2_core.load_encoder('demo:e2'); print(sorted(m for m in sys.modules if 'train' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "e2_train" not in out, out
 
 
 def test_a_missing_or_corrupt_shipped_encoder_says_how_to_reproduce_it(tmp_path, monkeypatch):
@@ -62,6 +72,8 @@ def test_a_missing_or_corrupt_shipped_encoder_says_how_to_reproduce_it(tmp_path,
 
 
 def test_the_reproduce_command_writes_compact_copies_that_load(tiny_checkpoints, tmp_path, monkeypatch, tokenizer):
+    from e2_train import demo
+
     monkeypatch.setenv("E2_PLUGINS_CACHE", str(tmp_path / "cache"))
     runs = {"e2": tiny_checkpoints["e2"], "clip-ft": tiny_checkpoints["clip"]}
     monkeypatch.setattr(demo, "recipe_run", lambda kind, recipe, root, seed, **options: runs[kind])
@@ -77,6 +89,8 @@ def test_the_reproduce_command_writes_compact_copies_that_load(tiny_checkpoints,
 
 
 def test_a_token_row_training_moved_outside_the_vocabulary_is_not_dropped(tiny_checkpoints, tmp_path, tokenizer):
+    from e2_train import demo
+
     vocabulary = tokenizer(["a red shirt"]).unique()
     run = tiny_checkpoints["e2"]
     demo.export_compact(run, tmp_path / "same", vocabulary, start=run)  # nothing moved: fine

@@ -112,7 +112,7 @@ def test_topk_screened_chunks_match_reference(chunk_size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_selection_ranks_by_score_then_lower_index(dtype):
     # Candidates arrive in any order; -0.0 and 0.0 are one score, so the lower index of the two wins.
-    from e2_eval.retrieval import _select_topk
+    from e2_eval.topk import _select_topk
     values = torch.tensor([[0.0, -0.0, 0.5, -1.0, 0.5, -0.0], [-2.0, -3.0, -2.0, -math.inf, -2.0, -1.0]], dtype=dtype)
     indices = torch.tensor([[9, 4, 70, 2, 8, 5], [6, 5, 3, 0, 1, 2**32 - 2]])
     top_values, top_indices = _select_topk(values, indices, 4)

@@ -8,7 +8,7 @@ from PIL import Image
 import open_clip
 
 import e2_core
-from e2_core.data.builders.synthetic import write_fashiongen
+from e2_data.synthetic import write_fashiongen
 from e2_plugins.cli import main
 from conftest import TINY
 
@@ -30,19 +30,19 @@ def test_retrieval_task_side_by_side(setup, capsys):
     printed = capsys.readouterr().out
     e2, clip = f"E2 ({setup / 'e2'})", f"CLIP ({setup / 'clip'})"
     assert "full protocol" in printed and e2 in printed and clip in printed
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["encoders"]
     assert results[e2]["kind"] == "E2" and results[clip]["kind"] == "CLIP" and results[clip]["role"] == "baseline"
-    full = results[e2]["full"]
+    full = results[e2]["protocols"]["full"]
     assert set(full["i2t"]) == {"1", "5", "10"} and full["sumr"] == pytest.approx(
         sum(full["i2t"].values()) + sum(full["t2i"].values()))
-    assert "error" in results[e2]["sample-100"]  # 24 products: too few for 100 same-sub-category negatives
+    assert "error" in results[e2]["protocols"]["sample-100"]  # 24 products: too few for 100 same-sub-category negatives
     assert Image.open(out / "top5.png").size[0] > 0 and Image.open(out / "selection.png").size[0] > 0
     cached = sorted((out / "embeddings").glob("*.safetensors"))
-    assert len(cached) == 2
+    assert len(cached) == 4  # images and texts of each encoder
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert main(args) == 0  # second run reads the cached embeddings
     assert [p.stat().st_mtime_ns for p in cached] == stamps
-    assert json.loads((out / "results.json").read_text())[e2]["full"] == full
+    assert json.loads((out / "results.json").read_text())["encoders"][e2]["protocols"]["full"] == full
 
 
 def test_train_command_keeps_the_best_by_validation_sumr(setup, capsys):
@@ -71,18 +71,18 @@ def test_harness_embeds_with_trimmed_text_for_clip_too(setup):
 
 def test_embedding_cache_follows_the_checkpoints_weights(setup, tmp_path):
     from e2_core.data import FashionGen
-    from e2_eval.harness import cached_embeddings
+    from e2_eval.harness import embed_dataset
 
     torch.manual_seed(5)
     e2_core.save_pretrained(e2_core.create_e2(TINY), tmp_path / "e2")
     encoder = e2_core.load_encoder(tmp_path / "e2")
     data = FashionGen(setup / "data", split="validation", transform=encoder.preprocess)
-    first = cached_embeddings(encoder, data, tmp_path / "cache")[0]
-    assert torch.equal(cached_embeddings(e2_core.load_encoder(tmp_path / "e2"), data, tmp_path / "cache")[0], first)
+    first = embed_dataset(encoder, data, cache_dir=tmp_path / "cache")[0]
+    assert torch.equal(embed_dataset(e2_core.load_encoder(tmp_path / "e2"), data, cache_dir=tmp_path / "cache")[0], first)
     torch.manual_seed(6)  # same directory, new weights
     e2_core.save_pretrained(e2_core.create_e2(TINY), tmp_path / "e2")
-    second = cached_embeddings(e2_core.load_encoder(tmp_path / "e2"), data, tmp_path / "cache")[0]
-    assert not torch.allclose(first, second) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    second = embed_dataset(e2_core.load_encoder(tmp_path / "e2"), data, cache_dir=tmp_path / "cache")[0]
+    assert not torch.allclose(first, second) and len(list((tmp_path / "cache").glob("images-*.safetensors"))) == 2
 
 
 def test_sample_100_on_small_groups_names_the_commands_option(setup, capsys):
@@ -90,14 +90,16 @@ def test_sample_100_on_small_groups_names_the_commands_option(setup, capsys):
     args = ["run", "retrieval", "--data-root", str(setup / "data"), "--encoder", str(setup / "clip"), "--baseline",
             str(setup / "clip"), "--out", str(out), "--device", "cpu", "--protocol", "sample-100"]
     assert main(args) == 0
-    error = json.loads((out / "results.json").read_text())[f"CLIP ({setup / 'clip'})"]["sample-100"]["error"]
+    error = json.loads((out / "results.json").read_text())["encoders"][f"CLIP ({setup / 'clip'})"]["protocols"][
+        "sample-100"]["error"]
     groups = e2_core.data.FashionGen(setup / "data", split="validation").groups("subcategory")
     name = min(set(groups), key=groups.count)
     size = groups.count(name)
     assert error == (f"group {name!r} has only {size} item(s), so {size - 1} possible negatives per item, but "
-                     f"--num-negatives=100; use --num-negatives <= {size - 1} (or --protocol full)")
+                     f"num_negatives=100; use num_negatives <= {size - 1} (or score the full protocol only)")
     assert main(args + ["--num-negatives", str(size - 1)]) == 0
-    scores = json.loads((out / "results.json").read_text())[f"CLIP ({setup / 'clip'})"]["sample-100"]
+    scores = json.loads((out / "results.json").read_text())["encoders"][f"CLIP ({setup / 'clip'})"]["protocols"][
+        "sample-100"]
     assert scores["negatives"] == f"{size - 1} drawn from the query's sub-category" and "sumr" in scores
 
 
@@ -119,11 +121,12 @@ def test_skips_are_reported_on_the_console_and_sample_100_states_its_protocol(se
     args = ["run", "retrieval", "--dataset", "catalog", "--data-root", str(catalog), "--encoder", str(setup / "clip"),
             "--baseline", str(setup / "clip"), "--out", str(tmp_path / "out"), "--device", "cpu", "--num-negatives", "5"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     broken = tmp_path / "catalog" / "p3.png"
     assert (f"CLIP ({setup / 'clip'}): 1 unreadable image(s) skipped, e.g. {broken}: not a readable image (unknown "
             f"format or corrupt header) (all listed under \"skipped_images\" in {tmp_path / 'out' / 'results.json'})"
-            ) in printed
+            ) in captured.err
     assert "sample-100 protocol: negatives per query, 5 drawn from all products (the dataset has no sub-category)" \
         in printed
     # the embeddings are cached now; --strict still stops at the unreadable image, with workers too
@@ -131,16 +134,17 @@ def test_skips_are_reported_on_the_console_and_sample_100_states_its_protocol(se
         assert main(args + ["--strict", "--workers", workers]) == 2
         error = capsys.readouterr().err
         assert error == (f"e2-plugins: error: {broken}: not a readable image (unknown format or corrupt header) "
-                         "(run without --strict to skip and report unreadable images)\n")
+                         "(--no-strict skips and reports unreadable images)\n")
         shutil.rmtree(tmp_path / "out" / "embeddings", ignore_errors=True)  # the second round reads the images
 
 
 def test_embedding_shows_its_progress(setup, monkeypatch):
     from e2_core.data import FashionGen
+    from e2_core import embedding
     from e2_eval import harness
 
     shown = []
-    monkeypatch.setattr(harness, "tqdm", lambda batches, **options: shown.append(options) or batches)
+    monkeypatch.setattr(embedding, "tqdm", lambda batches, **options: shown.append(options) or batches)
     encoder = e2_core.load_encoder(str(setup / "e2"))
     harness.embed_dataset(encoder, FashionGen(setup / "data", split="validation"), batch_size=8)
     assert shown and shown[0]["desc"] == f"embedding 24 products with E2 ({setup / 'e2'})"

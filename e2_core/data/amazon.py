@@ -1,4 +1,4 @@
-"""The AmazonFashion reader, for the layout of the paper's authors (``e2_core.data.builders.amazon``
+"""The AmazonFashion reader, for the layout of the paper's authors (``e2_data.amazon``
 builds that layout from the public Amazon Reviews product-metadata dumps).
 
 Layout::

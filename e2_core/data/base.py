@@ -37,11 +37,15 @@ class DataError(ValueError):
         super().__init__(message, *args)
 
 
-def open_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Decode one image file completely; ``DataError("<path>: <why>")`` for a missing or unreadable one."""
+def open_image(path: Union[str, os.PathLike], draft: Optional[Sequence[int]] = None) -> Image.Image:
+    """Decode one image file completely; ``DataError("<path>: <why>")`` for a missing or unreadable one,
+    or one beyond PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``). ``draft`` (height, width): a JPEG is
+    decoded at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps it at least that large."""
     try:
         with open(path, "rb") as f:  # our own handle: closed here, the decoded image stays usable
             image = Image.open(f)
+            if draft is not None:
+                image.draft("RGB", tuple(draft)[::-1])  # PIL sizes are (width, height)
             image.load()  # decode now, so a truncated file fails here and not in a transform
         return image
     except FileNotFoundError:
@@ -76,8 +80,8 @@ def open_text(path: Union[str, os.PathLike], encoding: str = "utf-8") -> Iterato
         except UnicodeDecodeError as err:
             line = raw.count(b"\n", 0, err.start) + 1
             raise DataError(f"{path}:{line}: byte 0x{raw[err.start]:02x} is not "
-                            f"{err.encoding.removesuffix('-sig')} text; give the file's encoding, e.g. --encoding "
-                            "latin-1 or --encoding cp1252 (encoding=... from Python), or save the file as UTF-8") from None
+                            f"{err.encoding.removesuffix('-sig')} text; give the file's encoding, e.g. "
+                            "encoding=latin-1 or encoding=cp1252, or save the file as UTF-8") from None
         raise
 
 
@@ -145,7 +149,7 @@ class ProductDataset(Dataset):
                 image = self.load_image(index, view).convert("RGB")
             except (DataError, OSError) as err:
                 if self.strict:
-                    raise DataError(f"{err} (run without --strict to skip and report unreadable images)") from err
+                    raise DataError(f"{err} (strict=False skips and reports unreadable images)") from err
                 sample.unread.append(str(err))
                 continue
             sample.image = self.transform(image) if self.transform is not None else image

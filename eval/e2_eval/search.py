@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from .retrieval import _check_chunk_size, _check_features, _gallery_rows, _gallery_shape
+from .topk import _check_chunk_size, _check_features, _gallery_rows, _gallery_shape
 
 __all__ = ["FaissIndex"]
 

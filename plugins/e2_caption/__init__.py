@@ -4,27 +4,28 @@ only), a baseline encoder and E2 side by side, scored with the COCO caption metr
 From Python, a trained captioner is ``captioner(images) -> captions`` (:func:`load_captioner`)."""
 from __future__ import annotations
 
-import html
-import json
+import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from e2_core import load_encoder
-from e2_core.data import E2Collate, open_dataset
+from e2_core.data import open_dataset
+from e2_core.embedding import embed_images, embed_texts
 from e2_core.errors import check_at_least
-from e2_core.registry import Task
+from e2_core.registry import CAPTION_METHOD_GROUP, Registry, Task
 from e2_core.runtime import resolve_device
 from e2_eval.captions import caption_metrics, write_coco_results
+from e2_eval.sidebyside import SideBySide, format_table, report_skipped
 
-from .capdec import CapDec, ClipCap
 from .captioner import Captioner, CaptionerMismatch
-from .decap import DeCap
+from .figures import write_page
 
-#: every captioner, by the name ``--method`` takes
-METHODS = {m.name: m for m in (DeCap, CapDec, ClipCap)}
+log = logging.getLogger(__name__)
+
+#: every installed captioner, by the name ``--method`` takes (the ``e2_plugins.caption_methods`` group)
+METHODS = Registry(CAPTION_METHOD_GROUP)
 
 
 def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method: Optional[List[str]] = None,
@@ -37,7 +38,7 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     Args:
         dataset: an installed dataset reader: synthetic, fashiongen, amazon-fashion, catalog, ...
         data_root: the dataset's folder or file
-        method: captioners: decap, capdec (default: both), clipcap (trained on image-caption pairs)
+        method: captioners (default: the zero-shot ones, trained on text alone; clipcap trains on image-caption pairs)
         encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         baseline: the encoder it is compared with, in the same forms
         beams: beam width of decoding (1: greedy)
@@ -51,54 +52,54 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
         progress: show progress bars
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
     """
-    methods = method or ["decap", "capdec"]
+    methods = method or [name for name in METHODS if not METHODS[name].pairs]  # the zero-shot ones
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown --method {', '.join(unknown)}; the captioners are {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {', '.join(unknown)}; the captioners are {', '.join(METHODS)}")
     check_at_least(1, beams=beams, epochs=epochs, batch_size=batch_size)
     check_at_least(0, max_images=max_images, page_images=page_images)
     dev = resolve_device(device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     decoders = Path(decoders) if decoders else out / "decoders"
-    results: Dict = {"dataset": dataset, "encoders": {}}
-    shown: Dict[str, Dict[str, List[str]]] = {}
+    options = dict(train=False, encoding=encoding, prepare=True)
+    train = open_dataset(dataset, data_root, "train", **options)
+    val = open_dataset(dataset, data_root, "validation", **options)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, {"dataset": dataset})
+    shown: Dict[str, Dict[str, str]] = {}
+    texts = [caption_text(train.product(i).tags) for i in range(len(train))]
+    subset = torch.utils.data.Subset(val, range(min(max_images, len(val)) if max_images else len(val)))
     val_refs: Dict[str, List[str]] = {}
-    sources = {"baseline": baseline, "encoder": encoder}
-    models = {role: load_encoder(source, device=dev) for role, source in sources.items()}  # a bad one fails first
-    for role, source in sources.items():
-        model = models[role].eval()
-        label = model.label
-        train = open_dataset(dataset, data_root, "train", train=False, transform=model.preprocess, encoding=encoding)
-        val = open_dataset(dataset, data_root, "validation", train=False, transform=model.preprocess,
-                           encoding=encoding)
-        texts = [caption_text(train.product(i).tags) for i in range(len(train))]
-        text_features = _encode_texts(model, texts, batch_size, dev)
-        val_ids, val_features, skipped = _encode_images(model, val, batch_size, dev, max_images)
-        val_refs = {str(i): [caption_text(val.product(i).tags)] for i in val_ids}
-        entry = {"role": role, "source": str(source), "kind": model.kind, "skipped_images": skipped, "methods": {}}
-        for name in methods:
+    for label, model in runner.encoders():
+        text_features = embed_texts(model, texts, batch_size=batch_size)
+        images = embed_images(model, subset, batch_size=batch_size)
+        report_skipped(label, images.skipped, runner.path)
+        runner.entry(label)["skipped_images"] = images.skipped
+        val_refs = {str(i): [caption_text(val.product(i).tags)] for i in images.indices}
+
+        def run(name: str) -> Dict:
             captioner = METHODS[name](model, beams=beams)
             path = decoders / f"{name}-{model.fingerprint()[:16]}.safetensors"
             if path.is_file():
                 captioner.load(path)
             else:
-                image_features = _train_image_features(model, train, batch_size, dev) if name == "clipcap" else None
-                print(f"training the {name} decoder for {model.name} on {len(texts)} captions ...", flush=True)
+                image_features = _train_image_features(model, train, batch_size) if captioner.pairs else None
+                log.info("training the %s decoder for %s on %d captions ...", name, model.name, len(texts))
                 captioner.fit(texts, text_features, image_features, epochs=epochs, progress=progress)
                 captioner.save(path)
-            predictions = dict(zip(map(str, val_ids), _caption(captioner, val_features, batch_size)))
+            predictions = dict(zip(map(str, images.indices), _caption(captioner, images.features, batch_size)))
             write_coco_results(predictions, out / f"captions-{_slug(label)}-{name}.json")
-            scores = caption_metrics(predictions, val_refs)
-            entry["methods"][name] = scores
-            shown.setdefault(f"{label} {name}", predictions)
-        results["encoders"][label] = entry
-    _print_table(results, methods)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    page = _write_page(out, val, val_refs, shown, page_images) if page_images else None
-    return {"results": str(out / "results.json"), "page": str(page) if page else None,
-            **{label: {m: r["methods"][m]["metrics"].get("BLEU-4") for m in methods}
-               for label, r in results["encoders"].items()}}
+            shown[f"{label} {name}"] = predictions
+            return caption_metrics(predictions, val_refs)
+
+        for name in methods:
+            runner.record(label, name, lambda: run(name))
+    _print_table(runner.results, methods)
+    page = write_page(out, val, val_refs, shown, page_images) if page_images else None
+    path = runner.finish()
+    return {"results": str(path), "page": str(page) if page else None,
+            **{label: {m: r["methods"][m]["metrics"].get("BLEU-4") for m in methods if m in r["methods"]}
+               for label, r in runner.results["encoders"].items()}}
 
 
 def caption_text(tags: Dict[str, str]) -> str:
@@ -120,34 +121,12 @@ def load_captioner(path: Path, encoder) -> Captioner:
     return METHODS[name](load_encoder(encoder) if isinstance(encoder, str) else encoder).load(path)
 
 
-@torch.no_grad()
-def _encode_texts(encoder, texts: List[str], batch_size: int, device) -> torch.Tensor:
-    from e2_core import trim_padding
-
-    return torch.cat([encoder.encode_text(trim_padding(encoder.tokenizer(texts[i:i + 256])).to(device),
-                                          normalize=True).float().cpu() for i in range(0, len(texts), 256)])
-
-
-@torch.no_grad()
-def _encode_images(encoder, data, batch_size: int, device, limit: int = 0) -> Tuple[List[int], torch.Tensor, List[str]]:
-    subset = torch.utils.data.Subset(data, range(min(limit, len(data)) if limit else len(data)))
-    loader = DataLoader(subset, batch_size=batch_size, collate_fn=E2Collate(encoder.tokenizer, data.spec))
-    ids, features, skipped = [], [], []
-    for batch in loader:
-        skipped += batch.skipped
-        if batch.indices:
-            ids += batch.indices
-            features.append(encoder.encode_image(batch.images.to(device), normalize=True).float().cpu())
-    if skipped:
-        print(f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]} (all listed in results.json)")
-    return ids, (torch.cat(features) if features else torch.empty(0, encoder.embed_dim)), skipped
-
-
-def _train_image_features(encoder, data, batch_size: int, device) -> torch.Tensor:
-    ids, features, skipped = _encode_images(encoder, data, batch_size, device)
-    if skipped:
-        raise ValueError(f"clipcap needs every training image; {len(skipped)} unreadable, e.g. {skipped[0]}")
-    return features
+def _train_image_features(encoder, data, batch_size: int) -> torch.Tensor:
+    images = embed_images(encoder, data, batch_size=batch_size)
+    if images.skipped:
+        raise ValueError(f"a captioner trained on pairs needs every training image; {len(images.skipped)} "
+                         f"unreadable, e.g. {images.skipped[0]}")
+    return images.features
 
 
 def _caption(captioner: Captioner, features: torch.Tensor, batch_size: int) -> List[str]:
@@ -161,16 +140,15 @@ def _slug(label: str) -> str:
 
 def _print_table(results: Dict, methods: List[str]) -> None:
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"]
-    present = [n for n in names if any(n in r["methods"][m]["metrics"] for r in results["encoders"].values()
-                                       for m in methods)]
-    width = max(len(label) for label in results["encoders"]) + 2
-    print(f"\n{'method':<9}{'encoder':<{width}}" + "".join(f"{n:>9}" for n in present))
-    for m in methods:
-        for label, r in results["encoders"].items():
-            metrics = r["methods"][m]["metrics"]
-            print(f"{m:<9}{label:<{width}}" + "".join(f"{metrics[n]:9.1f}" if n in metrics else f"{'-':>9}"
-                                                       for n in present))
-    first = next(iter(results["encoders"].values()))["methods"][methods[0]]
+    scored = [(m, label, r["methods"][m]) for m in methods for label, r in results["encoders"].items()
+              if m in r["methods"]]
+    present = [n for n in names if any(n in s["metrics"] for _, _, s in scored)]
+    print()
+    print(format_table(["method", "encoder"] + present,
+                       [[m, label] + [s["metrics"].get(n) for n in present] for m, label, s in scored], first=2))
+    if not scored:
+        return
+    first = scored[0][2]
     for note in first["notes"]:
         print(note)
     if first["not_scored"]:
@@ -178,31 +156,6 @@ def _print_table(results: Dict, methods: List[str]) -> None:
               f"{first['not_scored'][0]}")
 
 
-def _write_page(out: Path, data, references: Dict[str, List[str]], shown: Dict[str, Dict[str, str]],
-                count: int) -> Path:
-    """captions.html: each image with every encoder's and method's caption and its references."""
-    folder = out / "page"
-    folder.mkdir(exist_ok=True)
-    rows = []
-    for key in list(references)[:count]:
-        image = data.load_image(int(key), 0).convert("RGB")
-        image.thumbnail((160, 160))
-        image.save(folder / f"{key}.png")
-        generated = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(p.get(key, ''))}</td></tr>"
-                            for name, p in shown.items())
-        refs = "".join(f"<li>{html.escape(r)}</li>" for r in references[key])
-        rows.append(f'<div class="item"><img src="page/{key}.png" alt="product {key}"><div><table>{generated}'
-                    f'</table><p class="refs">References:</p><ul>{refs}</ul></div></div>')
-    page = out / "captions.html"
-    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>e2-plugins captions</title><style>"
-                    "body{font-family:sans-serif;margin:16px}.item{display:flex;gap:16px;margin-bottom:18px;"
-                    "border-bottom:1px solid #ddd;padding-bottom:12px}th{text-align:left;padding-right:12px;"
-                    "color:#555;font-weight:normal}.refs{margin:6px 0 0;color:#555}</style></head><body>"
-                    "<h1>Generated captions and references</h1>" + "".join(rows) + "</body></html>",
-                    encoding="utf-8")
-    return page
-
-
-task = Task("caption", caption)
+task = Task("caption", caption, choices={"method": lambda: list(METHODS)})
 
 __all__ = ["METHODS", "caption", "caption_text", "load_captioner", "task"]

@@ -41,6 +41,7 @@ class ClipCap(CapDec):
     """Trained on the images' embeddings (image-caption pairs), no noise."""
 
     name = "clipcap"
+    pairs = True
 
     def __init__(self, encoder, config: Optional[DecoderConfig] = None, **kwargs):
         super().__init__(encoder, config, noise_variance=0.0, **kwargs)

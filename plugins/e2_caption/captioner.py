@@ -23,10 +23,13 @@ class CaptionerMismatch(ValueError):
 
 
 class Captioner:
-    """Base of DeCap and CapDec. Subclasses set ``name``, turn training captions into the decoder's
-    input embeddings (:meth:`training_inputs`) and test images into them (:meth:`image_inputs`)."""
+    """Base of DeCap and CapDec. Subclasses set ``name`` and what they train on (``pairs``), turn training
+    captions into the decoder's input embeddings (:meth:`training_inputs`) and test images into them
+    (:meth:`image_inputs`). A new captioner is one module and one line in the ``e2_plugins.caption_methods``
+    entry-point group."""
 
     name = ""
+    pairs = False  # trained on image-caption pairs (not zero-shot: not run unless asked for); else on text alone
 
     def __init__(self, encoder, config: Optional[DecoderConfig] = None, beams: int = 1, max_tokens: int = 30,
                  **options):

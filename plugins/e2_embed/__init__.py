@@ -2,31 +2,25 @@
 for a catalog, a folder of resumable ``.npy`` shards (:mod:`e2_embed.shards`)."""
 from __future__ import annotations
 
-import functools
-import json
+import logging
 import os
-import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
-
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from typing import List, Optional, Tuple
 
 from e2_core import load_encoder
-from e2_core.checkpoint import save_tensors
+from e2_core.embedding import image_batches, text_batches
 from e2_core.errors import check_at_least
 from e2_core.registry import Task
-from e2_core.runtime import autocast, compiled, compiles, resolve_device
+from e2_core.runtime import compiles, resolve_device
 
 from .shards import EmbeddingShards, ShardedRun
+from .single import SingleFile
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingShards", "embed", "list_images", "task"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-#: output name -> its tensor name in the single safetensors file
-FILE_NAMES = {"img_emb": "image_features", "region_emb": "image_regional_features",
-              "selected_patches": "selected_patches", "text_emb": "text_features"}
 
 
 def list_images(images: Path, encoding: str = "utf-8", image_column: str = "image") -> List[Path]:
@@ -41,77 +35,6 @@ def list_images(images: Path, encoding: str = "utf-8", image_column: str = "imag
     if images.is_file():
         return [image_path(line, images.parent, str(images)) for line in _read_lines(images, encoding)]
     raise FileNotFoundError(f"--images {images}: no such folder or list file")
-
-
-class _Images(Dataset):
-    """Item i: (i, preprocessed image or None, None or "path: reason"). With ``draft`` (height, width),
-    a JPEG is decoded at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps it at least that
-    large, instead of at full size."""
-
-    def __init__(self, paths: List[Path], preprocess, draft: Optional[Tuple[int, int]] = None):
-        self.paths, self.preprocess, self.draft = paths, preprocess, draft
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            with Image.open(self.paths[i]) as image:
-                if self.draft is not None:
-                    image.draft("RGB", self.draft[::-1])                # PIL sizes are (width, height)
-                return i, self.preprocess(image.convert("RGB")), None
-        except (OSError, UnidentifiedImageError) as err:
-            return i, None, f"{self.paths[i]}: {err}"
-
-
-def _collate(samples):
-    kept = [(i, x) for i, x, _ in samples if x is not None]
-    return ([i for i, _ in kept], torch.stack([x for _, x in kept]) if kept else None,
-            [(i, reason) for i, _, reason in samples if reason is not None])
-
-
-class _Compiled:
-    """The encoder with its three encode methods under :func:`e2_core.runtime.compiled`."""
-
-    def __init__(self, net, device: torch.device, enabled: Optional[bool]):
-        self.net, self.active = net, compiles(device, enabled)
-        for name in ("encode_image", "encode_image_regions", "encode_text"):
-            if hasattr(net, name):
-                setattr(self, name, compiled(getattr(net, name), device, self.active))
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
-
-
-Batches = Iterator[Tuple[List[int], dict, List[Tuple[int, str]]]]
-
-
-def _image_batches(net, paths: List[Path], batches: List[List[int]], regions: bool, strict: bool, workers: int,
-                   device: torch.device, fast_decode: bool = False) -> Batches:
-    """Per batch of item numbers: the items embedded, their arrays by output name, the unreadable as (item, reason).
-    Images are decoded by ``workers`` processes while the encoder runs."""
-    images = _Images(paths, net.preprocess, tuple(net.image_size) if fast_decode else None)
-    loader = DataLoader(images, batch_sampler=batches, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
-    for items, pixels, failed in loader:
-        if failed and strict:
-            raise ValueError(f"cannot read image {failed[0][1]} (run without --strict to skip and report it)")
-        arrays = {}
-        if pixels is not None:
-            pixels = pixels.to(device, non_blocking=True)
-            if regions:
-                out = net.encode_image_regions(pixels, normalize=True)
-                arrays = {"img_emb": out.image_features, "region_emb": out.regional_features,
-                          "selected_patches": out.selected_patches}
-            else:
-                arrays = {"img_emb": net.encode_image(pixels, normalize=True)}
-        yield items, {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in arrays.items()}, failed
-
-
-def _text_batches(net, lines: List[str], batches: List[List[int]], device: torch.device) -> Batches:
-    for batch in batches:
-        tokens = net.tokenizer([lines[i] for i in batch]).to(device)
-        yield batch, {"text_emb": net.encode_text(tokens, normalize=True).float().cpu().numpy()}, []
 
 
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
@@ -166,45 +89,21 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         images, texts = _synthetic_inputs(out.parent / "synthetic-validation")
     paths = list_images(Path(images), encoding, image_column) if images is not None else None
     lines = _read_texts(Path(texts), encoding) if texts is not None else None
-    net.eval()
-    net = _Compiled(net, dev, compile)
-    if net.active and progress:
-        print("encoding under torch.compile: the first batches compile the encoder (about a minute; --no-compile "
-              "runs without it)", file=sys.stderr)
-    image_batches = functools.partial(_image_batches, net, paths, regions=regions, strict=strict, workers=workers,
-                                      device=dev, fast_decode=fast_decode)
-    with torch.no_grad(), autocast(dev):
-        if shard_size:
-            run = ShardedRun(out, net, shard_size, batch_size, regions, progress, fast_decode)
-            report = {}
-            if paths is not None:
-                report.update(run.write("img", [str(p) for p in paths], images, image_batches))
-            if lines is not None:
-                report.update(run.write("text", lines, texts, lambda b: _text_batches(net, lines, b, dev)))
-            return {"out": str(out), "encoder": net.name, **report}
-        return _single_file(net, out, paths, lines, batch_size, image_batches, dev)
-
-
-def _single_file(net, out: Path, paths, lines, batch_size, image_batches, dev) -> dict:
-    tensors, metadata, report = {}, {}, {}
-    for kind, labels in (("images", paths), ("texts", lines)):
-        if labels is None:
-            continue
-        batches = [list(range(i, min(i + batch_size, len(labels)))) for i in range(0, len(labels), batch_size)]
-        parts, kept, failed = {}, [], []
-        stream = (image_batches(batches) if kind == "images"
-                  else _text_batches(net, lines, batches, dev))
-        for items, arrays, unreadable in stream:
-            kept += items
-            failed += [reason for _, reason in unreadable]
-            for name, array in arrays.items():
-                parts.setdefault(name, []).append(torch.from_numpy(array))
-        tensors.update({FILE_NAMES[name]: torch.cat(p) for name, p in parts.items()})
-        metadata[kind] = json.dumps([str(labels[i]) for i in kept])
-        report[kind] = len(kept)
-        if kind == "images":
-            report["unreadable_images"] = failed
-    save_tensors(tensors, out, metadata={**metadata, "encoder": net.name, "entities": json.dumps(list(net.entities))})
+    active = compiles(dev, compile)
+    if active and progress:
+        log.warning("encoding under torch.compile: the first batches compile the encoder (about a minute; "
+                    "compile=False, --no-compile, runs without it)")
+    options = dict(device=dev, compile=active)
+    draft = tuple(net.image_size) if fast_decode else None
+    writer = (ShardedRun(out, net, shard_size, batch_size, regions, progress, fast_decode) if shard_size
+              else SingleFile(out, net, batch_size))
+    report = {}
+    if paths is not None:
+        report.update(writer.write("img", [str(p) for p in paths], images, lambda batches: image_batches(
+            net, paths, batches, regions=regions, strict=strict, workers=workers, draft=draft, **options)))
+    if lines is not None:
+        report.update(writer.write("text", lines, texts, lambda batches: text_batches(net, lines, batches, **options)))
+    writer.finish()
     return {"out": str(out), "encoder": net.name, **report}
 
 

@@ -37,6 +37,9 @@ KINDS = {"img": (("img_emb", "region_emb", "selected_patches"), "metadata", "ima
          "text": (("text_emb",), "text_metadata", "caption")}
 
 
+#: the embedding streams' tensor names (``e2_core.embedding``) -> this folder's names
+FOLDER_NAMES = {"image_features": "img_emb", "regional_features": "region_emb", "selected_patches": "selected_patches",
+                "text_features": "text_emb"}
 #: settings of folders written before the setting was recorded
 SAVED_BEFORE = {"fast_decode": False}
 
@@ -122,8 +125,8 @@ class ShardedRun:
         self.manifest = manifest or {"format": 1, **settings}
 
     def write(self, kind: str, labels: List[str], source, encode: Callable) -> dict:
-        """Embeds the items not done yet: ``encode(batches)`` yields (items embedded, arrays by name,
-        unreadable (item, reason)) for each batch of item numbers. Returns the run's report."""
+        """Embeds the items not done yet: ``encode(batches)`` is a stream of ``e2_core.embedding`` for
+        these batches of item numbers. Returns the run's report."""
         digest = hashlib.sha256("\n".join(labels).encode()).hexdigest()
         record = self.manifest.setdefault(kind, {"source": str(source), "count": len(labels), "digest": digest,
                                                  "shards": [], "complete": False})
@@ -143,11 +146,11 @@ class ShardedRun:
                    for s in range(done, total) for b in range(s * size, min((s + 1) * size, n), self.batch_size)]
         bar = tqdm(total=n, initial=min(n, done * size), desc=f"embed {kind}", unit="item", disable=not self.progress)
         shard, parts, items, unreadable = done, {}, [], []
-        for batch, (kept, arrays, failed) in zip(batches, encode(batches)):
+        for batch, (kept, tensors, failed) in zip(batches, encode(batches)):
             items += kept
             unreadable += failed
-            for name, array in arrays.items():
-                parts.setdefault(name, []).append(array)
+            for name, tensor in tensors.items():
+                parts.setdefault(FOLDER_NAMES[name], []).append(tensor.numpy())
             bar.update(len(batch))
             if batch[-1] == min(n, (shard + 1) * size) - 1:
                 self._finish_shard(kind, shard, labels, parts, items, unreadable)
@@ -161,6 +164,9 @@ class ShardedRun:
         if kind == "img":
             report["unreadable_images"] = [reason for s in record["shards"] for _, reason in s["unreadable"]]
         return report
+
+    def finish(self) -> None:
+        """Nothing left to write: each shard and the manifest are saved as they are done."""
 
     def _finish_shard(self, kind, shard, labels, parts, items, unreadable):
         _, metadata, field = KINDS[kind]

@@ -1,15 +1,14 @@
 """The ``retrieval`` task: image-to-text and text-to-image retrieval, CLIP and E2 side by side."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Literal, Optional
 
-from e2_core import load_encoder
 from e2_core.data import open_dataset
 from e2_core.registry import Task
 from e2_core.runtime import resolve_device
-from e2_eval.harness import cached_embeddings, evaluate_retrieval
+from e2_eval.harness import embed_dataset, evaluate_retrieval
+from e2_eval.sidebyside import SideBySide, format_table, report_skipped
 
 from .figures import save_selection_figure, save_top5_figure
 
@@ -36,21 +35,19 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     """
     dev = resolve_device(device)
     protocols = ("full", "sample-100") if protocol == "both" else (protocol,)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results, embeddings, encoders = {}, {}, {}
-    options = dict(train=False, strict=strict, encoding=encoding)
+    options = dict(train=False, strict=strict, encoding=encoding, prepare=True)
     open_dataset(dataset, data_root, "validation", **options)  # a data problem is reported before any model loads
-    sources = {"baseline": baseline, "encoder": encoder}
-    models = {role: load_encoder(source, device=dev) for role, source in sources.items()}  # a bad one fails first
-    for role, source in sources.items():
-        model = models[role]
-        label = model.label if model.label not in results else f"{model.label} #2"
+    runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, {"dataset": dataset},
+                        section="protocols")
+    embeddings = {}
+    for label, model in runner.encoders():
         data = open_dataset(dataset, data_root, "validation", transform=model.preprocess, **options)
-        images, texts, indices, skipped = cached_embeddings(
-            model, data, Path(out) / "embeddings", batch_size=batch_size, device=str(dev), workers=workers)
-        if skipped:
-            print(f"{label}: {len(skipped)} unreadable image(s) skipped, e.g. {'; '.join(skipped[:3])} "
-                  f"(all listed under \"skipped_images\" in {out / 'results.json'})")
+        images, texts, indices, skipped = embed_dataset(model, data, batch_size, dev, workers=workers,
+                                                        cache_dir=out / "embeddings")
+        report_skipped(label, skipped, runner.path)
+        runner.entry(label).update({"items": len(indices), "skipped_images": skipped})
         groups = None
         if "sample-100" in protocols:
             all_groups = data.groups("subcategory")
@@ -58,27 +55,26 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
         scores = evaluate_retrieval(images, texts, groups, protocols, num_negatives=num_negatives)
         if "sample-100" in scores:
             scores["sample-100"] = _sampled_protocol(scores["sample-100"], groups, num_negatives)
-        results[label] = {"role": role, "encoder": str(source), "kind": model.kind, "items": len(indices),
-                          "skipped_images": skipped, **scores}
-        embeddings[label], encoders[label] = (images, texts, indices, data), model
-    _print_table(results, protocols)
-    results = _rounded(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        for name in protocols:
+            runner.record(label, name, lambda: _rounded(scores[name]))
+        embeddings[label] = (images, texts, indices, data)
+    _print_table(runner.results["encoders"], protocols)
     figures = {"top5": str(save_top5_figure(embeddings, out / "top5.png"))}
-    regional = [label for label, model in encoders.items() if model.has_regions]
+    regional = [label for label, model in runner.encoders() if model.has_regions]
     if regional:
         label = regional[-1]
-        figures["selection"] = str(save_selection_figure(encoders[label], embeddings[label][3],
+        figures["selection"] = str(save_selection_figure(runner.models[label], embeddings[label][3],
                                                          out / "selection.png", dev))
-    return {"results": str(out / "results.json"), **figures,
-            **{name: {p: r[p].get("sumr", r[p].get("error")) for p in protocols} for name, r in results.items()}}
+    path = runner.finish()
+    return {"results": str(path), **figures,
+            **{label: {p: r["protocols"][p].get("sumr", r["protocols"][p].get("error")) for p in protocols}
+               for label, r in runner.results["encoders"].items()}}
 
 
 def _sampled_protocol(scores: Dict, groups, num_negatives: int) -> Dict:
     """Sample-100's scores with the protocol applied, or its error in the command's words."""
     if "error" in scores:
-        return {"error": scores["error"].replace("num_negatives", "--num-negatives")
-                + " (or --protocol full)"}
+        return {"error": scores["error"] + " (or score the full protocol only)"}
     if not any(groups):
         return {**scores, "negatives": f"{num_negatives} drawn from all products (the dataset has no sub-category)"}
     return {**scores, "negatives": f"{num_negatives} drawn from the query's sub-category"}
@@ -95,20 +91,17 @@ def _rounded(value, digits: int = 4):
     return value
 
 
-def _print_table(results: Dict, protocols) -> None:
+def _print_table(encoders: Dict, protocols) -> None:
     for protocol in protocols:
-        notes = sorted({r[protocol]["negatives"] for r in results.values() if "negatives" in r[protocol]})
+        scored = {name: r["protocols"][protocol] for name, r in encoders.items() if protocol in r["protocols"]}
+        notes = sorted({s["negatives"] for s in scored.values() if "negatives" in s})
         print(f"\n{protocol} protocol" + (f": negatives per query, {'; '.join(notes)}" if notes else ""))
-        width = max(6, *(len(name) for name in results))
-        print(f"{'':{width}} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'SumR':>7}")
-        for name, r in results.items():
-            scores = r[protocol]
-            if "error" in scores:
-                print(f"{name:{width}} not scored: {scores['error']}")
-                continue
-            i2t, t2i = scores["i2t"], scores["t2i"]
-            print(f"{name:{width}} {i2t[1]:8.1f} {i2t[5]:6.1f} {i2t[10]:6.1f} {t2i[1]:8.1f} {t2i[5]:6.1f} "
-                  f"{t2i[10]:6.1f} {scores['sumr']:7.1f}")
+        rows = [[name, s["i2t"][1], s["i2t"][5], s["i2t"][10], s["t2i"][1], s["t2i"][5], s["t2i"][10], s["sumr"]]
+                for name, s in scored.items() if "error" not in s]
+        print(format_table(["", "I2T R@1", "R@5", "R@10", "T2I R@1", "R@5", "R@10", "SumR"], rows))
+        for name, s in scored.items():
+            if "error" in s:
+                print(f"{name} not scored: {s['error']}")
 
 
 task = Task("retrieval", retrieval)

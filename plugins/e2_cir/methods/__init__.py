@@ -1,12 +1,10 @@
-"""The composed-retrieval methods, each one small module of the same shape (``base.CIRMethod``)."""
-from .base import CIRMethod, NetworkMismatch, QueryBatch, TrainData, load_network, save_network
-from .baselines import ImageAndText, ImageOnly, TextOnly
-from .cirevl import CIReVL
-from .lincir import LinCIR
-from .pic2word import Pic2Word
-from .searle import SEARLE
+"""The composed-retrieval methods, each one small module of the same shape (``base.CIRMethod``), found
+through the ``e2_plugins.cir_methods`` entry-point group (the built-in ones register as a third party's)."""
+from e2_core.registry import CIR_METHOD_GROUP, Registry
 
-#: every method, by the name ``--method`` takes
-METHODS = {m.name: m for m in (ImageOnly, TextOnly, ImageAndText, Pic2Word, SEARLE, LinCIR, CIReVL)}
+from .base import CIRMethod, NetworkMismatch, QueryBatch, TrainData, load_network, save_network
+
+#: every installed method, by the name ``--method`` takes (loaded when used)
+METHODS = Registry(CIR_METHOD_GROUP)
 
 __all__ = ["CIRMethod", "METHODS", "NetworkMismatch", "QueryBatch", "TrainData", "load_network", "save_network"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,18 @@ class QueryBatch:
 
 
 class CIRMethod:
-    """A zero-shot composed image retrieval method. Subclasses set ``name`` and ``convention`` and
-    implement :meth:`queries`; those with a network build it in :meth:`build` and train it in :meth:`fit`."""
+    """A zero-shot composed image retrieval method. Subclasses set ``name``, ``convention`` and what they
+    are (``trains``, ``needs``, ``pseudo_word``) and implement :meth:`queries`; those with a network build
+    it in :meth:`build` and train it in :meth:`fit`. Constructor keywords are the method's options; the
+    ``cir`` task passes those of its own options a constructor names (e.g. CIReVL's ``captioner``).
+    A new method is one module and one line in the ``e2_plugins.cir_methods`` entry-point group."""
 
     name = ""
     convention = "searle"  # the prompt convention of the method's paper (e2_eval.fashioniq.CONVENTIONS)
     placeholder = "$"  # the word the pseudo token replaces
+    trains = False  # has a network trained on the training split (saved per encoder, reused)
+    needs: Tuple[str, ...] = ()  # what it reads of the training split: "images", "captions"
+    pseudo_word = False  # puts the reference image into the prompt as a pseudo word (needs a "$")
 
     def __init__(self, **options):
         self.options = options
@@ -86,6 +92,9 @@ class CIRMethod:
 
 class PseudoWordMethod(CIRMethod):
     """A method whose network turns the reference image's embedding into a pseudo word (``$`` in the prompt)."""
+
+    trains = True
+    pseudo_word = True
 
     def train_network(self, encoder, count: int, loss_of, desc: str, progress: bool, weight_decay: float = 0.01,
                       min_batch: int = 2) -> None:

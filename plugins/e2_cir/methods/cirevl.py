@@ -29,6 +29,7 @@ REWRITE_PROMPT = ("Image description: {caption}\nInstruction: {instruction}\n"
 class CIReVL(CIRMethod):
     name = "cirevl"
     convention = "cirevl"
+    needs = ("captions",)
 
     def __init__(self, captioner: str = "vocabulary", rewriter: str = "template", phrases: int = 3):
         super().__init__(captioner=captioner, rewriter=rewriter, phrases=phrases)

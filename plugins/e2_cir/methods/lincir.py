@@ -18,6 +18,7 @@ from .base import Phi, PseudoWordMethod, TrainData, frozen
 class LinCIR(PseudoWordMethod):
     name = "lincir"
     convention = "searle"
+    needs = ("captions",)
 
     def __init__(self, epochs: int = 30, batch_size: int = 64, lr: float = 1e-4, noise: float = 0.5,
                  dropout: float = 0.1, seed: int = 0):

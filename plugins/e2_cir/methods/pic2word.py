@@ -11,6 +11,7 @@ from .base import Phi, PseudoWordMethod, TrainData, frozen, info_nce
 class Pic2Word(PseudoWordMethod):
     name = "pic2word"
     convention = "pic2word"
+    needs = ("images",)
     placeholder = "*"
 
     def __init__(self, epochs: int = 20, batch_size: int = 64, lr: float = 1e-4, temperature: float = 0.07,

@@ -24,6 +24,7 @@ from .base import Phi, PseudoWordMethod, TrainData, frozen, info_nce
 class SEARLE(PseudoWordMethod):
     name = "searle"
     convention = "searle"
+    needs = ("images", "captions")
 
     def __init__(self, oti_steps: int = 30, oti_lr: float = 2e-2, epochs: int = 20, batch_size: int = 64,
                  lr: float = 1e-4, top_k_concepts: int = 5, dropout: float = 0.5, seed: int = 0):

@@ -24,8 +24,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 from PIL import Image
 
-from ..amazon import IMAGE_DIR, META_FILE, REPORT_FILE, SPLIT_FILE, UNKNOWN_BRAND, _clean
-from ..base import DataError, json_error, open_image
+from e2_core.data.amazon import IMAGE_DIR, META_FILE, REPORT_FILE, SPLIT_FILE, UNKNOWN_BRAND, _clean
+from e2_core.data.base import DataError, json_error, open_image
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..fashiongen import FIELDS, IMAGE_FIELD, PRODUCT_FIELD, fashiongen_file
+from e2_core.data.fashiongen import FIELDS, IMAGE_FIELD, PRODUCT_FIELD, fashiongen_file
 
 IMAGE_SIZE = 256  # FashionGen's
 

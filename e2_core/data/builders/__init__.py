@@ -1,1 +1,0 @@
-"""Builders: make or download datasets in the layouts the readers read (never run by opening a reader)."""
