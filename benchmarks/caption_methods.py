@@ -28,9 +28,6 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-caption")
     args = parser.parse_args()
 
-    from e2_core.data.datasets import SYNTHETIC
-
-    SYNTHETIC.prepare(None)
     caption(method=args.methods, encoder=args.encoder, baseline=args.baseline, beams=args.beams, epochs=args.epochs,
             max_images=args.images, out=Path(args.out), device=args.device, page_images=0)
     results = json.loads((Path(args.out) / "results.json").read_text())

@@ -35,7 +35,7 @@ def main() -> None:
     if not (data / "captions" / "cap.toptee.val.json").is_file():
         print(f"writing {args.triplets} synthetic triplets per category and split to {data} ...", flush=True)
         write_fashioniq(data, args.triplets, seed=args.seed)
-    cir(dataset="synthetic", data_root=str(data), method=args.methods, encoder=args.encoder, baseline=args.baseline,
+    cir(dataset="synthetic-fashioniq", data_root=str(data), method=args.methods, encoder=args.encoder, baseline=args.baseline,
         out=out / "run", device=args.device, figure_queries=0)
     results = json.loads((out / "run" / "results.json").read_text())
     labels = list(results["encoders"])

@@ -42,9 +42,11 @@ from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand
 from e2_core.loss import contrastive_loss
 from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run
 from e2_eval.harness import embed_dataset, evaluate_retrieval
-from e2_eval.retrieval import topk_indices
+from e2_eval.topk import topk_indices
 
 
+#: the control's training method: CLIP-FT given E2's entity texts and regional losses, without E2's parts
+CONTROL = "clip-ft-entities"
 ATTRIBUTES = ("subcategory", "colour", "brand", "composition", "season", "mark_place")
 
 
@@ -260,6 +262,9 @@ def main() -> None:
                              "throughout)")
     parser.add_argument("--equal-budget", action="store_true",
                         help="E2 variant lever: stage 1 within the fine-tuning steps instead of on top of them")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the control: CLIP-FT with E2's entity texts and regional losses on its image "
+                             "embedding (method clip-ft-entities; the variant's global and entity weights)")
     parser.add_argument("--probe-products", type=int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -281,10 +286,13 @@ def main() -> None:
                                                       "stage2_new_lr": args.stage2_new_lr,
                                                       "gumbel_noise_end": args.gumbel_noise_end},
                "runs": {}}
-    for kind in ("clip-ft", e2_kind):
+    weights = {k: v for k, v in levers.items() if k in ("global_weight", "entity_weights")}
+    kinds = ("clip-ft", CONTROL + (f"-{args.variant}" if weights else ""), e2_kind) if args.control else \
+        ("clip-ft", e2_kind)
+    for kind in kinds:
         torch.manual_seed(0)  # the step-0 E2's new parts
         # the step-0 model; for E2 drawn as the trainer draws it (seed 0: the CLIP, then E2's new parts)
-        initial = e2_core.load_encoder(start) if kind == "clip-ft" else e2_core.Encoder(
+        initial = e2_core.load_encoder(start) if kind != e2_kind else e2_core.Encoder(
             e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k in E2CONFIG_LEVERS}),
             arch=args.model)
         val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
@@ -296,6 +304,8 @@ def main() -> None:
             run = out / kind / f"seed{seed}"
             if kind == "clip-ft":  # a finished run returns at once
                 best = recipe_run(kind, recipe, out, seed, **common)
+            elif kind != e2_kind:  # the control: CLIP-FT's recipe with E2's entity losses
+                best = finetune(CONTROL, replace(recipe, seed=seed), start, run, data_root, **common, **weights)
             else:
                 best = finetune("e2", replace(recipe, seed=seed, stage1_on_top=not args.equal_budget,
                                               stage2_new_lr=args.stage2_new_lr,
@@ -309,7 +319,7 @@ def main() -> None:
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
-                if kind != "clip-ft" and "training_pick_agrees" not in record["mechanism"].get("blocks", [{}])[0]:
+                if kind == e2_kind and "training_pick_agrees" not in record["mechanism"].get("blocks", [{}])[0]:
                     # measured before the picks' agreement (or the blocks and layers) existed
                     record["mechanism"] = mechanism(model, val, device)
                     record["mechanism_step0"] = mechanism(initial, val, device)
@@ -319,23 +329,23 @@ def main() -> None:
             record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run),
                       "probe": detail_probe(model, val, device, args.probe_products),
                       "probe_step0": probe0}
-            if kind != "clip-ft":
+            if kind == e2_kind:
                 record["mechanism"] = mechanism(model, val, device)
                 record["mechanism_step0"] = mechanism(initial, val, device)
             result_file.parent.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(record, indent=2))
             results["runs"][key] = record
-    report(results, args.seeds, len(val), e2_kind)
+    report(results, args.seeds, len(val), e2_kind, kinds)
     (out / f"summary-{e2_kind}.json").write_text(json.dumps(results, indent=2))
 
 
-def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
+def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-ft", "e2")) -> None:
     runs = results["runs"]
     print(f"\n{n_val} validation products, seeds {seeds}, {results['recipe']['finetune_steps']} fine-tuning steps; "
           "mean ± standard error")
     print("| model | T2I R@1 | I2T R@1 | sample-100 SumR | T2I R@1 at step 0 | T2I gain since step 0 | step time (s) |")
     print("|---|---|---|---|---|---|---|")
-    for kind in ("clip-ft", e2_kind):
+    for kind in kinds:
         rows = [runs[f"{kind}/seed{s}"] for s in seeds]
         t2i, i2t = mean_se([r["final"]["t2i_r1"] for r in rows]), mean_se([r["final"]["i2t_r1"] for r in rows])
         s100 = mean_se([_or_nan(r["final"]["sample100_sumr"]) for r in rows])
@@ -354,6 +364,12 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
     print(f"\nE2 - CLIP-FT, T2I R@1: {gap[0]:+.1f} ± {gap[1]:.1f} (target >= +5); I2T R@1: {gap_i2t[0]:+.1f} ± "
           f"{gap_i2t[1]:.1f} (target >= 0); sample-100 SumR: {gap_s100[0]:+.1f} ± {gap_s100[1]:.1f} (target >= 0); "
           f"step time E2 / CLIP-FT: {ratio:.2f} (target <= 1.25)")
+    for control in kinds[1:-1]:  # E2 against CLIP-FT given the same entity supervision
+        control_rows = [runs[f"{control}/seed{s}"] for s in seeds]
+        lead = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, control_rows)])
+        lead_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, control_rows)])
+        print(f"E2 - {control} (the control), T2I R@1: {lead[0]:+.1f} ± {lead[1]:.1f} (target >= +3); I2T R@1: "
+              f"{lead_i2t[0]:+.1f} ± {lead_i2t[1]:.1f}")
     mech = e2_rows[0]["mechanism"]
     print(f"\nE2 mechanism (seed {seeds[0]}); regional loss chance = ln(batch) = {mech['loss_chance']:.2f}")
     print("| entity | regional loss, step 0 | regional loss, final | selection on its detail (block 2), final "
@@ -399,7 +415,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
           "with one attribute changed (chance 50%)")
     print("| model | " + " | ".join(PROBED) + " |")
     print("|---|" + "---|" * len(PROBED))
-    for kind in ("clip-ft", e2_kind):
+    for kind in kinds:
         rows = [runs[f"{kind}/seed{s}"] for s in seeds]
         for label, field in (("step 0", "probe_step0"), ("final", "probe")):
             cells = [mean_se([r[field][a] for r in rows]) for a in PROBED]
@@ -410,7 +426,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2") -> None:
           "have a gallery twin that differs only in season and/or mark place")
     print("| model | errors | mean attributes wrong | " + " | ".join(ATTRIBUTES) + " |")
     print("|---|---|---|" + "---|" * len(ATTRIBUTES))
-    for kind in ("clip-ft", e2_kind):
+    for kind in kinds:
         errors = [runs[f"{kind}/seed{s}"]["final"]["t2i_errors"] for s in seeds]
         total = sum(e["errors"] for e in errors)
         wrong = sum(int(n) * c for e in errors for n, c in e["by_count"].items()) / max(total, 1)

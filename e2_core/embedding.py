@@ -3,9 +3,10 @@
 :func:`embed_images` and :func:`embed_texts` batch, decode images in worker processes, run under the
 chosen precision (and ``torch.compile`` when asked) and cache per encoder weights and input files; the
 streams beneath them (:func:`image_batches`, :func:`text_batches`) serve writers that save batch by
-batch. Images are a list of files or a :class:`~e2_core.data.ProductDataset` (each product's first
-readable view); every one goes through :func:`~e2_core.data.base.open_image`, so an image that cannot be
-decoded, or exceeds the pixel limit, is skipped and listed the same way everywhere (``strict``: an error).
+batch. Images are a list of files (or of PIL images) or a :class:`~e2_core.data.ProductDataset` (each
+product's first readable view); every file goes through :func:`~e2_core.data.base.open_image`, so an image
+that cannot be decoded, or exceeds the pixel limit, is skipped and listed the same way everywhere (``strict``:
+an error).
 
     >>> out = embed_images(encoder, ["a.jpg", "b.png"], batch_size=64)  # doctest: +SKIP
     >>> out.features.shape, out.indices, out.skipped                    # doctest: +SKIP
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -60,6 +62,8 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         item = self.images[i]
+        if isinstance(item, Image.Image):
+            return i, self.preprocess(item.convert("RGB")), []
         if isinstance(item, Sample):  # a product: its dataset already fell back across views
             if item.error is not None:
                 return i, None, list(item.unread)
@@ -155,7 +159,7 @@ def embed_images(encoder, images: Sequence, *, batch_size: int = 64, device=None
     """
     encoder = as_encoder(encoder)
     settings = {"precision": precision, "regions": regions, "draft": draft}
-    path = _cache_path(cache_dir, encoder, _image_files(images), settings)
+    path = _cache_path(cache_dir, encoder, _image_files(images), settings) if cache_dir is not None else None
     cached = _read_cache(path, strict)
     if cached is not None:
         return cached
@@ -220,6 +224,8 @@ def _image_files(images: Sequence) -> Tuple[List[str], str]:
     dataset = getattr(images, "dataset", None)  # a torch Subset of a ProductDataset
     if isinstance(dataset, ProductDataset):
         return dataset.source_files(), f"{type(dataset).__name__}|{list(images.indices)}"
+    if any(isinstance(p, Image.Image) for p in images):
+        raise ValueError("PIL images have no file to key a cache entry on; embed them with cache_dir=None")
     return [str(p) for p in images], f"files|{len(images)}"
 
 

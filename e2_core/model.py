@@ -226,23 +226,7 @@ class E2Model(CLIP):
         Every distinct string is encoded once (brands and seasons repeat across a batch), each length
         bucket cut to its own longest string.
         """
-        return self._encode_texts(None, entity_text, normalize)[1]
-
-    def _encode_texts(self, text: Optional[torch.Tensor], entity_text: Optional[EntityTokens],
-                      normalize: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The global texts and the entity strings' buckets, with one token-embedding lookup for all."""
-        batches = [] if text is None else [text]
-        if entity_text is not None:
-            if not isinstance(entity_text, EntityTokens):
-                raise TypeError(f"entity_text must be EntityTokens from e2_core.tokenize_entities, got "
-                                f"{type(entity_text).__name__}")
-            if entity_text.index.ndim != 2 or entity_text.index.shape[1] != len(self.entities):
-                raise ValueError(f"entity_text holds {tuple(entity_text.index.shape)} (items, entities) but the "
-                                 f"model's entities are {list(self.entities)}: give one string per entity, in that order")
-            batches += [entity_text.tokens[start:end, :columns] for start, end, columns in entity_text.spans()]
-        features = text_tower_batches(self, batches, normalize=normalize)
-        text_features = features.pop(0) if text is not None else None
-        return text_features, None if entity_text is None else torch.cat(features)[entity_text.index]
+        return encode_texts(self, None, entity_text, self.entities, normalize)[1]
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
                 entity_text: Optional[EntityTokens] = None):
@@ -261,7 +245,7 @@ class E2Model(CLIP):
             out["image_features"] = vision.image_features
             out["image_regional_features"] = vision.regional_features
         if text is not None or entity_text is not None:
-            text_features, entity_text_features = self._encode_texts(text, entity_text, normalize=True)
+            text_features, entity_text_features = encode_texts(self, text, entity_text, self.entities, normalize=True)
             if text is not None:
                 out["text_features"] = text_features
         if entity_text is not None:
@@ -276,6 +260,24 @@ class E2Model(CLIP):
     def e2_parameters(self):
         """The parameters E2 adds to CLIP (trained alone in stage 1)."""
         return [p for name, p in self.named_parameters() if is_e2_parameter(name)]
+
+
+def encode_texts(clip: CLIP, text: Optional[torch.Tensor], entity_text: Optional[EntityTokens],
+                 entities: Sequence[str], normalize: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The global texts (B, D) and the entity strings (B, K, D) through a CLIP's text tower, the strings in
+    their length buckets, with one token-embedding lookup for all."""
+    batches = [] if text is None else [text]
+    if entity_text is not None:
+        if not isinstance(entity_text, EntityTokens):
+            raise TypeError(f"entity_text must be EntityTokens from e2_core.tokenize_entities, got "
+                            f"{type(entity_text).__name__}")
+        if entity_text.index.ndim != 2 or entity_text.index.shape[1] != len(entities):
+            raise ValueError(f"entity_text holds {tuple(entity_text.index.shape)} (items, entities) but the "
+                             f"model's entities are {list(entities)}: give one string per entity, in that order")
+        batches += [entity_text.tokens[start:end, :columns] for start, end, columns in entity_text.spans()]
+    features = text_tower_batches(clip, batches, normalize=normalize)
+    text_features = features.pop(0) if text is not None else None
+    return text_features, None if entity_text is None else torch.cat(features)[entity_text.index]
 
 
 def text_tower_batches(clip: CLIP, batches: Sequence[torch.Tensor], normalize: bool = False) -> List[torch.Tensor]:

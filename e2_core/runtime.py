@@ -21,13 +21,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         except RuntimeError:
             raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
         if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device=cpu or device=auto")
         if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         mps = getattr(torch.backends, "mps", None)
         if chosen.type == "mps" and (mps is None or not mps.is_available()):
-            raise ValueError(f"device {device!r} requested but Apple MPS is not available; use --device cpu or auto")
+            raise ValueError(f"device {device!r} requested but Apple MPS is not available; use device=cpu or device=auto")
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")

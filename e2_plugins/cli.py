@@ -110,9 +110,10 @@ def _message(err: Exception) -> str:
 def in_flags(message: str, names) -> str:
     """A message about Python parameters in the command line's words, the one place they are translated:
     ``data_root`` -> ``--data-root``, ``beams=0`` -> ``--beams=0``, ``download=True`` -> ``--download``,
-    ``strict=False`` -> ``--no-strict``."""
+    ``strict=False`` -> ``--no-strict``, and a name in backquotes, `` `category` `` -> ``--category``."""
     for name in names:
         flag = name.replace("_", "-")
+        message = message.replace(f"`{name}`", f"--{flag}")
         message = re.sub(rf"(?<![\w-]){name}=True\b", f"--{flag}", message)
         message = re.sub(rf"(?<![\w-]){name}=False\b", f"--no-{flag}", message)
         message = re.sub(rf"(?<![\w-]){name}=", f"--{flag}=", message)

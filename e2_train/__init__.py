@@ -2,6 +2,6 @@
 which never imports it: ``train(TrainConfig(...))`` opens the datasets by name, ``fit`` takes them."""
 from .config import Stage, TrainConfig
 from .loop import fit, train
-from .methods import METHODS, CLIPFineTuning, E2Training, TrainingMethod
+from .methods import METHODS, CLIPFineTuning, E2Training, EntityFineTuning, TrainingMethod
 
-__all__ = ["CLIPFineTuning", "E2Training", "METHODS", "Stage", "TrainConfig", "TrainingMethod", "fit", "train"]
+__all__ = ["CLIPFineTuning", "E2Training", "EntityFineTuning", "METHODS", "Stage", "TrainConfig", "TrainingMethod", "fit", "train"]

@@ -48,11 +48,11 @@ class Stage:
         for item in filter(None, rest.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in _STAGE_KEYS:
-                raise ValueError(f"--stages {text!r}: expected NAME:key=value,... with keys {', '.join(_STAGE_KEYS)}")
+                raise ValueError(f"stages={text!r}: expected NAME:key=value,... with keys {', '.join(_STAGE_KEYS)}")
             try:
                 fields[key] = _STAGE_KEYS[key](value)
             except ValueError:
-                raise ValueError(f"--stages {text!r}: {key}={value!r} is not a {_STAGE_KEYS[key].__name__}") from None
+                raise ValueError(f"stages={text!r}: {key}={value!r} is not a {_STAGE_KEYS[key].__name__}") from None
         return cls(name, **fields)
 
     def over(self, default: "Stage") -> "Stage":
@@ -84,7 +84,7 @@ def parse_weights(text: str) -> Dict[str, float]:
         except ValueError:
             weights[name] = -1.0
         if not name or weights[name] < 0:
-            raise ValueError(f"--entity-weights {text!r}: expected NAME=W,... with W a number >= 0, "
+            raise ValueError(f"entity_weights={text!r}: expected NAME=W,... with W a number >= 0, "
                              "e.g. season=2,brand=2")
     return weights
 

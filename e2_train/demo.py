@@ -12,6 +12,7 @@ zeros, so words the generator never writes carry no meaning for these encoders).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -20,15 +21,16 @@ from typing import Dict, Optional
 
 import torch
 
-from e2_core import registry
 from e2_core.checkpoint import CONFIG_NAME, FORMAT, WEIGHTS_NAME, compact_state_dict, load_checkpoint, save_tensors
 from e2_core.data import default_synthetic_root
-from e2_data.synthetic import SIZES, brand_names, catalog, tags_of, write_fashiongen
 from e2_core.demo import KINDS, SHIPPED_SHA256, sha256
 from e2_core.texts import build_texts
+from e2_data.synthetic import SIZES, brand_names, catalog, tags_of, write_fashiongen
 
 from .config import Stage, TrainConfig
 from .loop import train
+
+log = logging.getLogger(__name__)
 
 
 
@@ -58,7 +60,7 @@ def pretrain_clip(recipe: Recipe, out: Path, data_root: Path, **overrides) -> Pa
     """A small CLIP trained from scratch on synthetic products that the fine-tuning data does not hold."""
     if not (data_root / "fashiongen_256_256_train.h5").is_file():
         skip = sum(SIZES["small"].values())  # products after the task data's, so the sets are disjoint
-        print(f"generating {recipe.pretrain_products} synthetic pre-training products in {data_root} ...", flush=True)
+        log.warning("generating %d synthetic pre-training products in %s ...", recipe.pretrain_products, data_root)
         write_fashiongen(data_root, {"train": recipe.pretrain_products, "validation": 256},
                          seed=recipe.seed, offset=skip, progress=True)
     cfg = TrainConfig(out=str(out), method="clip-ft", model=recipe.model, dataset="synthetic",
@@ -70,14 +72,14 @@ def pretrain_clip(recipe: Recipe, out: Path, data_root: Path, **overrides) -> Pa
 
 def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optional[Path] = None,
              evaluate=None, callbacks=(), **overrides) -> Path:
-    """CLIP-FT or E2 (both stages) from the pre-trained CLIP, on the synthetic ``small`` split."""
+    """CLIP-FT (``clip-ft``, or ``clip-ft-entities`` with E2's entity losses on its image embedding) or E2
+    (both stages) from the pre-trained CLIP, on the synthetic ``small`` split."""
     data_root = Path(data_root) if data_root else default_synthetic_root("small", 0)
-    registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
     common = dict(out=str(out), model=recipe.model, pretrained=str(start), dataset="synthetic",
                   data_root=str(data_root), batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=20,
                   **overrides)
-    if kind == "clip-ft":
-        cfg = TrainConfig(method="clip-ft", stages=[Stage("finetune", lr=recipe.finetune_lr,
+    if kind in ("clip-ft", "clip-ft-entities"):
+        cfg = TrainConfig(method=kind, stages=[Stage("finetune", lr=recipe.finetune_lr,
                                                           steps=recipe.finetune_steps)], **common)
         return Path(train(cfg, evaluate, callbacks)["finetune"])
     stage1 = round(recipe.finetune_steps * recipe.stage1_fraction)
@@ -148,6 +150,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or cache_root() / "demo-weights"
     for kind, path in reproduce(out, device=args.device, workers=args.workers).items():
         digest = sha256(path / WEIGHTS_NAME)

@@ -16,7 +16,7 @@ from torch import nn
 from e2_core import E2Config, E2Model, Encoder
 from e2_core.fusion import TemperatureSchedule
 from e2_core.loss import RegionalContrastiveLoss, contrastive_loss
-from e2_core.model import is_e2_parameter, text_tower
+from e2_core.model import encode_texts, is_e2_parameter, text_tower
 
 from e2_core.registry import TRAINING_METHOD_GROUP, Registry
 
@@ -87,6 +87,8 @@ def no_weight_decay(model: nn.Module) -> Set[str]:
 
 
 class E2Training(TrainingMethod):
+    """E2: CLIP plus selection tokens and fusion blocks, trained with the global and regional losses."""
+
     name = "e2"
     own_settings = ("token_attention", "tokens_per_entity", "gumbel_noise_end")
     # stage 2: the added parts keep stage 1's learning rate (new_lr), ten times the CLIP's (see the README)
@@ -120,15 +122,23 @@ class E2Training(TrainingMethod):
         return {**self.model(batch.images, batch.text, batch.entity_text), "entity_labels": batch.entity_text.index}
 
     def loss(self, features, ctx, sizes) -> Dict[str, torch.Tensor]:
-        labels = features.pop("entity_labels")
-        gathered = {k: distributed.gather(features[k], ctx, sizes) for k in
-                    ("image_features", "text_features", "image_regional_features", "entity_text_features")}
-        # entity string ids are per process: offset them so that no two processes share one
-        labels = distributed.gather(labels + ctx.rank * 1_000_000, ctx, sizes)
-        return self.objective(**gathered, logit_scale=features["logit_scale"], entity_labels=labels)
+        return regional_objective(self.objective, features, ctx, sizes)
+
+
+def regional_objective(objective: RegionalContrastiveLoss, features: Dict[str, torch.Tensor], ctx,
+                       sizes) -> Dict[str, torch.Tensor]:
+    """The global and regional losses of every process's features (E2's objective)."""
+    labels = features.pop("entity_labels")
+    gathered = {k: distributed.gather(features[k], ctx, sizes) for k in
+                ("image_features", "text_features", "image_regional_features", "entity_text_features")}
+    # entity string ids are per process: offset them so that no two processes share one
+    labels = distributed.gather(labels + ctx.rank * 1_000_000, ctx, sizes)
+    return objective(**gathered, logit_scale=features["logit_scale"], entity_labels=labels)
 
 
 class CLIPFineTuning(TrainingMethod):
+    """The CLIP-FT baseline: the CLIP fine-tuned with the global contrastive loss alone."""
+
     name = "clip-ft"
     default_stages = (Stage("finetune", lr=5e-5, epochs=20.0, trains="all"),)
 
@@ -148,6 +158,33 @@ class CLIPFineTuning(TrainingMethod):
         image = distributed.gather(features["image_features"], ctx, sizes)
         text = distributed.gather(features["text_features"], ctx, sizes)
         return {"loss": contrastive_loss(image, text, features["logit_scale"])}
+
+
+class EntityFineTuning(CLIPFineTuning):
+    """CLIP fine-tuning with E2's entity supervision and none of its parts: the same entity texts and
+    regional losses (``global_weight``, ``entity_weights``) applied to the CLIP's own image embedding, as if
+    every entity's region were the whole image. The control that tells what E2's selection tokens and fusion
+    blocks add beyond the extra supervision."""
+
+    name = "clip-ft-entities"
+
+    def __init__(self, model: CLIP, cfg: TrainConfig, entities: Tuple[str, ...] = (), arch=None):
+        super().__init__(model, cfg, entities, arch)
+        if not entities:
+            raise ValueError(f"method={self.name} needs a dataset with tag entities (brand, season, ...)")
+        self.entities = tuple(entities)
+        self.objective = RegionalContrastiveLoss(self.entities, cfg.global_weight, cfg.entity_weights,
+                                                multi_positive=cfg.multi_positive)
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        image = self.model.encode_image(batch.images, normalize=True)
+        text, entity_text = encode_texts(self.model, batch.text, batch.entity_text, self.entities, normalize=True)
+        return {"image_features": image, "text_features": text, "entity_text_features": entity_text,
+                "image_regional_features": image[:, None].expand(-1, len(self.entities), -1),
+                "logit_scale": self.model.logit_scale.exp(), "entity_labels": batch.entity_text.index}
+
+    def loss(self, features, ctx, sizes) -> Dict[str, torch.Tensor]:
+        return regional_objective(self.objective, features, ctx, sizes)
 
 
 #: every installed training method, by the name ``--method`` takes (loaded when used)

@@ -103,6 +103,27 @@ def test_keyword_phrases_and_masking():
     assert METHODS["lincir"].mask("is beige instead of navy") == "is $ instead of $"
 
 
+@pytest.mark.parametrize("caption, phrases, masked", [
+    ("has the Kestrel & Co logo on the hem", ["Kestrel & Co logo", "hem"], "has the $ on the $"),
+    ("is red, white and 100% wool", ["red, white", "100% wool"], "is $ and $"),
+    ("is a Dürer/Lenz relaxed-fit coat", ["Dürer/Lenz relaxed-fit coat"], "is a $"),
+    ("is O'Hara's SS'24 style", ["O'Hara's SS'24 style"], "is $"),
+    ("", [], ""),
+])
+def test_phrases_are_written_as_the_caption_writes_them_so_they_can_be_masked(caption, phrases, masked):
+    """Names with &, commas, slashes, digits, apostrophes and accents: a phrase is the caption's own text
+    (it was rejoined with spaces, "Kestrel Co", which no caption holds, and SEARLE's regulariser then
+    encoded a caption without its pseudo word)."""
+    from e2_cir.phrases import Vocabulary
+
+    assert keyword_phrases(caption) == phrases
+    assert all(mask_phrase(caption, p) != caption for p in phrases)
+    assert METHODS["lincir"].mask(caption) == masked
+    assert mask_phrase("a Kestrel & Coats coat", "Kestrel & Co") == "a Kestrel & Coats coat"  # not inside a word
+    vocabulary = Vocabulary([caption, "is navy"])
+    assert all("$" in mask_phrase(c, p) for p in vocabulary.phrases for c in vocabulary.captions[p])
+
+
 def _train_and_queries(encoder, fiq):
     from e2_eval.fashioniq import embed_names
 
@@ -211,7 +232,7 @@ def test_cirevl_takes_local_hugging_face_captioners_and_rewriters(fiq, tiny_chec
     expected = [method.rewrite(c, p[0]) for c, p in zip(captions, batch.prompts)]
     assert method.last_texts == expected and all(expected)
     assert rewriter("a photo of red")  # the continuation of a greedy decode
-    with pytest.raises(ValueError, match=r"--rewriter 'gpt-4': use template or hf:PATH"):
+    with pytest.raises(ValueError, match=r"rewriter='gpt-4': use template or hf:PATH"):
         METHODS["cirevl"](rewriter="gpt-4")
 
 

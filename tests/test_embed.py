@@ -133,7 +133,7 @@ def test_the_reader_names_what_a_folder_lacks(catalog, tmp_path, tiny_checkpoint
     out = tmp_path / "emb"
     embed(images=catalog, encoder=tiny_checkpoints["e2"], out=out, device="cpu", batch_size=2, shard_size=4,
           workers=0, progress=False)
-    with pytest.raises(ValueError, match="holds no region_emb .embedded without --regions"):
+    with pytest.raises(ValueError, match="holds no region_emb .embedded without regions=True"):
         EmbeddingShards(out, "region_emb")
     with pytest.raises(ValueError, match="holds no text embeddings"):
         EmbeddingShards(out, "text_emb")
@@ -144,7 +144,7 @@ def test_the_reader_names_what_a_folder_lacks(catalog, tmp_path, tiny_checkpoint
 def test_a_shard_folder_refuses_another_run(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"
     run(catalog, out, tiny_checkpoints["e2"])
-    with pytest.raises(ValueError, match="shard_size=4, not shard_size=3; use another --out"):
+    with pytest.raises(ValueError, match="shard_size=4, not shard_size=3; use another output folder"):
         embed(images=catalog, encoder=tiny_checkpoints["e2"], out=out, device="cpu", regions=True, batch_size=2,
               shard_size=3, progress=False)
     with pytest.raises(ValueError, match="encoder="):
@@ -240,7 +240,7 @@ def test_fast_decode_reads_jpegs_at_a_reduced_scale_close_to_a_full_decode(tmp_p
 def test_a_shard_folder_keeps_its_decoding(catalog, tmp_path, tiny_checkpoints):
     out = tmp_path / "emb"
     run(catalog, out, tiny_checkpoints["e2"])
-    with pytest.raises(ValueError, match="fast_decode=False, not fast_decode=True; use another --out"):
+    with pytest.raises(ValueError, match="fast_decode=False, not fast_decode=True; use another output folder"):
         run(catalog, out, tiny_checkpoints["e2"], fast_decode=True)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["fast_decode"]                                           # a folder from before the option
@@ -278,9 +278,9 @@ def test_a_catalog_needs_only_its_image_column(catalog, tmp_path, tiny_checkpoin
 
 def test_out_must_match_the_output_kind(catalog, tmp_path, tiny_checkpoints):
     (tmp_path / "emb.safetensors").write_text("")
-    with pytest.raises(ValueError, match="is a file; with --shard-size, --out is the folder of shards"):
+    with pytest.raises(ValueError, match="is a file; with shard_size, out is the folder of shards"):
         run(catalog, tmp_path / "emb.safetensors", tiny_checkpoints["clip"])
-    with pytest.raises(ValueError, match="is a folder; give a .safetensors file, or --shard-size N"):
+    with pytest.raises(ValueError, match="is a folder; give a .safetensors file, or shard_size=N"):
         embed(images=catalog, encoder=tiny_checkpoints["clip"], out=tmp_path, device="cpu", progress=False)
 
 

@@ -359,7 +359,7 @@ def test_entity_weights_reach_the_regional_loss(tiny_model):
     assert all(w == 1.0 for e, w in weights.items() if e not in ("season", "brand"))
     with pytest.raises(ValueError, match="unknown entities"):
         E2Training(tiny_model, config(Path("unused"), None, entity_weights="colour=2"))
-    with pytest.raises(ValueError, match="--entity-weights 'season=-1'"):
+    with pytest.raises(ValueError, match="entity_weights='season=-1'"):
         config(Path("unused"), None, entity_weights="season=-1")
 
 
@@ -412,3 +412,49 @@ def test_counts_out_of_range_are_refused_before_training(option, value, least, t
     with pytest.raises(ValueError, match=f"{option}={value}: must be >= {least}"):
         config(tmp_path, data_root, **{option: value})
     assert not (tmp_path / "run").exists()
+
+
+def test_the_entity_control_is_clip_ft_plus_the_regional_losses_on_the_image_embedding(tokenizer):
+    """clip-ft-entities (the control for E2's regions): CLIP-FT's loss at global_weight 1, and otherwise the
+    same weighted regional losses E2 trains with, each entity scored against the CLIP's own image embedding."""
+    import types
+
+    import open_clip
+    from e2_core.loss import contrastive_loss
+    from e2_train import CLIPFineTuning, EntityFineTuning
+    from e2_train.distributed import Context
+    from conftest import make_batch
+
+    images, text, entity_text = make_batch(tokenizer)
+    batch = types.SimpleNamespace(images=images, text=e2_core.trim_padding(text), entity_text=entity_text)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY)
+    ctx, sizes = Context(0, 1, torch.device("cpu")), None
+    entities = e2_core.FASHIONGEN_ENTITIES
+    plain = CLIPFineTuning(clip, config(Path("unused"), None, method="clip-ft"), entities)
+    expected = plain.loss(plain(batch), ctx, sizes)["loss"]
+    only_global = EntityFineTuning(clip, config(Path("unused"), None, method="clip-ft", global_weight=1.0), entities)
+    assert torch.allclose(only_global.loss(only_global(batch), ctx, sizes)["loss"], expected, atol=1e-6)
+    control = EntityFineTuning(clip, config(Path("unused"), None, method="clip-ft", global_weight=0.8,
+                                            entity_weights="season=0"), entities)
+    losses = control.loss(control(batch), ctx, sizes)
+    image = clip.encode_image(images, normalize=True)
+    per_entity = {}
+    for i, name in enumerate(entities):
+        strings = clip.encode_text(entity_text.tokens[entity_text.index[:, i]], normalize=True)
+        per_entity[name] = contrastive_loss(image, strings, clip.logit_scale.exp())
+        assert torch.allclose(losses[f"loss_{name}"], per_entity[name], atol=1e-5), name
+    regional = sum(per_entity[e] for e in entities if e != "season") / (len(entities) - 1)
+    assert torch.allclose(losses["loss"], 0.8 * expected + 0.2 * regional, atol=1e-5)
+
+
+def test_the_entity_control_trains_through_the_command_line(tmp_path, data_root):
+    from e2_plugins.cli import main
+
+    assert main(["train", "--method", "clip-ft-entities", "--model", TINY, "--data-root", data_root, "--stages",
+                 "finetune:steps=2", "--batch-size", "16", "--workers", "0", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "run" / "finetune" / "metrics.jsonl")]
+    logged = [r for r in records if "loss" in r]
+    assert {"loss", "loss_global", "loss_brand", "loss_season"} <= set(logged[0]) and len(logged) == 2
+    assert not e2_core.load_encoder(str(tmp_path / "run" / "finetune" / "best")).has_regions

@@ -88,7 +88,7 @@ def load_fashioniq(root: PathLike, category: str, split: str = "val", check_imag
     if not layouts:
         held = sorted({p.name.split(".")[1] for layout in ("captions", "json")
                        for p in (root / layout).glob(f"cap.*.{split}.json")})
-        hint = (f"; it holds the categories {', '.join(held)}: choose them with category" if held else
+        hint = (f"; it holds the categories {', '.join(held)}: choose among them with `category`" if held else
                 "; a FashionIQ folder holds captions/ (or json/), image_splits/ and images/. Get the data from the "
                 "FashionIQ authors (github.com/XiaoxiaoGuo/fashion-iq) and pass its folder as data_root")
         raise MissingSplit(f"{root}: no captions/cap.{category}.{split}.json or json/cap.{category}.{split}.json"

@@ -64,8 +64,8 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     options = dict(train=False, encoding=encoding, prepare=True)
     train = open_dataset(dataset, data_root, "train", **options)
     val = open_dataset(dataset, data_root, "validation", **options)
-    out.mkdir(parents=True, exist_ok=True)
     runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, {"dataset": dataset})
+    out.mkdir(parents=True, exist_ok=True)
     shown: Dict[str, Dict[str, str]] = {}
     texts = [caption_text(train.product(i).tags) for i in range(len(train))]
     subset = torch.utils.data.Subset(val, range(min(max_images, len(val)) if max_images else len(val)))

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from e2_core.checkpoint import save_tensors
+from e2_core.embedding import embed_images
 
 from .decoder import DecoderConfig, PrefixLM
 from .vocab import BPEVocab, HFVocab, vocab_from_state
@@ -90,11 +91,11 @@ class Captioner:
     def decode(self, ids: Sequence[int]) -> str:
         return self.vocab.decode(ids)
 
-    @torch.no_grad()
     def __call__(self, images) -> List[str]:
-        """PIL images -> captions (the encoder embeds them)."""
-        pixels = torch.stack([self.encoder.preprocess(image) for image in images]).to(self.encoder.device)
-        return self.caption_features(self.encoder.encode_image(pixels, normalize=True))
+        """PIL images (or image files) -> captions (the encoder embeds them)."""
+        images = list(images)
+        features = embed_images(self.encoder, images, batch_size=max(1, len(images)), strict=True).features
+        return self.caption_features(features.to(self.encoder.device))
 
     # --- on disk --------------------------------------------------------------------------------------
     def extra_tensors(self) -> Dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ class Captioner:
                 f"{path} was trained for the encoder {meta.get('encoder', '?')} (weights "
                 f"{meta.get('encoder_fingerprint', '?')[:12]}), not for {self.encoder.name} (weights "
                 f"{self.encoder.fingerprint()[:12]}): a decoder reads one embedding space. Train one for this "
-                "encoder (remove the file, or use another --decoders folder)")
+                "encoder (remove the file, or use another folder, decoders=...)")
         self.config = DecoderConfig(**json.loads(meta["config"]))
         self.vocab = vocab_from_state(json.loads(meta["vocab"]), self.encoder.tokenizer)
         self.decoder = PrefixLM(self.encoder.embed_dim, self.config)

@@ -37,7 +37,7 @@ def cir(dataset: str = "synthetic-fashioniq", data_root: Optional[str] = None, m
         encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         baseline: the encoder it is compared with, in the same forms
         convention: how the two relative captions become a query (default: each method's own)
-        category: FashionIQ categories to score (default: all three)
+        category: categories to score (default: FashionIQ's dress, shirt and toptee)
         captioner: CIReVL's captioner: vocabulary (offline, zero-shot tags) or hf:PATH (a local Hugging Face image-to-text model)
         rewriter: CIReVL's rewriter: template (deterministic) or hf:PATH (a local Hugging Face text-generation model)
         networks: folder of the methods' trained networks, one per method and encoder, reused when present (default: OUT/networks)
@@ -66,13 +66,13 @@ def cir(dataset: str = "synthetic-fashioniq", data_root: Optional[str] = None, m
         runners[name] = _method(name, captioner=captioner, rewriter=rewriter)
         _check_convention(runners[name], convention or runners[name].convention)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     networks = Path(networks) if networks else out / "networks"
     dropped = {f"{d.split}/{d.category}": {"triplets": d.dropped, "gallery_images": d.missing_images}
                for d in list(val.values()) + train_split if d.dropped or d.missing_images}
     header = {"dataset": dataset, "data_root": str(val[categories[0]].root), "dropped": dropped,
               "conventions": {name: convention or r.convention for name, r in runners.items()}}
     runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, header)
+    out.mkdir(parents=True, exist_ok=True)
     figures = {}
     for label, model in runner.encoders():
         cache = out / "embeddings"
@@ -214,7 +214,6 @@ def _without_ranks(scores: Dict) -> Dict:
     return {k: ({n: x for n, x in v.items() if n != "ranks"} if isinstance(v, dict) else v) for k, v in scores.items()}
 
 
-task = Task("cir", cir, choices={"method": lambda: list(METHODS),
-                                 "convention": lambda: list(CONVENTIONS), "category": lambda: list(CATEGORIES)})
+task = Task("cir", cir, choices={"method": lambda: list(METHODS), "convention": lambda: list(CONVENTIONS)})
 
 __all__ = ["cir", "task"]

@@ -23,24 +23,27 @@ most least very too also just not no instead rather same different one ones whic
 there here their they them he she his her i me my we our you your all any some each other another only
 looks look looking make makes made wear wears worn show shows shown showing""".split())
 
-_WORD = re.compile(r"[A-Za-z0-9%'\-]+")
+_WORD = re.compile(r"[\w%'\-]+")  # letters of any script, digits, %, apostrophes, hyphens
 _TAGS = ("NN", "JJ", "DT", "CD", "VBN")  # nouns (incl. proper), adjectives, determiners, numbers, participles
 
 
 def keyword_phrases(text: str) -> List[str]:
-    """The caption's keyword phrases, in order (e.g. ``"is red with a small logo"`` -> ``["red", "small logo"]``)."""
-    words = _WORD.findall(text)
-    tags = _tags(words)
-    phrases, current = [], []
-    for word, keep in zip(words, tags):
-        if keep:
-            current.append(word)
-        elif current:
-            phrases.append(" ".join(current))
-            current = []
-    if current:
-        phrases.append(" ".join(current))
-    return [p for p in (_trim(p) for p in phrases) if p]
+    """The caption's keyword phrases, in order, each exactly as the caption writes it (what lies between its
+    words included: ``"Kestrel & Co"``, ``"red, white"``, ``"Dürer/Lenz"``), so that it can be masked;
+    e.g. ``"is red with a small logo"`` -> ``["red", "small logo"]``."""
+    matches = list(_WORD.finditer(text))
+    keep = _tags([m.group() for m in matches])
+    phrases, run = [], []
+    for match, kept in zip(matches + [None], keep + [False]):
+        if kept:
+            run.append(match)
+            continue
+        while run and run[0].group().lower() in FUNCTION_WORDS:  # a phrase does not start with "the", "a", ...
+            run.pop(0)
+        if run:
+            phrases.append(text[run[0].start():run[-1].end()])
+        run = []
+    return phrases
 
 
 def _tags(words: Sequence[str]) -> List[bool]:
@@ -51,13 +54,6 @@ def _tags(words: Sequence[str]) -> List[bool]:
         return [tag.startswith(_TAGS) and word.lower() not in ("a", "an", "the") for word, tag in tagged]
     except (ImportError, LookupError):
         return [word.lower() not in FUNCTION_WORDS for word in words]
-
-
-def _trim(phrase: str) -> str:
-    words = phrase.split()
-    while words and words[0].lower() in FUNCTION_WORDS:
-        words.pop(0)
-    return " ".join(words)
 
 
 def tagger() -> str:
@@ -72,8 +68,9 @@ def tagger() -> str:
 
 
 def mask_phrase(text: str, phrase: str, placeholder: str = "$") -> str:
-    """``text`` with its first occurrence of ``phrase`` replaced by the placeholder."""
-    return re.sub(rf"\b{re.escape(phrase)}\b", placeholder, text, count=1)
+    """``text`` with its first occurrence of ``phrase`` (as a whole: not inside a longer word) replaced by the
+    placeholder; ``text`` itself when it does not hold the phrase."""
+    return re.sub(rf"(?<!\w){re.escape(phrase)}(?!\w)", lambda _: placeholder, text, count=1)
 
 
 class Vocabulary:
@@ -84,8 +81,9 @@ class Vocabulary:
         holding: Dict[str, List[str]] = {}
         for caption in captions:
             for phrase in dict.fromkeys(keyword_phrases(caption)):
-                counts[phrase] += 1
-                holding.setdefault(phrase, []).append(caption)
+                if mask_phrase(caption, phrase) != caption:  # only captions the phrase can be masked in
+                    counts[phrase] += 1
+                    holding.setdefault(phrase, []).append(caption)
         self.phrases = [p for p, _ in counts.most_common(size)]
         self.captions = {p: holding[p] for p in self.phrases}
         if not self.phrases:

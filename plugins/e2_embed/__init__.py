@@ -34,7 +34,7 @@ def list_images(images: Path, encoding: str = "utf-8", image_column: str = "imag
         return catalog_images(images, image_column, encoding)
     if images.is_file():
         return [image_path(line, images.parent, str(images)) for line in _read_lines(images, encoding)]
-    raise FileNotFoundError(f"--images {images}: no such folder or list file")
+    raise FileNotFoundError(f"images={images}: no such folder or list file")
 
 
 def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: str = "demo:e2",
@@ -72,19 +72,19 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
     check_at_least(1, batch_size=batch_size)
     out = Path(out)
     if shard_size and out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; with --shard-size, --out is the folder of shards (new, or an "
+        raise ValueError(f"out={out} is a file; with shard_size, out is the folder of shards (new, or an "
                          "earlier run's to continue)")
     if not shard_size and out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a .safetensors file, or --shard-size N to write shards there "
-                         "(a folder of shards continues with the --shard-size it was written with)")
+        raise ValueError(f"out={out} is a folder; give a .safetensors file, or shard_size=N to write shards there "
+                         "(a folder of shards continues with the shard_size it was written with)")
     dev = resolve_device(device)
     if workers is None:
         workers = 1 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
     net = load_encoder(encoder, device=dev)
     if regions and not net.has_regions:
-        raise ValueError(f"--regions needs an E2 encoder; {encoder} is a CLIP")
+        raise ValueError(f"regions=True needs an E2 encoder; {encoder} is a CLIP")
     if fast_decode and not hasattr(net, "image_size"):
-        raise ValueError(f"--fast-decode needs the encoder's input size (image_size), which {encoder} does not give")
+        raise ValueError(f"fast_decode=True needs the encoder's input size (image_size), which {encoder} does not give")
     if images is None and texts is None:
         images, texts = _synthetic_inputs(out.parent / "synthetic-validation")
     paths = list_images(Path(images), encoding, image_column) if images is not None else None
@@ -109,9 +109,9 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
 
 def _read_texts(path: Path, encoding: str = "utf-8") -> List[str]:
     if not path.exists():
-        raise FileNotFoundError(f"--texts {path}: no such file (one text per line)")
+        raise FileNotFoundError(f"texts={path}: no such file (one text per line)")
     if path.is_dir():
-        raise ValueError(f"--texts {path} is a folder; give a text file, one text per line")
+        raise ValueError(f"texts={path} is a folder; give a text file, one text per line")
     return _read_lines(path, encoding)
 
 
@@ -125,13 +125,11 @@ def _read_lines(path: Path, encoding: str) -> List[str]:
 def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:
     """The synthetic validation products as an image folder and a text file (written once)."""
     from e2_core.data import open_dataset
-    from e2_core.data.datasets import SYNTHETIC
     from e2_core.texts import build_texts
 
     images, texts = folder / "images", folder / "texts.txt"
     if not texts.is_file():
-        SYNTHETIC.prepare(None)
-        data = open_dataset("synthetic", None, "validation")
+        data = open_dataset("synthetic", None, "validation", prepare=True)
         images.mkdir(parents=True, exist_ok=True)
         lines = []
         for i in range(len(data)):

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -28,6 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from e2_core.checkpoint import _atomic_write
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingShards", "ShardedRun"]
 
@@ -115,13 +117,13 @@ class ShardedRun:
                     "fast_decode": fast_decode}
         manifest = _read_manifest(folder)
         if manifest is None and folder.exists() and any(folder.iterdir()):
-            raise ValueError(f"--out {folder} is a non-empty folder without {MANIFEST}: not an embed shard folder; "
-                             f"choose another --out")
+            raise ValueError(f"out={folder} is a non-empty folder without {MANIFEST}: not an embed shard folder; "
+                             f"choose another output folder")
         for key, value in settings.items():
             saved = manifest.get(key, SAVED_BEFORE.get(key)) if manifest is not None else value
             if saved != value:
-                raise ValueError(f"--out {folder} holds embeddings made with {key}={saved!r}, not "
-                                 f"{key}={value!r}; use another --out, or delete it to start over")
+                raise ValueError(f"out={folder} holds embeddings made with {key}={saved!r}, not "
+                                 f"{key}={value!r}; use another output folder, or delete it to start over")
         self.manifest = manifest or {"format": 1, **settings}
 
     def write(self, kind: str, labels: List[str], source, encode: Callable) -> dict:
@@ -131,12 +133,12 @@ class ShardedRun:
         record = self.manifest.setdefault(kind, {"source": str(source), "count": len(labels), "digest": digest,
                                                  "shards": [], "complete": False})
         if (record["count"], record["digest"]) != (len(labels), digest):
-            raise ValueError(f"--out {self.folder} holds embeddings of other {kind} inputs ({record['count']} items "
-                             f"from {record['source']}); use another --out, or delete it to start over")
+            raise ValueError(f"out={self.folder} holds embeddings of other {kind} inputs ({record['count']} items "
+                             f"from {record['source']}); use another output folder, or delete it to start over")
         for shard in range(len(record["shards"])):
             problem = _shard_problem(self.folder, kind, shard, self.manifest)
             if problem:
-                print(f"{problem}: writing shard {shard} and the ones after it again", file=sys.stderr)
+                log.warning("%s: writing shard %d and the ones after it again", problem, shard)
                 del record["shards"][shard:]
                 record["complete"] = False
                 break
@@ -217,7 +219,7 @@ class EmbeddingShards:
                              f"{math.ceil(record['count'] / manifest['shard_size'])} shards); run the same command "
                              f"again to finish it")
         if name not in _names(kind, manifest):
-            raise ValueError(f"{self.folder} holds no {name} (embedded without --regions)")
+            raise ValueError(f"{self.folder} holds no {name} (embedded without regions=True)")
         self._kind, self._record = kind, record
         self._shards = [s for s, info in enumerate(record["shards"]) if info["rows"]]
         for shard in self._shards:

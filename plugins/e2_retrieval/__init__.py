@@ -36,11 +36,11 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     dev = resolve_device(device)
     protocols = ("full", "sample-100") if protocol == "both" else (protocol,)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     options = dict(train=False, strict=strict, encoding=encoding, prepare=True)
     open_dataset(dataset, data_root, "validation", **options)  # a data problem is reported before any model loads
     runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, {"dataset": dataset},
                         section="protocols")
+    out.mkdir(parents=True, exist_ok=True)
     embeddings = {}
     for label, model in runner.encoders():
         data = open_dataset(dataset, data_root, "validation", transform=model.preprocess, **options)

@@ -8,6 +8,9 @@ from typing import Dict, List, Sequence
 
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import Subset
+
+from e2_core.embedding import embed_images
 
 THUMB = 96
 PANEL = 128
@@ -54,28 +57,26 @@ def selection_counts(picked: torch.Tensor, entities: Sequence[str], tokens_per_e
              for e, entity in enumerate(entities)} for row in picked.tolist()]
 
 
-@torch.no_grad()
 def save_selection_figure(encoder, dataset, path: Path, device, images: int = 6) -> Path:
     """The patches each entity's selection tokens picked (fusion block 2) by an E2 encoder: one panel per
     image and entity, each picked patch framed, with the number of tokens on it where several share it."""
-    encoder.eval()
     model = encoder.model
     entities, per_entity = list(model.entities), model.config.tokens_per_entity
-    samples = [s for s in (dataset[i] for i in range(min(images, len(dataset)))) if s.error is None]
-    batch = torch.stack([s.image for s in samples]).to(device)
-    picked = model.encode_image_regions(batch).selected_patches[:, 1].cpu()  # (B, T) of the last fusion
+    shown = embed_images(encoder, Subset(dataset, range(min(images, len(dataset)))), batch_size=images,
+                         device=device, regions=True)
+    picked = shown.regions["selected_patches"][:, 1]  # (B, T) of the last fusion
     counts = selection_counts(picked, entities, per_entity)
     scale = PANEL / model.visual.image_size[0]
     top, step = 60, PANEL + 6
-    canvas = Image.new("RGB", (6 + len(entities) * step, top + len(samples) * step), "white")
+    canvas = Image.new("RGB", (6 + len(entities) * step, top + len(shown.indices) * step), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((6, 4), f"Patches picked by each entity's {per_entity} selection tokens (fusion block 2), "
                       "one column per entity, one row per image", fill="black")
     draw.text((6, 18), "a number in a frame: that many tokens picked the same patch", fill="black")
     for e, entity in enumerate(entities):
         draw.text((6 + e * step, top - 16), entity[:20], fill=ENTITY_COLOURS[e % len(ENTITY_COLOURS)])
-    for i, sample in enumerate(samples):
-        image = dataset.load_image(sample.index, 0).convert("RGB").resize((PANEL, PANEL))
+    for i, index in enumerate(shown.indices):
+        image = dataset.load_image(index, 0).convert("RGB").resize((PANEL, PANEL))
         y0 = top + i * step
         for e, entity in enumerate(entities):
             x0, colour = 6 + e * step, ENTITY_COLOURS[e % len(ENTITY_COLOURS)]

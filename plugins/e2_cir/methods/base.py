@@ -177,7 +177,7 @@ def load_network(method: CIRMethod, encoder, path: Path) -> None:
             f"{path} was trained for the encoder {meta.get('encoder', '?')} "
             f"(weights {meta.get('encoder_fingerprint', '?')[:12]}), not for {encoder.name} "
             f"(weights {encoder.fingerprint()[:12]}): a {method.name} network belongs to one embedding space. "
-            "Train one for this encoder (remove the file, or use another --networks folder)")
+            "Train one for this encoder (remove the file, or use another folder, networks=...)")
     method.network = method.build(encoder)
     method.network.load_state_dict(tensors)
     method.network.eval()

@@ -36,8 +36,8 @@ class CIReVL(CIRMethod):
         self.vocabulary = None
         self._caption_model = None  # a caption-task decoder file is loaded for the encoder in prepare()
         if captioner != "vocabulary" and not captioner.endswith(".safetensors"):
-            self._caption_model = HFCaptioner(_local_path("--captioner", captioner, "vocabulary"))
-        self._rewrite_model = HFRewriter(_local_path("--rewriter", rewriter, "template")) \
+            self._caption_model = HFCaptioner(_local_path("captioner", captioner, "vocabulary"))
+        self._rewrite_model = HFRewriter(_local_path("rewriter", rewriter, "template")) \
             if rewriter != "template" else None
         self.last_texts: List[str] = []
 
@@ -82,9 +82,9 @@ def _join(phrases: List[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _local_path(flag: str, spec: str, default: str) -> str:
+def _local_path(option: str, spec: str, default: str) -> str:
     if not spec.startswith("hf:"):
-        raise ValueError(f"{flag} {spec!r}: use {default} or hf:PATH to a local Hugging Face model folder")
+        raise ValueError(f"{option}={spec!r}: use {default} or hf:PATH to a local Hugging Face model folder")
     return spec[3:]
 
 
