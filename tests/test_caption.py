@@ -161,3 +161,18 @@ def test_caption_refuses_counts_out_of_range_before_any_work(option, value, mess
     with pytest.raises(ValueError, match=message):
         caption(encoder="nope:xx", out=tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("written", ["100% cotton, relaxed-fit.", "men's o'hara red/white coat (slim) #12",
+                                     "55% linen, 45% cotton; 1.5 cm hem", "kestrel & co wool-blend coat.",
+                                     "dürer/lenz ss'24 crop tee"])
+def test_a_caption_reads_as_written_after_the_bpe_round_trip(written):
+    """open_clip's decoder writes "100%" as "1 0 0 %" and "relaxed-fit" as "relaxed - fit": every score was
+    too low. The decoder's text is written back as text (the BPE lower-cases)."""
+    import open_clip
+    from e2_caption.vocab import BPEVocab
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    vocab = BPEVocab.from_captions(tokenizer, [written])
+    ids, mask = vocab.encode([written], max_tokens=40)
+    assert vocab.decode(ids[0][mask[0]].tolist()) == written

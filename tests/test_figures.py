@@ -34,7 +34,8 @@ def test_selection_figure_has_one_labelled_panel_per_entity_and_counts_shared_pa
     encoder = e2_core.Encoder(e2_core.create_e2(TINY, entities=("brand", "season"), tokens_per_entity=5))
     data = FashionGen(data_root, split="validation", transform=encoder.preprocess)
     picked = torch.tensor([[7] * 9 + [3]] * 3)  # 9 of 10 tokens on one patch, as a collapsed selection does
-    encoder.model.encode_image_regions = lambda images: type("Regions", (), {
+    encoder.model.encode_image_regions = lambda images, normalize=False: type("Regions", (), {
+        "image_features": torch.zeros(len(images), 4), "regional_features": torch.zeros(len(images), 2, 4),
         "selected_patches": torch.stack([picked[:len(images)]] * 2, dim=1)})()
     texts = _drawn_texts(monkeypatch)
     path = save_selection_figure(encoder, data, tmp_path / "selection.png", "cpu", images=3)

@@ -91,7 +91,7 @@ def test_every_python_block_compiles():
 
 def test_every_path_and_name_the_readmes_point_to_exists():
     """Package paths quoted in the READMEs exist, and a name quoted right after a module is defined in it."""
-    tops = ("e2_core/", "e2_train/", "e2_plugins/", "plugins/", "adapters/", "eval/", "benchmarks/", "tests/")
+    tops = ("e2_core/", "e2_data/", "e2_train/", "e2_plugins/", "plugins/", "adapters/", "eval/", "benchmarks/", "tests/")
     checked = 0
     for readme in READMES:
         text = readme.read_text()

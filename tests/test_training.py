@@ -421,6 +421,7 @@ def test_the_entity_control_is_clip_ft_plus_the_regional_losses_on_the_image_emb
 
     import open_clip
     from e2_core.loss import contrastive_loss
+    from e2_core.model import text_tower
     from e2_train import CLIPFineTuning, EntityFineTuning
     from e2_train.distributed import Context
     from conftest import make_batch
@@ -441,7 +442,7 @@ def test_the_entity_control_is_clip_ft_plus_the_regional_losses_on_the_image_emb
     image = clip.encode_image(images, normalize=True)
     per_entity = {}
     for i, name in enumerate(entities):
-        strings = clip.encode_text(entity_text.tokens[entity_text.index[:, i]], normalize=True)
+        strings = text_tower(clip, entity_text.tokens[entity_text.index[:, i]], normalize=True)
         per_entity[name] = contrastive_loss(image, strings, clip.logit_scale.exp())
         assert torch.allclose(losses[f"loss_{name}"], per_entity[name], atol=1e-5), name
     regional = sum(per_entity[e] for e in entities if e != "season") / (len(entities) - 1)

@@ -18,7 +18,10 @@ def write_page(out: Path, data, references: Dict[str, List[str]], shown: Dict[st
     folder.mkdir(exist_ok=True)
     rows = []
     for key in list(references)[:count]:
-        image = data.load_image(int(key), 0).convert("RGB")
+        sample = data[int(key)]  # the view that was captioned: the first readable one
+        if sample.error is not None:
+            continue
+        image = sample.image.convert("RGB")
         image.thumbnail((160, 160))
         image.save(folder / f"{key}.png")
         generated = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(p.get(key, ''))}</td></tr>"

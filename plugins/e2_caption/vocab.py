@@ -44,7 +44,29 @@ class BPEVocab:
 
     def decode(self, ids: Sequence[int]) -> str:
         bpe = [self.ids[i] for i in ids if 0 < i < len(self.ids)]
-        return re.sub(r" ([.,!?;:%])", r"\1", _bpe_decoder().decode(bpe).strip())
+        return detokenize(_bpe_decoder().decode(bpe))
+
+
+#: How open_clip's BPE decoding spaces what its tokenizer split (every token ends a word), and the text as
+#: written: numbers one digit per token ("1 0 0 %"), hyphens, slashes, apostrophes, punctuation.
+_REJOIN = [
+    (re.compile(r"(?<=\d) (?=\d)"), ""),                       # 1 0 0 -> 100
+    (re.compile(r"(?<=\d) ([.,]) (?=\d)"), r"\1"),              # 1 . 5 -> 1.5, 1 , 0 0 0 -> 1,000
+    (re.compile(r" ([%.,!?;:)\]}])"), r"\1"),                    # 100 % -> 100%, wool . -> wool.
+    (re.compile(r"([(\[{#$£€]) "), r"\1"),                       # ( slim ) -> (slim), # 1 2 -> #12
+    (re.compile(r"(?<=\w) ?([-/]) ?(?=\w)"), r"\1"),            # relaxed - fit -> relaxed-fit, red / white
+    (re.compile(r"(?<=\w) ?' ?(?=(?:s|t|re|ve|m|ll|d)\b)"), "'"),  # men 's -> men's
+    (re.compile(r"(?<=\w) ' (?=\w)"), "'"),                     # o ' hara -> o'hara
+]
+
+
+def detokenize(text: str) -> str:
+    """Decoded BPE text written as text: digits, ``%``, hyphens, slashes, apostrophes and punctuation joined
+    back to their words (``"1 0 0 % relaxed - fit"`` -> ``"100% relaxed-fit"``)."""
+    text = " ".join(text.split())
+    for pattern, replacement in _REJOIN:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class HFVocab:
