@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -223,8 +224,6 @@ def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[s
     Example:
         >>> write_fashiongen("data/synthetic", "tiny")  # doctest: +SKIP
     """
-    import h5py
-
     sizes = SIZES[splits] if isinstance(splits, str) else dict(splits)
     products = catalog(seed, num_brands)
     names = brand_names(num_brands, seed)
@@ -237,23 +236,47 @@ def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[s
         rows = [(p, v) for p in chosen for v in range(random.Random(f"views:{seed}:{p.product_id}").randint(*views))]
         target = fashiongen_file(out_dir, split) if split in ("train", "validation") else \
             out_dir / f"fashiongen_256_256_{split}.h5"
-        tmp = target.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as f:
-            images = f.create_dataset(IMAGE_FIELD, (len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8,
-                                      chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3), compression="gzip", compression_opts=1)
-            for i, (product, view) in enumerate(tqdm(rows, desc=f"synthetic {split}", unit="image",
-                                                     disable=not progress, dynamic_ncols=True)):
-                images[i] = np.asarray(render(product, view, seed))
-            f.create_dataset(PRODUCT_FIELD, data=np.array([[p.product_id] for p, _ in rows], dtype=np.int64))
-            tags = [tags_of(p, names) for p, _ in rows]
-            for tag, field in FIELDS.items():
-                f.create_dataset(field, data=np.array([[t[tag].encode("latin-1")] for t in tags]))
-            f.create_dataset("input_pose", data=np.array([[f"id_gridfs_{v + 1}".encode()] for _, v in rows]))
-        os.replace(tmp, target)
+        # a name of its own (two first uses at once each write theirs, the same bytes) and gone if writing fails
+        handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            _write_split(tmp, rows, seed, names, split, progress)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         written[split] = target
-    (out_dir / "synthetic.json").write_text(json.dumps(
+    _atomic_text(out_dir / "synthetic.json", json.dumps(
         {"seed": seed, "splits": sizes, "views": list(views), "offset": offset, "num_brands": num_brands}, indent=2))
     return written
+
+
+def _write_split(path: str, rows, seed: int, names, split: str, progress: bool) -> None:
+    """One split's products in FashionGen's h5 layout, at ``path``."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset(IMAGE_FIELD, (len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8,
+                                  chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3), compression="gzip", compression_opts=1)
+        for i, (product, view) in enumerate(tqdm(rows, desc=f"synthetic {split}", unit="image",
+                                                 disable=not progress, dynamic_ncols=True)):
+            images[i] = np.asarray(render(product, view, seed))
+        f.create_dataset(PRODUCT_FIELD, data=np.array([[p.product_id] for p, _ in rows], dtype=np.int64))
+        tags = [tags_of(p, names) for p, _ in rows]
+        for tag, field in FIELDS.items():
+            f.create_dataset(field, data=np.array([[t[tag].encode("latin-1")] for t in tags]))
+        f.create_dataset("input_pose", data=np.array([[f"id_gridfs_{v + 1}".encode()] for _, v in rows]))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # --- FashionIQ layout and caption references ---------------------------------------------------

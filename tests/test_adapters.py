@@ -113,6 +113,47 @@ def test_open_clip_adapter_passes_open_clip_names_through_and_keeps_the_encoder_
     assert model.visual is e2.model.visual  # the same weights, not a copy
 
 
+def test_open_clips_training_and_zero_shot_calls_run_on_an_e2(tiny_checkpoints, product_images, encoders):
+    """The keyword arguments open_clip's own training script (``open_clip_train.main``) and zero-shot code pass,
+    honoured as open_clip honours them for a CLIP, or refused in one line."""
+    import e2_open_clip as open_clip
+
+    source = tiny_checkpoints["e2"]
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        source, None, precision="fp32", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
+        force_patch_dropout=None, force_image_size=None, image_mean=None, image_std=None, image_interpolation=None,
+        image_resize_mode=None, aug_cfg={}, pretrained_image=False, output_dict=True, cache_dir=None)
+    tokenizer = open_clip.get_tokenizer(source, cache_dir=None)
+    images = torch.stack([preprocess_train(Image.open(p)) for p, _, _ in product_images])
+    out = model(images, tokenizer([c for _, c, _ in product_images]))
+    assert set(out) == {"image_features", "text_features", "logit_scale"}  # the dict open_clip's losses take
+    losses = open_clip.ClipLoss()(**out, output_dict=True)
+    assert losses["contrastive_loss"].requires_grad and torch.isfinite(losses["contrastive_loss"])
+    size = tuple(encoders["e2"].image_size)
+    assert open_clip.create_model(source, force_image_size=size[0]).visual is not None  # the size it has: fine
+    grey = open_clip.create_model_and_transforms(source, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)[2]
+    assert grey.transforms[-1].mean == (0.5,) * 3
+    for name, value in (("force_image_size", 2 * size[0]), ("force_quick_gelu", True), ("jit", True),
+                        ("force_context_length", 7), ("pretrained_hf", False)):
+        with pytest.raises(ValueError, match=rf"^{name}=.*(omit it)"):
+            open_clip.create_model(source, **{name: value})
+    with torch.no_grad():  # open_clip's zero-shot helpers, on the E2
+        classifier = open_clip.build_zero_shot_classifier(model, tokenizer=tokenizer,
+                                                          classnames=[n for _, _, n in product_images],
+                                                          templates=["a photo of a {}."], device="cpu")
+    assert classifier.shape == (encoders["e2"].embed_dim, len(product_images))
+
+
+def test_open_clips_slash_names_reach_open_clip():
+    import open_clip
+    import e2_open_clip
+
+    assert e2_open_clip.e2_source("ViT-B/32") is None
+    assert type(e2_open_clip.get_tokenizer("ViT-B/32")) is type(open_clip.get_tokenizer("ViT-B-32"))
+    model, _, preprocess = e2_open_clip.create_model_and_transforms("ViT-Ti-16/64".replace("16/64", "16-64"))
+    assert model.visual.image_size == (64, 64)
+
+
 # --- transformers --------------------------------------------------------------------------------------
 TEXTS = ["a Raf Simons wool coat", "  PRADA  ", "don't: 3.5cm heels & a bag", "sac à main en cuir"]
 
@@ -206,8 +247,40 @@ def test_a_saved_e2_without_this_package_says_what_to_install(encoders, tmp_path
     ''')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert ("this model is an E2 encoder saved by e2-plugins; install that package (pip install e2-plugins) "
-            "to load it") in out.stdout, out.stdout + out.stderr
+    assert ("this model is an E2 encoder saved by e2-plugins; install that package from its source checkout "
+            "(pip install -e <checkout>, as its README says) to load it") in out.stdout, out.stdout + out.stderr
+
+
+def test_a_saved_e2_folder_is_a_zero_shot_classifier_for_transformers_pipeline(encoders, product_images, tmp_path):
+    """transformers' docs: ``pipeline("zero-shot-image-classification", model=DIR)``; in a fresh process, as a
+    user would, with the E2 code found through the saved auto_map (trust_remote_code) or the import."""
+    import e2_transformers
+
+    e2 = encoders["e2"]
+    e2_core.adapt(e2, "transformers").save_pretrained(tmp_path / "e2-hf")
+    e2_transformers.clip_processor(e2).save_pretrained(tmp_path / "e2-hf")
+    labels = [n for _, _, n in product_images]
+    code = textwrap.dedent(f'''
+        import json, sys
+        from PIL import Image
+        from transformers import pipeline
+        if sys.argv[1] == "import":
+            import e2_transformers
+        classifier = pipeline("zero-shot-image-classification", model={str(tmp_path / "e2-hf")!r},
+                              trust_remote_code=sys.argv[1] == "remote")
+        out = classifier(Image.open({str(product_images[0][0])!r}), candidate_labels={labels!r})
+        print(json.dumps(out))
+    ''')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    with torch.no_grad():
+        image = e2.encode_image(e2.preprocess(Image.open(product_images[0][0]))[None], normalize=True)
+        text = e2.encode_text(e2.tokenizer([f"This is a photo of {n}." for n in labels]), normalize=True)
+    expected = labels[int((image @ text.T).argmax())]
+    for how in ("import", "remote"):
+        run = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, env=env, timeout=180)
+        assert run.returncode == 0, run.stderr[-2000:]
+        scores = json.loads(run.stdout.strip().splitlines()[-1])
+        assert scores[0]["label"] == expected and abs(sum(s["score"] for s in scores) - 1) < 1e-4, (how, scores)
 
 
 # --- diffusers --------------------------------------------------------------------------------------------
@@ -319,7 +392,9 @@ def test_clip_benchmark_runs_e2_on_a_local_retrieval_set(tiny_checkpoints, produ
                             "mscoco_captions", "--dataset_root", str(root), "--annotation_file", str(captions),
                             "--split", "test", "--recall_k", "1", "5", "--batch_size", "4", "--output", str(out),
                             "--quiet", "--no_amp"])
-    metrics = json.loads(out.read_text())["metrics"]
+    written = json.loads(out.read_text())
+    metrics = written["metrics"]
+    assert written["pretrained"] == written["model"] == tiny_checkpoints["e2"]  # the source loaded, not a default tag
 
     e2 = encoders["e2"]
     with torch.no_grad():

@@ -140,3 +140,32 @@ def test_truncated_or_foreign_h5_files_are_named_with_what_to_do(tmp_path, synth
         FashionGen(truncated)
     assert str(err.value) == (f"{truncated}: not an HDF5 file (no HDF5 signature); FashionGen is read from the "
                               "fashiongen_256_256_<split>.h5 files as distributed: fetch the file again")
+
+
+def test_two_first_uses_at_once_both_finish_with_one_copy_and_no_temporary_files(tmp_path):
+    """Two processes generating into one folder (two `run retrieval` on an empty cache): each writes a
+    temporary file of its own and renames it; the copies are the same bytes, nothing is left behind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from e2_data.synthetic import write_fashiongen; "
+            "write_fashiongen(sys.argv[1], {'train': 24, 'validation': 8}, seed=0)")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fashiongen_256_256_train.h5",
+                                                           "fashiongen_256_256_validation.h5", "synthetic.json"]
+    assert len(FashionGen(tmp_path, split="train")) > 0
+
+
+def test_a_failed_generation_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import e2_data.synthetic as synthetic
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "_write_split", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        synthetic.write_fashiongen(tmp_path, {"train": 4}, seed=0)
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ From Python: ``e2_clip_benchmark.register()`` before calling ``clip_benchmark``'
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import List, Optional
@@ -48,13 +49,26 @@ def register() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``clip_benchmark``'s command line with the ``e2`` model type registered."""
+    """``clip_benchmark``'s command line with the ``e2`` model type registered. With ``--model_type e2`` and no
+    ``--pretrained``, the result files record the source that was loaded (not CLIP_benchmark's default tag)."""
     register()
     from clip_benchmark import cli
 
-    sys.argv = ["e2-clip-benchmark", *(sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    given, _ = _given(args)
+    if given.model_type == MODEL_TYPE and given.model and given.pretrained is None:
+        args += ["--pretrained", given.model]
+    sys.argv = ["e2-clip-benchmark", *args]
     cli.main()
     return 0
+
+
+def _given(args: List[str]):
+    """The model options among CLIP_benchmark's arguments (the rest are its own)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in ("--model_type", "--model", "--pretrained"):
+        parser.add_argument(name, default=None)
+    return parser.parse_known_args(args)
 
 
 __all__ = ["INSTALL", "MODEL_TYPE", "load_e2", "main", "register"]

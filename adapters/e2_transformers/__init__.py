@@ -12,7 +12,7 @@ Importing this package registers the E2 configs and models with transformers' Au
 """
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from e2_core.registry import Adapter
 
@@ -23,6 +23,7 @@ from .processing import clip_image_processor, clip_processor, clip_tokenizer
 for _config, _model in ((E2CLIPConfig, E2CLIPModel), (E2VisionConfig, E2VisionModelWithProjection)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(E2CLIPConfig, E2CLIPModel, exist_ok=True)  # as CLIPModel is
 
 PARTS = ("model", "vision", "text", "processor")
 

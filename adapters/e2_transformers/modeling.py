@@ -36,8 +36,8 @@ _REMOTE_CODE_TEXT = '''"""An E2 encoder saved by the e2-plugins package, which h
 try:
     from e2_transformers.modeling import E2CLIPConfig, E2CLIPModel, E2VisionConfig, E2VisionModelWithProjection
 except ImportError as err:
-    raise ImportError("this model is an E2 encoder saved by e2-plugins; install that package "
-                      "(pip install e2-plugins) to load it") from err
+    raise ImportError("this model is an E2 encoder saved by e2-plugins; install that package from its source "
+                      "checkout (pip install -e <checkout>, as its README says) to load it") from err
 '''
 
 
@@ -78,7 +78,8 @@ class E2CLIPConfig(PretrainedConfig):
         self.text_config = _as_dict(text_config)
         self.projection_dim = projection_dim
         self.logit_scale_init_value = logit_scale_init_value
-        kwargs.setdefault("auto_map", {"AutoConfig": "modeling_e2.E2CLIPConfig", "AutoModel": "modeling_e2.E2CLIPModel"})
+        kwargs.setdefault("auto_map", {"AutoConfig": "modeling_e2.E2CLIPConfig", "AutoModel": "modeling_e2.E2CLIPModel",
+                                       "AutoModelForZeroShotImageClassification": "modeling_e2.E2CLIPModel"})
         super().__init__(**kwargs)
 
 
