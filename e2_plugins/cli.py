@@ -91,14 +91,21 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def _shown(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in PACKAGES
+
+
 def _configure_logging() -> None:
-    """This package's notes (``logging``, from INFO) on stderr as plain lines, once; others' warnings reach
-    stderr as Python shows them when nothing else is configured."""
+    """One handler on the root logger, installed once: this package's notes from INFO and everyone's warnings,
+    on stderr as plain lines (a library's root-level ``logging.info`` then finds a handler and configures none
+    of its own, which would print every note twice)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
+        handler.addFilter(_shown)
+        root.addHandler(handler)
     for name in PACKAGES:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        if not any(isinstance(h, _Stderr) for h in logger.handlers):
-            logger.addHandler(_Stderr())
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _message(err: Exception) -> str:

@@ -160,6 +160,10 @@ def test_cir_goes_on_past_a_method_that_fails(products, tiny_checkpoints, tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert all(set(r["methods"]) == {"image"} for r in results["encoders"].values())
     assert len(results["failed"]) == 2 and "failed" in captured.out  # the table marks the failed rows
+    image = next(iter(results["encoders"].values()))["methods"]["image"]["dress"]
+    assert image["gallery"] == 20 and image["trivial"] == ["R@50"]  # 20 images: R@50 is 100 by construction
+    assert "/100.0*" in captured.out and "* 100 by construction: the gallery holds no more images than K (dress 20 " \
+        "images)" in captured.out
 
 
 def test_one_table_renderer_aligns_every_tasks_rows():

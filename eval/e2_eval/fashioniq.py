@@ -28,6 +28,7 @@ def composed_recall(query_features: torch.Tensor, gallery_features: torch.Tensor
 
     A target that is not in the gallery, or is there more than once, is reported under
     ``"not_scored"`` and left out, never counted as a miss. Ties rank the lower gallery index first.
+    ``"trivial"`` lists the R@K that the gallery's size makes 100 by construction (K >= its images).
     """
     index = {}
     for i, name in enumerate(gallery_names):
@@ -40,7 +41,8 @@ def composed_recall(query_features: torch.Tensor, gallery_features: torch.Tensor
             continue
         rows.append(q)
         positions.append(found[0])
-    result: Dict = {"queries": len(rows), "not_scored": not_scored}
+    result: Dict = {"queries": len(rows), "not_scored": not_scored, "gallery": len(gallery_names),
+                    "trivial": [f"R@{k}" for k in ks if k >= len(gallery_names)]}
     if not rows:
         result.update({f"R@{k}": None for k in ks})
         return result

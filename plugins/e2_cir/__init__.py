@@ -82,6 +82,10 @@ def cir(dataset: str = "synthetic-fashioniq", data_root: Optional[str] = None, m
         def score(name: str) -> Dict:
             method_ = _method(name, captioner=captioner, rewriter=rewriter)
             _fit(method_, model, train, networks, progress)
+            left_out = method_.notes.get("captions_left_out")
+            if left_out and left_out["count"]:
+                log.warning("%s for %s: %d of %d training captions left out (%s)", name, label, left_out["count"],
+                            left_out["of"], left_out["why"])
             per_category = {}
             for c, data in val.items():
                 queries, targets = _queries(method_, model, data, galleries[c], runner.results["conventions"][name],
@@ -89,7 +93,8 @@ def cir(dataset: str = "synthetic-fashioniq", data_root: Optional[str] = None, m
                 per_category[c] = composed_recall(queries, galleries[c], data.gallery, targets)
                 if figure_queries and c == categories[0]:
                     figures.setdefault(name, {})[label] = (data, queries, galleries[c])
-            return _without_ranks({**per_category, **summarize(per_category)})
+            return _without_ranks({**per_category, **summarize(per_category),
+                                   **({"training": method_.notes} if method_.notes else {})})
 
         for name in methods:
             runner.record(label, name, lambda: score(name))
@@ -194,20 +199,28 @@ def _print_table(results: Dict, methods: List[str], categories: List[str]) -> No
             if scores is None:
                 rows.append([name, label] + ["failed"] * (len(categories) + 1))
                 continue
-            rows.append([name, label] + [f"{_fmt(scores[c]['R@10'])}/{_fmt(scores[c]['R@50'])}" for c in categories]
+            rows.append([name, label] + [f"{_fmt(scores[c]['R@10'], c, 'R@10', scores)}/"
+                                         f"{_fmt(scores[c]['R@50'], c, 'R@50', scores)}" for c in categories]
                         + [f"{_fmt(scores['mean R@10'])}/{_fmt(scores['mean R@50'])}"])
     print(format_table(["method", "encoder"] + categories + ["mean"], rows, first=2))
+    trivial = {c: s[c]["gallery"] for r in results["encoders"].values() for s in r["methods"].values()
+               for c in categories if s[c].get("trivial")}
+    if trivial:
+        print("* 100 by construction: the gallery holds no more images than K ("
+              + ", ".join(f"{c} {n} images" for c, n in trivial.items()) + ")")
     scored = [r["methods"][m] for r in results["encoders"].values() for m in methods if m in r["methods"]]
     if scored:
         print("queries scored per category: " + ", ".join(f"{c} {scored[0][c]['queries']}" for c in categories))
     unscored = {f"{label}/{m}/{c}": v["not_scored"] for label, r in results["encoders"].items()
-                for m, per in r["methods"].items() for c, v in per.items() if isinstance(v, dict) and v["not_scored"]}
+                for m, per in r["methods"].items() for c, v in per.items() if isinstance(v, dict) and v.get("not_scored")}
     for key, items in unscored.items():
         print(f"{key}: {len(items)} queries not scored: {items[0]}")
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt(value, category: str = "", k: str = "", scores: Optional[Dict] = None) -> str:
+    """A recall as the table shows it; ``*`` where the gallery's size makes it 100 by construction."""
+    flag = "*" if scores is not None and k in scores[category].get("trivial", ()) else ""
+    return "-" if value is None else f"{value:.1f}{flag}"
 
 
 def _without_ranks(scores: Dict) -> Dict:

@@ -24,25 +24,31 @@ there here their they them he she his her i me my we our you your all any some e
 looks look looking make makes made wear wears worn show shows shown showing""".split())
 
 _WORD = re.compile(r"[\w%'\-]+")  # letters of any script, digits, %, apostrophes, hyphens
+_JOINS = re.compile(r"[\s&/,+.]*")  # what may stand between two words of one phrase
 _TAGS = ("NN", "JJ", "DT", "CD", "VBN")  # nouns (incl. proper), adjectives, determiners, numbers, participles
 
 
 def keyword_phrases(text: str) -> List[str]:
-    """The caption's keyword phrases, in order, each exactly as the caption writes it (what lies between its
-    words included: ``"Kestrel & Co"``, ``"red, white"``, ``"Dürer/Lenz"``), so that it can be masked;
-    e.g. ``"is red with a small logo"`` -> ``["red", "small logo"]``."""
+    """The caption's keyword phrases, in order, each exactly as the caption writes it (what joins its words
+    included: ``"Kestrel & Co"``, ``"red, white"``, ``"Dürer/Lenz"``), so that it can be masked; brackets and
+    other punctuation end a phrase. E.g. ``"is red with a small logo"`` -> ``["red", "small logo"]``."""
     matches = list(_WORD.finditer(text))
     keep = _tags([m.group() for m in matches])
-    phrases, run = [], []
-    for match, kept in zip(matches + [None], keep + [False]):
-        if kept:
-            run.append(match)
+    runs: List[list] = []
+    for i, (match, kept) in enumerate(zip(matches, keep)):
+        if not kept:
             continue
+        joined = i > 0 and keep[i - 1] and _JOINS.fullmatch(text[matches[i - 1].end():match.start()])
+        if joined and runs:
+            runs[-1].append(match)
+        else:
+            runs.append([match])
+    phrases = []
+    for run in runs:
         while run and run[0].group().lower() in FUNCTION_WORDS:  # a phrase does not start with "the", "a", ...
             run.pop(0)
         if run:
             phrases.append(text[run[0].start():run[-1].end()])
-        run = []
     return phrases
 
 
@@ -69,8 +75,10 @@ def tagger() -> str:
 
 def mask_phrase(text: str, phrase: str, placeholder: str = "$") -> str:
     """``text`` with its first occurrence of ``phrase`` (as a whole: not inside a longer word) replaced by the
-    placeholder; ``text`` itself when it does not hold the phrase."""
-    return re.sub(rf"(?<!\w){re.escape(phrase)}(?!\w)", lambda _: placeholder, text, count=1)
+    placeholder, spaced apart from what surrounds it so that the tokenizer keeps it one token (``"($)"`` would
+    be one); ``text`` itself when it does not hold the phrase."""
+    masked = re.sub(rf"(?<!\w){re.escape(phrase)}(?!\w)", lambda _: f" {placeholder} ", text, count=1)
+    return text if masked == text else " ".join(masked.split())
 
 
 class Vocabulary:
@@ -85,6 +93,7 @@ class Vocabulary:
                     counts[phrase] += 1
                     holding.setdefault(phrase, []).append(caption)
         self.phrases = [p for p, _ in counts.most_common(size)]
+        self.without_phrase = sum(not keyword_phrases(c) for c in captions)  # captions no phrase comes from
         self.captions = {p: holding[p] for p in self.phrases}
         if not self.phrases:
             raise ValueError("no keyword phrases in the training captions; the vocabulary is empty")

@@ -56,6 +56,7 @@ class CIRMethod:
     def __init__(self, **options):
         self.options = options
         self.network: Optional[nn.Module] = None
+        self.notes: Dict[str, object] = {}  # what training left out or derived, reported with the results
 
     def build(self, encoder) -> Optional[nn.Module]:
         """A fresh network for ``encoder`` (None: the method trains nothing)."""

@@ -31,9 +31,12 @@ class LinCIR(PseudoWordMethod):
         o = self.options
         torch.manual_seed(o["seed"])
         frozen(encoder)
-        pairs = [(c, masked) for c in dict.fromkeys(train.captions) if (masked := self.mask(c)) != c]
+        captions = list(dict.fromkeys(train.captions))
+        pairs = [(c, masked) for c in captions if (masked := self.mask(c)) != c]
         if not pairs:
             raise ValueError("lincir: no training caption has a keyword phrase to mask")
+        self.notes["captions_left_out"] = {"count": len(captions) - len(pairs), "of": len(captions),
+                                           "why": "no keyword phrase to mask"}
         with torch.no_grad():
             targets = torch.cat([F.normalize(self.encode_texts(encoder, [c for c, _ in pairs[i:i + 256]], None), dim=-1)
                                  for i in range(0, len(pairs), 256)])

@@ -42,6 +42,8 @@ class SEARLE(PseudoWordMethod):
         device = encoder.device
         images = train.image_features.to(device)
         vocabulary = Vocabulary(train.captions)
+        self.notes["captions_left_out"] = {"count": vocabulary.without_phrase, "of": len(train.captions),
+                                           "why": "no keyword phrase for the regulariser's concepts"}
         with torch.no_grad():
             concepts = F.normalize(self.encode_texts(encoder, [f"a photo of {p}" for p in vocabulary.phrases], None),
                                    dim=-1)
