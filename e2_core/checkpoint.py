@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .architecture import build_clip, clip_config_of
 from .config import E2Config
+from .config_check import check_config
 from .errors import CheckpointError
 from .model import E2Model
 
@@ -136,15 +137,21 @@ def read_config(path: PathLike) -> Dict[str, Any]:
     """A checkpoint directory's ``config.json``, checked."""
     file = Path(path) / CONFIG_NAME
     try:
-        config = json.loads(file.read_text())
+        config = json.loads(file.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{file}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                              "a checkpoint config is JSON written by save_pretrained") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: JSON nested too deeply to be a checkpoint config") from None
     if isinstance(config, dict) and "transformers_version" in config:
         raise CheckpointError(f"{file} is a transformers model (model_type {config.get('model_type')!r}), not this "
                               "package's checkpoint: load it with transformers.AutoModel.from_pretrained (after "
                               "`import e2_transformers` for an E2)")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not an E2 checkpoint config (expected \"format\": \"{FORMAT}\")")
+    check_config(file, config)
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{file} has format_version {config['format_version']}, newer than this "
                               f"e2-plugins reads ({FORMAT_VERSION}); upgrade e2-plugins")

@@ -227,3 +227,52 @@ def test_a_file_that_is_not_a_reference_checkpoint_says_what_it_holds(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a reference E2 checkpoint: no visual.token_1_embedding "
                                               r"\(it holds \['step', 'weights'\]\)"):
         e2_core.load_encoder(f"{TINY}:{tmp_path / 'odd.pth'}")
+
+
+ABSURD = [  # (edit of a saved config.json, what the message names)
+    (lambda c: c["clip_config"]["vision_cfg"].update(layers=1e7), "clip_config.vision_cfg.layers must be an integer"),
+    (lambda c: c["clip_config"]["vision_cfg"].update(width=10**9), "clip_config.vision_cfg.width is 1000000000"),
+    (lambda c: c["clip_config"]["text_cfg"].update(vocab_size=10**12), "clip_config.text_cfg.vocab_size is"),
+    (lambda c: c["e2_config"].update(tokens_per_entity=10**6), "e2_config.tokens_per_entity is 1000000"),
+    (lambda c: c.update(clip_config="ViT-B-32"), "clip_config must be an object, not str"),
+    (lambda c: c["preprocess_cfg"].update(std=[0, 0, 0]), "preprocess_cfg.std must be positive"),
+    (lambda c: c["preprocess_cfg"].update(mean="rgb"), "preprocess_cfg.mean must be a list of 3 numbers"),
+    (lambda c: c.update(format_version="2"), "format_version must be an integer, not '2'"),
+    (lambda c: c["clip_config"]["vision_cfg"].update(layers=200, width=16384, head_width=64),
+     "parameters alone need about .* GiB, more than this machine's"),
+]
+
+
+def test_an_absurd_config_is_one_line_before_anything_is_built(tiny_model, tmp_path):
+    """config.json values are checked for type and range, and the parameters' memory against the machine's,
+    before a model is built: a damaged config must never grow a process until the system stops it. Loaded in
+    one subprocess whose data segment is capped, so that a missed check fails instead of taking the machine."""
+    import subprocess
+    import sys
+
+    folders = []
+    for i, (edit, _) in enumerate(ABSURD):
+        save_pretrained(tiny_model, tmp_path / f"ckpt{i}")
+        config = json.loads((tmp_path / f"ckpt{i}" / "config.json").read_text())
+        edit(config)
+        (tmp_path / f"ckpt{i}" / "config.json").write_text(json.dumps(config))
+        folders.append(str(tmp_path / f"ckpt{i}"))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30)); import e2_core\n"
+            "for folder in sys.argv[1:]:\n    try:\n        e2_core.load_encoder(folder)\n        print('LOADED')\n"
+            "    except e2_core.CheckpointError as err:\n        print(str(err).replace(chr(10), ' '))")
+    run = subprocess.run([sys.executable, "-c", code, *folders], capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and len(lines) == len(ABSURD), run.stderr[-800:]
+    for folder, line, (_, message) in zip(folders, lines, ABSURD):
+        assert line.startswith(f"{folder}/config.json") and re.search(message, line), line
+
+
+@pytest.mark.parametrize("content, message", [(b'{"format": "e2-plugins/encoder", "x": "\xff\xfe"}', "not UTF-8 text"),
+                                              (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply")],
+                         ids=["not-utf8", "nested"])
+def test_a_config_that_is_not_json_text_names_the_file(content, message, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_bytes(content)
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'ckpt' / 'config.json'))}: {message}"):
+        e2_core.load_encoder(tmp_path / "ckpt")
