@@ -6,6 +6,7 @@ A tensor may be stored as some of its rows (``compact_state_dict``: ``NAME`` hol
 the full-size, full-precision model. Nothing here unpickles anything."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -107,20 +108,42 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda f: save_file(data, f, metadata=dict(metadata) if metadata else None))
+    size = sum(v.numel() * v.element_size() for v in data.values())
+    _atomic_write(path, lambda f: save_file(data, f, metadata=dict(metadata) if metadata else None), size)
     return path
 
 
-def _atomic_write(target: Path, write) -> None:
+#: errno of a write that found no room: a full device (ENOSPC) or the process's file-size limit (EFBIG)
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _atomic_write(target: Path, write, size: Optional[int] = None) -> None:
+    """``write(temporary path)``, then the file renamed into place: a reader sees the old file or the whole
+    new one, never part of it; the temporary file is removed whatever happens. A write that finds no room is
+    an ``OSError`` naming ``target`` and the space it needs (about ``size`` bytes, when known)."""
+    target = Path(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+    except (OSError, SafetensorError) as err:
+        if not _no_room(err):
+            raise
+        needed = f" (about {size / 1e6:.1f} MB)" if size else ""
+        raise OSError(errno.ENOSPC, f"no space left on the device to write it{needed}; free space and run the same "
+                      "command again", str(target)) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _no_room(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in NO_ROOM:
+        return True
+    text = str(err).lower()  # safetensors' and HDF5's errors name the OS error in their text
+    return any(words in text for words in ("no space left", "os error 28", "errno = 28", "file too large"))
 
 
 def _umask() -> int:

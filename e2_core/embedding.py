@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -271,8 +272,18 @@ def _read_cache(path: Optional[Path], strict: bool) -> Optional[Embeddings]:
     return result
 
 
+#: a cache entry's temporary file older than this was left by a run that was killed: removed
+STALE_SECONDS = 3600
+
+
 def _write_cache(path: Optional[Path], result: Embeddings) -> None:
     if path is None:
         return
+    for leftover in path.parent.glob(".*.tmp"):  # a killed run's half-written entries never fill the disk
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
+        except OSError:  # another process removed or renamed it meanwhile
+            pass
     save_tensors({"features": result.features, **result.regions}, path,
                  metadata={"indices": json.dumps(result.indices), "skipped": json.dumps(result.skipped)})

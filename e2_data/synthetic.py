@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import errno
 import random
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -22,9 +23,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from e2_core.checkpoint import _atomic_write
 from e2_core.data.fashiongen import FIELDS, IMAGE_FIELD, PRODUCT_FIELD, fashiongen_file
 
 IMAGE_SIZE = 256  # FashionGen's
+BYTES_PER_IMAGE = 8192  # room a compressed synthetic image takes on disk, twice what it was measured to (3.9 KB)
 
 SUBCATEGORIES = ("SHIRTS", "DRESSES", "PANTS", "SKIRTS", "JACKETS", "TOPS")
 CATEGORY_OF = {"SHIRTS": "TOPS", "TOPS": "TOPS", "JACKETS": "JACKETS & COATS", "DRESSES": "DRESSES",
@@ -236,18 +239,16 @@ def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[s
         rows = [(p, v) for p in chosen for v in range(random.Random(f"views:{seed}:{p.product_id}").randint(*views))]
         target = fashiongen_file(out_dir, split) if split in ("train", "validation") else \
             out_dir / f"fashiongen_256_256_{split}.h5"
+        needed = len(rows) * BYTES_PER_IMAGE
+        if shutil.disk_usage(out_dir).free < needed:  # HDF5 may crash the process when the disk fills up
+            raise OSError(errno.ENOSPC, f"no space left on the device for {len(rows)} synthetic images (about "
+                          f"{needed / 1e6:.0f} MB); free space and run the same command again", str(target))
         # a name of its own (two first uses at once each write theirs, the same bytes) and gone if writing fails
-        handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            _write_split(tmp, rows, seed, names, split, progress)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _atomic_write(target, lambda tmp: _write_split(tmp, rows, seed, names, split, progress), needed)
         written[split] = target
-    _atomic_text(out_dir / "synthetic.json", json.dumps(
-        {"seed": seed, "splits": sizes, "views": list(views), "offset": offset, "num_brands": num_brands}, indent=2))
+    text = json.dumps({"seed": seed, "splits": sizes, "views": list(views), "offset": offset,
+                       "num_brands": num_brands}, indent=2)
+    _atomic_write(out_dir / "synthetic.json", lambda tmp: Path(tmp).write_text(text))
     return written
 
 
@@ -266,17 +267,6 @@ def _write_split(path: str, rows, seed: int, names, split: str, progress: bool) 
         for tag, field in FIELDS.items():
             f.create_dataset(field, data=np.array([[t[tag].encode("latin-1")] for t in tags]))
         f.create_dataset("input_pose", data=np.array([[f"id_gridfs_{v + 1}".encode()] for _, v in rows]))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --- FashionIQ layout and caption references ---------------------------------------------------

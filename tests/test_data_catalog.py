@@ -156,3 +156,20 @@ def test_strict_in_a_dataloader_worker_raises_the_readers_message_not_a_tracebac
         next(iter(loader))
     assert str(err.value) == (f"{tmp_path / 'broken.png'}: not a readable image (unknown format or corrupt header) "
                               "(strict=False skips and reports unreadable images)")
+
+
+@pytest.mark.parametrize("codec, advice", [("utf-16", "UTF-16 (with a byte-order mark), not utf-8 text; read it with "
+                                                      "encoding=utf-16"),
+                                           ("utf-16-le", "UTF-16 little-endian (no byte-order mark), not utf-8 text; "
+                                                         "read it with encoding=utf-16-le")])
+def test_a_utf16_catalog_is_named_and_the_advice_reads_it(codec, advice, tmp_path):
+    """A spreadsheet's "Unicode text" export: the advice was latin-1, which then failed on a mangled column name."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "shop.csv"
+    path.write_bytes("image,text,brand\na.png,Robe bleue,Hermès\n".encode(codec))
+    with pytest.raises(DataError) as err:
+        Catalog(path)
+    assert str(err.value) == f"{path}: the file is {advice}, or save it as UTF-8"
+    assert Catalog(path, encoding=advice.rsplit("encoding=", 1)[1]).product(0).tags["brand"] == "Hermès"

@@ -103,9 +103,33 @@ def test_an_interrupted_run_resumes_without_duplicates_or_gaps(catalog, tmp_path
 
 
 
+def test_a_shard_folder_resumes_when_its_images_are_named_by_another_path(catalog, tmp_path, tiny_checkpoints,
+                                                                         monkeypatch):
+    """The same files given as a relative folder first and an absolute one next: the same inputs (it was
+    refused as "other inputs"); other files are still refused."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    finish = ShardedRun._finish_shard
+
+    def killed_in_shard_1(self, kind, shard, *rest):
+        if kind == "img" and shard == 1:
+            raise KeyboardInterrupt
+        return finish(self, kind, shard, *rest)
+
+    monkeypatch.setattr(ShardedRun, "_finish_shard", killed_in_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(Path(catalog.name), out, tiny_checkpoints["e2"])
+    monkeypatch.setattr(ShardedRun, "_finish_shard", finish)
+    report = run(catalog.resolve(), out, tiny_checkpoints["e2"])
+    assert report["img_resumed_at_shard"] == 1 and report["images"] == 9
+    (catalog / "img0.png").rename(catalog / "img0-renamed.png")
+    with pytest.raises(ValueError, match="holds embeddings of other img inputs"):
+        run(catalog.resolve(), out, tiny_checkpoints["e2"])
+
+
 @pytest.mark.parametrize("damage", ["truncated", "overwritten", "deleted", "metadata deleted"])
 def test_a_damaged_shard_is_named_and_written_again_by_the_same_command(catalog, tmp_path, tiny_checkpoints,
-                                                                       damage, capsys):
+                                                                       damage, caplog):
     whole, hurt = tmp_path / "whole", tmp_path / "hurt"
     run(catalog, whole, tiny_checkpoints["e2"])
     run(catalog, hurt, tiny_checkpoints["e2"])
@@ -122,9 +146,9 @@ def test_a_damaged_shard_is_named_and_written_again_by_the_same_command(catalog,
         shard.unlink()
     with pytest.raises(ValueError, match=f"{shard.name} .*; run the same `e2-plugins run embed` command again"):
         EmbeddingShards(hurt).metadata()
-    capsys.readouterr()
+    caplog.clear()
     report = run(catalog, hurt, tiny_checkpoints["e2"])
-    assert f"{shard.name}" in capsys.readouterr().err
+    assert f"{shard.name}" in caplog.text and "writing shard 1 and the ones after it again" in caplog.text
     assert report["img_resumed_at_shard"] == 1 and report["images"] == 9
     assert_same_files(hurt, whole)
 

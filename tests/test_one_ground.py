@@ -254,3 +254,75 @@ def test_a_third_party_package_adds_a_dataset_and_a_method_of_each_kind(third_pa
         main(["train", "--method", "nope"])
     err = capsys.readouterr().err
     assert "invalid choice: 'nope'" in err and "'short-ft'" in err
+
+
+# --- a full disk --------------------------------------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs filled but for a few KB, where one can be mounted (as root); else None."""
+    import subprocess
+
+    folder = tmp_path / "fs"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        yield None
+        return
+    try:
+        (folder / "filler").write_bytes(b"\0" * (1024 * 1024 - 12 * 1024))
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def _run_with_a_file_size_limit(args, limit=8 * 1024):
+    """The command line in a process whose files cannot grow past ``limit`` bytes (EFBIG, as a full disk)."""
+    import subprocess
+
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from e2_plugins.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(full_disk, products, tiny_checkpoints, tmp_path, capsys):
+    _, _, paths = products
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(map(str, paths)) + "\n")
+    folder = full_disk or tmp_path / "limited"
+    folder.mkdir(exist_ok=True)
+    args = ["run", "embed", "--images", str(listing), "--encoder", tiny_checkpoints["e2"], "--regions", "--device",
+            "cpu", "--workers", "0", "--no-progress", "--out", str(folder / "emb.safetensors")]
+    if full_disk is not None:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+    else:  # no tmpfs to mount: the same through a file-size limit
+        run = _run_with_a_file_size_limit(args)
+        assert run.returncode == 2, run.stderr[-1000:]
+        err = run.stderr
+    assert err.strip().splitlines()[-1].startswith(f"e2-plugins: error: {folder / 'emb.safetensors'}: no space left "
+                                                   "on the device to write it (about ")
+    assert "free space and run the same command again" in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir() if p.name != "filler") == []  # nothing half-written
+
+
+def test_synthetic_data_on_a_full_disk_is_refused_before_writing(full_disk, tmp_path, capsys):
+    if full_disk is None:
+        pytest.skip("no tmpfs can be mounted here (the check reads the free space of a real device)")
+    assert main(["data", "synthetic", "--size", "tiny", "--out", str(full_disk / "syn")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device for" in err and "synthetic images" in err
+    assert not list((full_disk / "syn").glob("*.h5")) and not list((full_disk / "syn").glob(".*tmp"))
+
+
+def test_a_killed_runs_temporary_cache_file_is_removed_and_a_running_ones_kept(products, tiny_checkpoints, tmp_path):
+    import os
+    import time
+
+    _, _, paths = products
+    tmp_path.joinpath("cache").mkdir()
+    old, fresh = tmp_path / "cache" / ".images-abc.safetensors.x1.tmp", tmp_path / "cache" / ".images-d.safetensors.x2.tmp"
+    old.write_bytes(b"")  # what a SIGKILL during a cache write leaves
+    fresh.write_bytes(b"")  # another process writing right now
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    embed_images(e2_core.load_encoder(tiny_checkpoints["clip"]), paths[:3], cache_dir=tmp_path / "cache")
+    assert not old.exists() and fresh.exists()

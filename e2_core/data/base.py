@@ -14,7 +14,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -75,6 +75,10 @@ def open_text(path: Union[str, os.PathLike], encoding: str = "utf-8") -> Iterato
             yield f
     except UnicodeDecodeError:
         raw = Path(path).read_bytes()  # the error's position is within a chunk: find the byte in the file
+        detected = _detect_encoding(raw)
+        if detected:
+            raise DataError(f"{path}: the file is {detected[1]}, not {encoding.removesuffix('-sig')} text; read it "
+                            f"with encoding={detected[0]}, or save it as UTF-8") from None
         try:
             raw.decode(encoding)
         except UnicodeDecodeError as err:
@@ -83,6 +87,23 @@ def open_text(path: Union[str, os.PathLike], encoding: str = "utf-8") -> Iterato
                             f"{err.encoding.removesuffix('-sig')} text; give the file's encoding, e.g. "
                             "encoding=latin-1 or encoding=cp1252, or save the file as UTF-8") from None
         raise
+
+
+def _detect_encoding(raw: bytes) -> Optional[Tuple[str, str]]:
+    """``(codec, description)`` of a text file whose bytes say what it is: a UTF-16 or UTF-32 byte-order
+    mark, or UTF-16 without one (every other byte zero, as spreadsheets export "Unicode text")."""
+    for bom, codec, name in ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32 (with a byte-order mark)"),
+                             (codecs.BOM_UTF32_BE, "utf-32", "UTF-32 (with a byte-order mark)"),
+                             (codecs.BOM_UTF16_LE, "utf-16", "UTF-16 (with a byte-order mark)"),
+                             (codecs.BOM_UTF16_BE, "utf-16", "UTF-16 (with a byte-order mark)")):
+        if raw.startswith(bom):
+            return codec, name
+    head = raw[:4096]
+    if len(head) >= 4 and head[1::2].count(0) > 0.9 * len(head[1::2]):
+        return "utf-16-le", "UTF-16 little-endian (no byte-order mark)"
+    if len(head) >= 4 and head[0::2].count(0) > 0.9 * len(head[0::2]):
+        return "utf-16-be", "UTF-16 big-endian (no byte-order mark)"
+    return None
 
 
 @dataclass

@@ -67,7 +67,7 @@ class SideBySide:
         """``results.json`` as it stands, replaced atomically (never left empty or half-written)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.results, indent=2, default=str)
-        _atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+        _atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), len(text))
         return self.path
 
     def finish(self) -> Path:

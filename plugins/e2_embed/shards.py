@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -56,7 +57,7 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array)
-    _atomic_write(path, write)
+    _atomic_write(path, write, array.nbytes)
 
 
 def _read_manifest(folder: Path):
@@ -130,9 +131,12 @@ class ShardedRun:
         """Embeds the items not done yet: ``encode(batches)`` is a stream of ``e2_core.embedding`` for
         these batches of item numbers. Returns the run's report."""
         digest = hashlib.sha256("\n".join(labels).encode()).hexdigest()
+        # images are the same files however their paths are written (relative, absolute, through a link)
+        files = hashlib.sha256("\n".join(map(os.path.realpath, labels)).encode()).hexdigest() if kind == "img" else None
         record = self.manifest.setdefault(kind, {"source": str(source), "count": len(labels), "digest": digest,
-                                                 "shards": [], "complete": False})
-        if (record["count"], record["digest"]) != (len(labels), digest):
+                                                 "files": files, "shards": [], "complete": False})
+        same = digest == record["digest"] or (files is not None and files == record.get("files"))
+        if record["count"] != len(labels) or not same:
             raise ValueError(f"out={self.folder} holds embeddings of other {kind} inputs ({record['count']} items "
                              f"from {record['source']}); use another output folder, or delete it to start over")
         for shard in range(len(record["shards"])):
