@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -111,6 +112,21 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
     size = sum(v.numel() * v.element_size() for v in data.values())
     _atomic_write(path, lambda f: save_file(data, f, metadata=dict(metadata) if metadata else None), size)
     return path
+
+
+#: a temporary file older than this in a folder being written was left by a run that was killed: removed
+STALE_SECONDS = 3600
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the ``.*.tmp`` files :func:`_atomic_write` leaves when its process is killed, once they are
+    older than :data:`STALE_SECONDS` (a younger one may be another process's write in progress)."""
+    for leftover in Path(folder).glob(".*.tmp"):
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
+        except OSError:  # another process removed or renamed it meanwhile
+            pass
 
 
 #: errno of a write that found no room: a full device (ENOSPC) or the process's file-size limit (EFBIG)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -27,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import save_tensors
+from .checkpoint import remove_stale_temporaries, save_tensors
 from .data.base import DataError, ProductDataset, Sample, open_image
 from .encoder import as_encoder
 from .runtime import autocast, compiled, compiles
@@ -272,18 +271,10 @@ def _read_cache(path: Optional[Path], strict: bool) -> Optional[Embeddings]:
     return result
 
 
-#: a cache entry's temporary file older than this was left by a run that was killed: removed
-STALE_SECONDS = 3600
-
-
 def _write_cache(path: Optional[Path], result: Embeddings) -> None:
     if path is None:
         return
-    for leftover in path.parent.glob(".*.tmp"):  # a killed run's half-written entries never fill the disk
-        try:
-            if time.time() - leftover.stat().st_mtime > STALE_SECONDS:
-                leftover.unlink()
-        except OSError:  # another process removed or renamed it meanwhile
-            pass
+    if path.parent.is_dir():
+        remove_stale_temporaries(path.parent)  # a killed run's half-written entries never fill the disk
     save_tensors({"features": result.features, **result.regions}, path,
                  metadata={"indices": json.dumps(result.indices), "skipped": json.dumps(result.skipped)})

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from e2_core.checkpoint import _atomic_write
+from e2_core.checkpoint import _atomic_write, remove_stale_temporaries
 from e2_core.data.fashiongen import FIELDS, IMAGE_FIELD, PRODUCT_FIELD, fashiongen_file
 
 IMAGE_SIZE = 256  # FashionGen's
@@ -232,6 +232,7 @@ def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[s
     names = brand_names(num_brands, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # what a killed generation left
     written, start = {}, offset
     for split, count in sizes.items():
         chosen = products[start:start + count]
