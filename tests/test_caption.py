@@ -2,6 +2,7 @@
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,34 @@ def test_a_caption_reads_as_written_after_the_bpe_round_trip(written):
     vocab = BPEVocab.from_captions(tokenizer, [written])
     ids, mask = vocab.encode([written], max_tokens=40)
     assert vocab.decode(ids[0][mask[0]].tolist()) == written
+
+
+def test_decoders_belong_to_their_training_captions_and_say_so(tiny_checkpoints, tmp_path, caplog):
+    """A decoder is keyed by its encoder and its training captions: pointed at another dataset the task trains
+    one (said in one line) instead of reusing one that writes the other dataset's products; results.json
+    records each decoder, what it learnt from and the tokenisation; the references are written in COCO's
+    format. Few training captions get more epochs, up to min_steps optimizer steps (said)."""
+    from other_data import write_catalog
+    from e2_caption import caption
+
+    first = write_catalog(tmp_path / "first", train=20, validation=6, seed=1)
+    second = write_catalog(tmp_path / "second", train=20, validation=6, seed=2)
+    options = dict(dataset="catalog", encoder=tiny_checkpoints["e2"], baseline=tiny_checkpoints["clip"],
+                   method=["decap"], min_steps=12, page_images=0, device="cpu", progress=False,
+                   decoders=tmp_path / "decoders")
+    caption(data_root=str(first), out=tmp_path / "a", **options)
+    assert "20 training captions: 3 epochs would be 3 optimizer steps, too few to learn to write; training 12 " \
+           "epochs (12 steps, min_steps)" in caplog.text
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    entry = next(iter(results["encoders"].values()))["methods"]["decap"]
+    assert entry["trained_on"]["captions"] == 20 and entry["trained_on"]["epochs"] == 12
+    assert Path(entry["decoder"]).is_file() and entry["notes"][0].startswith("tokenised with")
+    references = json.loads(Path(results["references"]).read_text())
+    assert len(references["images"]) == 6 and {"image_id", "id", "caption"} <= set(references["annotations"][0])
+    caplog.clear()
+    caption(data_root=str(second), out=tmp_path / "b", **options)
+    assert "were trained on other captions" in caplog.text and "training one on these" in caplog.text
+    assert len(list((tmp_path / "decoders").glob("decap-*.safetensors"))) == 4  # 2 encoders x 2 datasets
+    caplog.clear()
+    caption(data_root=str(second), out=tmp_path / "c", **options)  # the same captions again: reused, silently
+    assert "training" not in caplog.text

@@ -50,7 +50,8 @@ def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> Tuple[Dict[str, List[
         how = "PTB tokenizer (Stanford CoreNLP 3.4.1)"
     else:
         tokenized = [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]", line.lower())) for line in lines]
-        how = "regex tokenisation (no Java: the PTB tokenizer is skipped)"
+        how = ("regex tokenisation (no Java: the PTB tokenizer is skipped; these scores are not comparable with "
+               "PTB-tokenised ones, BLEU-4 and CIDEr read higher)")
     result: Dict[str, List[str]] = {k: [] for k in captions}
     for k, line in zip(ids, tokenized):
         result[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATION))
@@ -130,4 +131,15 @@ def coco_results(predictions: Mapping[str, str]) -> List[Dict]:
 def write_coco_results(predictions: Mapping[str, str], path: os.PathLike) -> Path:
     path = Path(path)
     path.write_text(json.dumps(coco_results(predictions), indent=1, ensure_ascii=False))
+    return path
+
+
+def write_coco_references(references: Mapping[str, List[str]], path: os.PathLike) -> Path:
+    """The reference captions in the COCO annotations format (``images`` and ``annotations``, the ids of
+    :func:`write_coco_results`), so that anyone can rescore the predictions with pycocoevalcap's own tools."""
+    path = Path(path)
+    annotations = [{"image_id": image, "id": n, "caption": caption}
+                   for n, (image, caption) in enumerate((k, c) for k, captions in references.items() for c in captions)]
+    path.write_text(json.dumps({"images": [{"id": k} for k in references], "annotations": annotations},
+                               indent=1, ensure_ascii=False))
     return path

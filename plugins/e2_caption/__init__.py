@@ -4,9 +4,10 @@ only), a baseline encoder and E2 side by side, scored with the COCO caption metr
 From Python, a trained captioner is ``captioner(images) -> captions`` (:func:`load_captioner`)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -16,7 +17,7 @@ from e2_core.embedding import embed_images, embed_texts
 from e2_core.errors import check_at_least
 from e2_core.registry import CAPTION_METHOD_GROUP, Registry, Task
 from e2_core.runtime import resolve_device
-from e2_eval.captions import caption_metrics, write_coco_results
+from e2_eval.captions import caption_metrics, write_coco_references, write_coco_results
 from e2_eval.sidebyside import SideBySide, format_table, report_skipped
 
 from .captioner import Captioner, CaptionerMismatch
@@ -26,11 +27,14 @@ log = logging.getLogger(__name__)
 
 #: every installed captioner, by the name ``--method`` takes (the ``e2_plugins.caption_methods`` group)
 METHODS = Registry(CAPTION_METHOD_GROUP)
+#: the fewest optimizer steps a decoder trains for (default of ``min_steps``)
+MIN_STEPS = 150
+TRAIN_BATCH = 64  # the captioners' training batch (Captioner.fit)
 
 
 def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method: Optional[List[str]] = None,
             encoder: str = "demo:e2", baseline: str = "demo:clip-ft", beams: int = 1, epochs: int = 3,
-            decoders: Optional[Path] = None, max_images: int = 500, out: Path = Path("runs/caption"),
+            min_steps: int = MIN_STEPS, decoders: Optional[Path] = None, max_images: int = 500, out: Path = Path("runs/caption"),
             batch_size: int = 64, device: str = "auto", page_images: int = 12, progress: bool = True,
             encoding: str = "utf-8") -> Dict:
     """Zero-shot image captioning (BLEU-1..4, METEOR, ROUGE-L, CIDEr), a baseline and E2 side by side.
@@ -42,8 +46,9 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
         encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         baseline: the encoder it is compared with, in the same forms
         beams: beam width of decoding (1: greedy)
-        epochs: training epochs of a decoder (when none is saved for the encoder)
-        decoders: folder of trained decoders, one per method and encoder, reused when present (default: OUT/decoders)
+        epochs: training epochs of a decoder (when none is saved for the encoder and these training captions)
+        min_steps: the fewest optimizer steps a decoder trains for: more epochs where the training captions are few (a decoder trained for a few steps writes one caption for every image)
+        decoders: folder of trained decoders, one per method, encoder and training captions, reused when present (default: OUT/decoders)
         max_images: validation images captioned and scored (0: all)
         out: folder for results.json, the COCO-format predictions and the page
         batch_size: items per forward pass
@@ -57,6 +62,7 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     if unknown:
         raise ValueError(f"unknown method {', '.join(unknown)}; the captioners are {', '.join(METHODS)}")
     check_at_least(1, beams=beams, epochs=epochs, batch_size=batch_size)
+    check_at_least(0, min_steps=min_steps)
     check_at_least(0, max_images=max_images, page_images=page_images)
     dev = resolve_device(device)
     out = Path(out)
@@ -70,6 +76,10 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     texts = [caption_text(train.product(i).tags) for i in range(len(train))]
     subset = torch.utils.data.Subset(val, range(min(max_images, len(val)) if max_images else len(val)))
     val_refs: Dict[str, List[str]] = {}
+    said: List[bool] = []  # the step floor is said once
+    epochs, too_few = _enough_epochs(epochs, len(texts), min_steps)
+    trained_on = {"dataset": dataset, "data_root": str(data_root) if data_root else None, "captions": len(texts),
+                  "digest": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16], "epochs": epochs}
     for label, model in runner.encoders():
         text_features = embed_texts(model, texts, batch_size=batch_size)
         images = embed_images(model, subset, batch_size=batch_size)
@@ -79,27 +89,49 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
 
         def run(name: str) -> Dict:
             captioner = METHODS[name](model, beams=beams)
-            path = decoders / f"{name}-{model.fingerprint()[:16]}.safetensors"
+            # a decoder belongs to an encoder and to the captions it learnt to write
+            path = decoders / f"{name}-{model.fingerprint()[:16]}-{trained_on['digest'][:12]}.safetensors"
             if path.is_file():
                 captioner.load(path)
             else:
+                others = sorted(decoders.glob(f"{name}-{model.fingerprint()[:16]}-*.safetensors"))
+                if others:
+                    log.warning("%s: the %s decoder(s) saved for %s were trained on other captions (%s); training "
+                                "one on these", label, name, model.name, others[0].name)
                 image_features = _train_image_features(model, train, batch_size) if captioner.pairs else None
-                log.info("training the %s decoder for %s on %d captions ...", name, model.name, len(texts))
+                if too_few and not said:
+                    log.warning(too_few)
+                    said.append(True)
+                log.info("training the %s decoder for %s on %d captions, %d epochs ...", name, model.name,
+                         len(texts), epochs)
                 captioner.fit(texts, text_features, image_features, epochs=epochs, progress=progress)
-                captioner.save(path)
+                captioner.save(path, trained_on)
             predictions = dict(zip(map(str, images.indices), _caption(captioner, images.features, batch_size)))
-            write_coco_results(predictions, out / f"captions-{_slug(label)}-{name}.json")
+            written = write_coco_results(predictions, out / f"captions-{_slug(label)}-{name}.json")
             shown[f"{label} {name}"] = predictions
-            return caption_metrics(predictions, val_refs)
+            return {**caption_metrics(predictions, val_refs), "decoder": str(path),
+                    "trained_on": captioner.trained_on or trained_on, "captions": str(written)}
 
         for name in methods:
             runner.record(label, name, lambda: run(name))
+    runner.results["references"] = str(write_coco_references(val_refs, out / "references.json"))
     _print_table(runner.results, methods)
     page = write_page(out, val, val_refs, shown, page_images) if page_images else None
     path = runner.finish()
     return {"results": str(path), "page": str(page) if page else None,
             **{label: {m: r["methods"][m]["metrics"].get("BLEU-4") for m in methods if m in r["methods"]}
                for label, r in runner.results["encoders"].items()}}
+
+
+def _enough_epochs(epochs: int, captions: int, min_steps: int) -> Tuple[int, str]:
+    """``epochs``, or more where the training captions are too few for ``min_steps`` optimizer steps, and
+    the line that says so (empty when ``epochs`` is enough)."""
+    per_epoch = max(1, -(-captions // TRAIN_BATCH))
+    if epochs * per_epoch >= min_steps:
+        return epochs, ""
+    needed = -(-min_steps // per_epoch)
+    return needed, (f"{captions} training captions: {epochs} epochs would be {epochs * per_epoch} optimizer steps, too "
+                    f"few to learn to write; training {needed} epochs ({needed * per_epoch} steps, min_steps)")
 
 
 def caption_text(tags: Dict[str, str]) -> str:

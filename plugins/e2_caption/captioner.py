@@ -39,6 +39,7 @@ class Captioner:
         self.beams, self.max_tokens, self.options = beams, max_tokens, options
         self.vocab = None  # BPEVocab or HFVocab: captions <-> the decoder's ids
         self.decoder: Optional[PrefixLM] = None
+        self.trained_on: Optional[Dict] = None  # what the decoder learnt from (dataset, captions' digest, epochs)
 
     # --- what a method defines ------------------------------------------------------------------------
     def training_inputs(self, text_features: torch.Tensor, image_features: Optional[torch.Tensor]) -> torch.Tensor:
@@ -104,7 +105,7 @@ class Captioner:
     def load_extra(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`extra_tensors` saved."""
 
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, trained_on: Optional[Dict] = None) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.decoder.state_dict()
@@ -114,7 +115,8 @@ class Captioner:
         tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in self.extra_tensors().items()})
         meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "vocab": json.dumps(self.vocab.state()),
                 "options": json.dumps(self.options), "encoder": self.encoder.name,
-                "encoder_fingerprint": self.encoder.fingerprint()}
+                "encoder_fingerprint": self.encoder.fingerprint(), "trained_on": json.dumps(trained_on or {})}
+        self.trained_on = trained_on
         return save_tensors(tensors, path, meta)
 
     def load(self, path: Path) -> "Captioner":
@@ -130,6 +132,7 @@ class Captioner:
                 f"{self.encoder.fingerprint()[:12]}): a decoder reads one embedding space. Train one for this "
                 "encoder (remove the file, or use another folder, decoders=...)")
         self.config = DecoderConfig(**json.loads(meta["config"]))
+        self.trained_on = json.loads(meta.get("trained_on", "{}")) or None
         self.vocab = vocab_from_state(json.loads(meta["vocab"]), self.encoder.tokenizer)
         self.decoder = PrefixLM(self.encoder.embed_dim, self.config)
         missing, unexpected = self.decoder.load_state_dict(
