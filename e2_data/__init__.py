@@ -5,6 +5,9 @@ read (:mod:`e2_data.synthetic`, :mod:`e2_data.amazon`). Opening a reader never b
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -98,9 +101,24 @@ def _prepare_synthetic_fashioniq(root: Optional[str] = None) -> Optional[str]:
     folder = Path(root) if root else default_synthetic_root("fashioniq")
     if (folder / "captions" / "cap.toptee.val.json").is_file():
         return None
+    if folder.is_dir() and any(folder.iterdir()):
+        raise DataError(f"{folder} holds files but no synthetic FashionIQ-layout data (captions/cap.toptee.val.json); "
+                        "remove it, or choose another data_root")
     log.warning("generating synthetic FashionIQ-layout data (%d triplets per category and split) in %s ...",
                 SYNTHETIC_TRIPLETS, folder)
-    write_fashioniq(folder, SYNTHETIC_TRIPLETS)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:  # written aside and renamed into place whole: a second first use at once finds all of it or none
+        write_fashioniq(building, SYNTHETIC_TRIPLETS)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        try:
+            os.rename(building, folder)
+        except OSError:  # another process put it there first: the same data
+            if not (folder / "captions" / "cap.toptee.val.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return f"synthetic FashionIQ-layout data written to {folder}"
 
 

@@ -137,3 +137,20 @@ ADAPTER_RECIPES = {
 def test_every_installed_adapter_loads_and_adapts(name, tiny_checkpoints):
     assert name in ADAPTER_RECIPES, f"adapter {name!r} is installed but has no recipe in this test"
     ADAPTER_RECIPES[name](registry.get(registry.ADAPTER_GROUP, name), tiny_checkpoints)
+
+
+def test_two_first_uses_of_the_synthetic_fashioniq_data_both_find_all_of_it(tmp_path):
+    """Written aside and renamed into place whole: two processes preparing it at once both end with the data,
+    one copy, no temporary folder left."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from e2_core.data import open_dataset; "
+            "print(len(open_dataset('synthetic-fashioniq', sys.argv[1], 'val', kind='triplets', prepare=True, "
+            "category='dress').triplets))")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "fiq")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-500:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["100", "100"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fiq"]
