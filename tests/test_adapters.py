@@ -464,6 +464,27 @@ THIRD_PARTY = {
 }
 
 
+def test_clip_benchmark_zero_shot_classification_runs_on_an_e2(tmp_path):
+    """CLIP_benchmark's other task, in the environment the README installs (its extra pins numpy below 2.4, where
+    its accuracy function fails: an upstream bug). Its offline "dummy" set is one 224 px image, so the E2 here is
+    a tiny one built at 224 px."""
+    import e2_clip_benchmark
+    from e2_core.architecture import build_clip, named_config
+    from e2_core.config import E2Config
+    from e2_core.model import E2Model
+
+    config = named_config(TINY)
+    config["vision_cfg"].update(image_size=224, patch_size=32)
+    torch.manual_seed(0)
+    e2_core.save_pretrained(E2Model(build_clip(config), E2Config()), tmp_path / "e2-224")
+    out = tmp_path / "zeroshot.json"
+    e2_clip_benchmark.main(["eval", "--model_type", "e2", "--model", str(tmp_path / "e2-224"), "--dataset", "dummy",
+                            "--task", "zeroshot_classification", "--output", str(out), "--no_amp", "--quiet"])
+    written = json.loads(out.read_text())
+    assert written["task"] == "zeroshot_classification" and written["metrics"]["acc1"] in (0.0, 1.0)
+    assert written["pretrained"] == str(tmp_path / "e2-224")
+
+
 def test_a_third_party_package_adds_a_task_an_adapter_and_a_dataset(tmp_path, tiny_checkpoints, product_images):
     source = tmp_path / "shop-plugins"
     for name, text in THIRD_PARTY.items():
