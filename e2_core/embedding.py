@@ -153,12 +153,13 @@ def embed_images(encoder, images: Sequence, *, batch_size: int = 64, device=None
                  desc: str = "") -> Embeddings:
     """L2-normalised embeddings of every readable image of ``images`` (files, or a ProductDataset's
     products, first readable view), read from ``cache_dir`` when this encoder's weights already
-    embedded these inputs (files by path, size and modification time) with these settings.
+    embedded these inputs (files by path, size and modification time) with these settings (batch size,
+    precision, regions, decoding).
 
     ``progress=None`` shows a bar on a terminal only. See :func:`image_batches` for the other options.
     """
     encoder = as_encoder(encoder)
-    settings = {"precision": precision, "regions": regions, "draft": draft}
+    settings = {"precision": precision, "regions": regions, "draft": draft, "batch_size": batch_size}
     path = _cache_path(cache_dir, encoder, _image_files(images), settings) if cache_dir is not None else None
     cached = _read_cache(path, strict)
     if cached is not None:
