@@ -316,3 +316,61 @@ def test_image_urls_are_named_not_joined_to_the_folder(tmp_path):
         e2_embed.list_images(tmp_path / "images.csv")
     with pytest.raises(ValueError, match=r"images.txt: http://example.com/b.png is a URL"):
         e2_embed.list_images(tmp_path / "images.txt")
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+from e2_embed.shards import ShardedRun
+if os.environ.get("KILL_RANK") == os.environ["RANK"]:  # this process dies inside its image shard 1
+    finish = ShardedRun._finish_shard
+    def dying(self, kind, shard, *rest):
+        if kind == "img" and shard == 1:
+            os._exit(9)
+        return finish(self, kind, shard, *rest)
+    ShardedRun._finish_shard = dying
+from e2_plugins.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(script, args, kill_rank=None):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if kill_rank is not None:
+        env["KILL_RANK"] = str(kill_rank)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), "--max-restarts", "0", str(script), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_torchrun_processes_share_the_shards_and_write_a_one_process_folder(catalog, tmp_path, tiny_checkpoints):
+    """``torchrun --nproc-per-node 2 ... run embed --shard-size 4``: each process writes its shards, process 0
+    folds them into the manifest, and the folder equals a one-process run's, byte for byte; also after one
+    process is killed inside a shard and the same command runs again."""
+    import subprocess
+    import sys
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    script = tmp_path / "embed_run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    args = ["run", "embed", "--images", str(catalog), "--texts", str(catalog.parent / "texts.txt"), "--encoder",
+            tiny_checkpoints["e2"], "--device", "cpu", "--regions", "--batch-size", "2", "--shard-size", "4",
+            "--workers", "0", "--no-progress"]
+    alone = subprocess.run([sys.executable, str(script), *args, "--out", str(one)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0"}, timeout=300)  # the same threads
+    assert alone.returncode == 0, alone.stderr[-1000:]
+    args += ["--out", str(two)]
+    killed = _torchrun(script, args, kill_rank=1)
+    assert killed.returncode != 0
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert "img" not in manifest or not manifest["img"]["complete"]
+    again = _torchrun(script, args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_files(two, one)
+    assert not (two / "finished").exists()

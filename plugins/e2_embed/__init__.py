@@ -78,6 +78,10 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         raise ValueError(f"out={out} is a folder; give a .safetensors file, or shard_size=N to write shards there "
                          "(a folder of shards continues with the shard_size it was written with)")
     dev = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the processes share the shards
+        if not shard_size:
+            raise ValueError("under torchrun embed writes a shard folder: give shard_size=N")
+        dev = _join_processes(dev)
     if workers is None:
         workers = 1 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
     net = load_encoder(encoder, device=dev)
@@ -105,6 +109,19 @@ def embed(images: Optional[Path] = None, texts: Optional[Path] = None, encoder: 
         report.update(writer.write("text", lines, texts, lambda batches: text_batches(net, lines, batches, **options)))
     writer.finish()
     return {"out": str(out), "encoder": net.name, **report}
+
+
+def _join_processes(dev):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); each process takes its local GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
 
 
 def _read_texts(path: Path, encoding: str = "utf-8") -> List[str]:

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,6 +43,8 @@ KINDS = {"img": (("img_emb", "region_emb", "selected_patches"), "metadata", "ima
 #: the embedding streams' tensor names (``e2_core.embedding``) -> this folder's names
 FOLDER_NAMES = {"image_features": "img_emb", "regional_features": "region_emb", "selected_patches": "selected_patches",
                 "text_features": "text_emb"}
+#: where the processes of a torchrun record the shards they finished, until process 0 folds them into the manifest
+FINISHED = "finished"
 #: settings of folders written before the setting was recorded
 SAVED_BEFORE = {"fast_decode": False}
 
@@ -108,11 +110,16 @@ def _damaged(problem: str) -> str:
 
 class ShardedRun:
     """Writes one embed run's shards into ``folder``, continuing where an earlier run of the same
-    encoder, settings and inputs stopped (anything else there is refused)."""
+    encoder, settings and inputs stopped (anything else there is refused). Under torchrun each process
+    writes the shards ``s`` with ``s % world == rank`` and records each beside its files; process 0 folds them
+    into the manifest when all are written, which makes the folder a one-process run's, byte for byte."""
 
     def __init__(self, folder: Path, net, shard_size: int, batch_size: int, regions: bool, progress: bool = True,
                  fast_decode: bool = False):
         self.folder, self.progress, self.shard_size, self.batch_size = folder, progress, shard_size, batch_size
+        self.rank, self.world = ranks()
+        if self.rank != 0:
+            _barrier(self.world)  # process 0 checks the folder and starts its manifest first
         settings = {"encoder": net.name, "fingerprint": net.fingerprint(), "entities": list(net.entities),
                     "dim": net.embed_dim, "shard_size": shard_size, "batch_size": batch_size, "regions": regions,
                     "fast_decode": fast_decode}
@@ -126,6 +133,11 @@ class ShardedRun:
                 raise ValueError(f"out={folder} holds embeddings made with {key}={saved!r}, not "
                                  f"{key}={value!r}; use another output folder, or delete it to start over")
         self.manifest = manifest or {"format": 1, **settings}
+        if self.rank == 0 and self.world > 1:
+            if manifest is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                _write_json(folder / MANIFEST, self.manifest)
+            _barrier(self.world)
 
     def write(self, kind: str, labels: List[str], source, encode: Callable) -> dict:
         """Embeds the items not done yet: ``encode(batches)`` is a stream of ``e2_core.embedding`` for
@@ -147,24 +159,37 @@ class ShardedRun:
                 record["complete"] = False
                 break
         size, n = self.shard_size, len(labels)
+        self._fold(kind)  # shards other processes finished (under torchrun) count as recorded
         done, total = len(record["shards"]), math.ceil(n / size)
+        finished = set(range(done)) | set(self._finished(kind))
+        todo = [s for s in range(total) if s not in finished and s % self.world == self.rank]
         batches = [list(range(b, min(b + self.batch_size, (s + 1) * size, n)))
-                   for s in range(done, total) for b in range(s * size, min((s + 1) * size, n), self.batch_size)]
-        bar = tqdm(total=n, initial=min(n, done * size), desc=f"embed {kind}", unit="item", disable=not self.progress)
-        shard, parts, items, unreadable = done, {}, [], []
+                   for s in todo for b in range(s * size, min((s + 1) * size, n), self.batch_size)]
+        bar = tqdm(total=n, initial=min(n, len(finished) * size), desc=f"embed {kind}", unit="item",
+                   disable=not self.progress or self.rank != 0)
+        parts, items, unreadable = {}, [], []
         for batch, (kept, tensors, failed) in zip(batches, encode(batches)):
             items += kept
             unreadable += failed
             for name, tensor in tensors.items():
                 parts.setdefault(FOLDER_NAMES[name], []).append(tensor.numpy())
-            bar.update(len(batch))
+            bar.update(len(batch) * self.world)
+            shard = batch[0] // size
             if batch[-1] == min(n, (shard + 1) * size) - 1:
                 self._finish_shard(kind, shard, labels, parts, items, unreadable)
-                shard, parts, items, unreadable = shard + 1, {}, [], []
+                parts, items, unreadable = {}, [], []
         bar.close()
-        record["complete"] = True
-        _write_npy(self.folder / f"{kind}_index.npy", _index(record, size))
-        _write_json(self.folder / MANIFEST, self.manifest)
+        _barrier(self.world)  # every process's shards are written
+        if self.rank == 0:
+            self._fold(kind)
+            if len(record["shards"]) != total:
+                raise RuntimeError(f"{self.folder}: {total - len(record['shards'])} {kind} shard(s) were not written "
+                                   "by any process; run the same command again")
+            record["complete"] = True
+            _write_npy(self.folder / f"{kind}_index.npy", _index(record, size))
+            _write_json(self.folder / MANIFEST, self.manifest)
+        _barrier(self.world)
+        record.update(_read_manifest(self.folder)[kind])  # what process 0 recorded
         rows = sum(s["rows"] for s in record["shards"])
         report = {"images" if kind == "img" else "texts": rows, f"{kind}_shards": total, f"{kind}_resumed_at_shard": done}
         if kind == "img":
@@ -181,8 +206,55 @@ class ShardedRun:
         lines = "".join(json.dumps({"item": i, field: labels[i]}) + "\n" for i in items)
         (self.folder / metadata).mkdir(parents=True, exist_ok=True)
         _atomic_write(self.folder / metadata / f"{metadata}_{shard}.jsonl", lambda tmp: Path(tmp).write_text(lines))
-        self.manifest[kind]["shards"].append({"rows": len(items), "unreadable": [list(u) for u in unreadable]})
-        _write_json(self.folder / MANIFEST, self.manifest)             # the shard counts as done from here
+        entry = {"rows": len(items), "unreadable": [list(u) for u in unreadable]}
+        if self.world == 1 and shard == len(self.manifest[kind]["shards"]):
+            self.manifest[kind]["shards"].append(entry)
+            _write_json(self.folder / MANIFEST, self.manifest)         # the shard counts as done from here
+        else:  # under torchrun: recorded beside its files, folded into the manifest by process 0
+            (self.folder / FINISHED).mkdir(exist_ok=True)
+            _write_json(self.folder / FINISHED / f"{kind}_{shard}.json", entry)
+
+    def _finished(self, kind: str) -> Dict[int, dict]:
+        """The shards of ``kind`` a process finished that the manifest does not record yet."""
+        found = {}
+        for path in (self.folder / FINISHED).glob(f"{kind}_*.json"):
+            try:
+                found[int(path.stem.rsplit("_", 1)[1])] = json.loads(path.read_text())
+            except (ValueError, OSError):  # cut short: its shard is written again
+                continue
+        return found
+
+    def _fold(self, kind: str) -> None:
+        """Record, in order, the finished shards that extend the manifest's (process 0 writes it)."""
+        record, finished = self.manifest[kind], self._finished(kind)
+        while len(record["shards"]) in finished:
+            shard = len(record["shards"])
+            record["shards"].append(finished[shard])
+            if _shard_problem(self.folder, kind, shard, self.manifest):  # damaged since: written again
+                record["shards"].pop()
+                break
+        if self.rank == 0 and finished:
+            _write_json(self.folder / MANIFEST, self.manifest)
+            for shard in range(len(record["shards"])):
+                (self.folder / FINISHED / f"{kind}_{shard}.json").unlink(missing_ok=True)
+            if not any((self.folder / FINISHED).iterdir()):
+                (self.folder / FINISHED).rmdir()
+
+
+def ranks() -> Tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` unless torch.distributed runs (torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _index(record, size) -> np.ndarray:
