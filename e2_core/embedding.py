@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .checkpoint import remove_stale_temporaries, save_tensors
 from .data.base import DataError, ProductDataset, Sample, open_image
 from .encoder import as_encoder
+from .errors import check_at_least
 from .runtime import autocast, compiled, compiles
 from .texts import trim_padding
 
@@ -102,6 +103,8 @@ def image_batches(encoder, images: Sequence, batches: Optional[List[List[int]]] 
     """
     encoder = as_encoder(encoder)
     device = _device(encoder, device)
+    check_at_least(1, batch_size=batch_size)
+    check_at_least(0, workers=workers)
     if batches is None:
         batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
     if regions and not encoder.has_regions:
@@ -135,6 +138,7 @@ def text_batches(encoder, texts: Sequence[str], batches: Optional[List[List[int]
     ``text_features``."""
     encoder = as_encoder(encoder)
     device = _device(encoder, device)
+    check_at_least(1, batch_size=batch_size)
     if batches is None:
         batches = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
     encode = compiled(encoder.encode_text, device, compiles(device, compile))
@@ -159,6 +163,7 @@ def embed_images(encoder, images: Sequence, *, batch_size: int = 64, device=None
     ``progress=None`` shows a bar on a terminal only. See :func:`image_batches` for the other options.
     """
     encoder = as_encoder(encoder)
+    check_at_least(1, batch_size=batch_size)
     settings = {"precision": precision, "regions": regions, "draft": draft, "batch_size": batch_size}
     path = _cache_path(cache_dir, encoder, _image_files(images), settings) if cache_dir is not None else None
     cached = _read_cache(path, strict)

@@ -148,3 +148,13 @@ def test_embedding_shows_its_progress(setup, monkeypatch):
     encoder = e2_core.load_encoder(str(setup / "e2"))
     harness.embed_dataset(encoder, FashionGen(setup / "data", split="validation"), batch_size=8)
     assert shown and shown[0]["desc"] == f"embedding 24 products with E2 ({setup / 'e2'})"
+
+
+@pytest.mark.parametrize("option, value, message", [("--batch-size", "0", "--batch-size=0: must be >= 1"),
+                                                    ("--num-negatives", "0", "--num-negatives=0: must be >= 1"),
+                                                    ("--workers", "-1", "--workers=-1: must be >= 0")])
+def test_retrieval_refuses_counts_out_of_range_before_any_work(option, value, message, tmp_path, capsys):
+    """--batch-size 0 ended in a ZeroDivisionError traceback after the encoders had loaded."""
+    assert main(["run", "retrieval", option, value, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"e2-plugins: error: {message}\n"
+    assert not (tmp_path / "out").exists()

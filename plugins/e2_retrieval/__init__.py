@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict, Literal, Optional
 
 from e2_core.data import open_dataset
+from e2_core.errors import check_at_least
 from e2_core.registry import Task
 from e2_core.runtime import resolve_device
 from e2_eval.harness import embed_dataset, evaluate_retrieval
@@ -33,6 +34,8 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
     """
+    check_at_least(1, batch_size=batch_size, num_negatives=num_negatives)
+    check_at_least(0, workers=workers)
     dev = resolve_device(device)
     protocols = ("full", "sample-100") if protocol == "both" else (protocol,)
     out = Path(out)
