@@ -13,6 +13,7 @@ an error).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -207,20 +208,16 @@ def embed_texts(encoder, texts: Sequence[str], *, batch_size: int = 64, device=N
     return features
 
 
-class _inference:
+@contextlib.contextmanager
+def _inference(encoder):
     """Eval mode and no gradients for the duration; the encoder's mode is restored after."""
-
-    def __init__(self, encoder):
-        self.encoder, self.grad = encoder, torch.no_grad()
-
-    def __enter__(self):
-        self.training = getattr(self.encoder, "training", False)
-        self.encoder.eval()
-        self.grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.grad.__exit__(*exc)
-        self.encoder.train(self.training)
+    training = getattr(encoder, "training", False)
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        encoder.train(training)
 
 
 # --- the cache ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from e2_core.runtime import resolve_device
 from e2_eval.captions import caption_metrics, write_coco_references, write_coco_results
 from e2_eval.sidebyside import SideBySide, format_table, report_skipped
 
-from .captioner import Captioner, CaptionerMismatch
+from .captioner import TRAIN_BATCH, Captioner, CaptionerMismatch, epochs_for
 from .figures import write_page
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 METHODS = Registry(CAPTION_METHOD_GROUP)
 #: the fewest optimizer steps a decoder trains for (default of ``min_steps``)
 MIN_STEPS = 150
-TRAIN_BATCH = 64  # the captioners' training batch (Captioner.fit)
 
 
 def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method: Optional[List[str]] = None,
@@ -124,12 +123,10 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
 
 
 def _enough_epochs(epochs: int, captions: int, min_steps: int) -> Tuple[int, str]:
-    """``epochs``, or more where the training captions are too few for ``min_steps`` optimizer steps, and
-    the line that says so (empty when ``epochs`` is enough)."""
-    per_epoch = max(1, -(-captions // TRAIN_BATCH))
-    if epochs * per_epoch >= min_steps:
+    """:func:`~e2_caption.captioner.epochs_for`, and the line that says so (empty when ``epochs`` is enough)."""
+    needed, per_epoch = epochs_for(epochs, captions, min_steps), max(1, -(-captions // TRAIN_BATCH))
+    if needed == epochs:
         return epochs, ""
-    needed = -(-min_steps // per_epoch)
     return needed, (f"{captions} training captions: {epochs} epochs would be {epochs * per_epoch} optimizer steps, too "
                     f"few to learn to write; training {needed} epochs ({needed * per_epoch} steps, min_steps)")
 

@@ -19,6 +19,16 @@ from .decoder import DecoderConfig, PrefixLM
 from .vocab import BPEVocab, HFVocab, vocab_from_state
 
 
+#: the batch a decoder trains on (:meth:`Captioner.fit`)
+TRAIN_BATCH = 64
+
+
+def epochs_for(epochs: int, captions: int, min_steps: int, batch_size: int = TRAIN_BATCH) -> int:
+    """``epochs``, or more where ``captions`` are too few for ``min_steps`` optimizer steps at ``batch_size``."""
+    per_epoch = max(1, -(-captions // batch_size))
+    return max(epochs, -(-min_steps // per_epoch))
+
+
 class CaptionerMismatch(ValueError):
     """A saved decoder that belongs to another method or another encoder."""
 
@@ -53,7 +63,7 @@ class Captioner:
 
     # --- shared ---------------------------------------------------------------------------------------
     def fit(self, captions: Sequence[str], text_features: torch.Tensor, image_features: Optional[torch.Tensor] = None,
-            epochs: int = 10, batch_size: int = 64, lr: float = 2e-4, label_smoothing: float = 0.1, seed: int = 0,
+            epochs: int = 10, batch_size: int = TRAIN_BATCH, lr: float = 2e-4, label_smoothing: float = 0.1, seed: int = 0,
             progress: bool = True) -> List[float]:
         """Train the decoder to write ``captions`` from the method's inputs; returns the loss per epoch."""
         torch.manual_seed(seed)
