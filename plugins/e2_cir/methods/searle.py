@@ -6,9 +6,11 @@ those pseudo words. Query: ``a photo of $ that {c1} and {c2}`` averaged with the
 Upstream draws the regulariser's concepts from a fixed vocabulary and its phrases from a language
 model (GPT). No language model can be called here: concepts are the keyword phrases of the training
 captions, and the phrases are the training captions that hold them (:class:`e2_cir.phrases.Vocabulary`).
-Recipe as upstream (OTI: init N(0, 0.02), AdamW lr 2e-2, weight decay 0.01, loss weights cosine 1 /
-regulariser 0.5; phi: 3 linear layers, GELU, dropout 0.5, distillation by InfoNCE at temperature 0.25
-plus 0.75 x the regulariser), with fewer steps by default (``oti_steps`` 350 upstream)."""
+Recipe here: OTI from N(0, 0.02) with AdamW (lr 2e-2, weight decay 0.01), loss weights cosine 1 / regulariser
+0.5, one template ``a photo of $``, the top 5 concepts, 30 steps; phi: 3 linear layers, GELU, dropout 0.5,
+distilled by symmetric InfoNCE (20 epochs x 64). Not yet the original's: SEARLE's own code samples templates,
+keeps an EMA (0.99) of the pseudo words, draws from the top 15 concepts for 350 steps and distils phi with a
+2N-way contrastive loss at temperature 0.25 plus the regulariser for 100 epochs x 256."""
 from __future__ import annotations
 
 import random
