@@ -45,7 +45,7 @@ Batch = Tuple[List[int], Dict[str, torch.Tensor], List[Tuple[int, str]]]
 
 @dataclass
 class Embeddings:
-    """L2-normalised image embeddings (float32, CPU) of the readable inputs, in input order."""
+    """Image embeddings (float32, CPU; L2-normalised unless asked raw) of the readable inputs, in input order."""
 
     features: torch.Tensor
     indices: List[int]  # the input position of each row
@@ -94,13 +94,14 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 def image_batches(encoder, images: Sequence, batches: Optional[List[List[int]]] = None, *, batch_size: int = 64,
                   device=None, precision: str = "amp", workers: int = 0, regions: bool = False,
                   strict: bool = False, draft: Optional[Tuple[int, int]] = None,
-                  compile: Optional[bool] = False) -> Iterator[Batch]:
+                  compile: Optional[bool] = False, normalize: bool = True) -> Iterator[Batch]:
     """Embed ``images`` (files, or a ProductDataset's products) batch by batch: a stream of :data:`Batch`.
 
     ``batches`` lists the input positions of each batch (default: all, ``batch_size`` at a time).
     Tensors are ``image_features``, with ``regions`` (E2) also ``regional_features`` and
     ``selected_patches``. ``draft`` (height, width) decodes a JPEG at the smallest of libjpeg's scales
-    that keeps it at least that large. ``compile``: see :func:`e2_core.runtime.compiled`.
+    that keeps it at least that large. ``compile``: see :func:`e2_core.runtime.compiled`. ``normalize=False``
+    gives the encoder's raw embeddings (what composed-retrieval mapping networks take).
     """
     encoder = as_encoder(encoder)
     device = _device(encoder, device)
@@ -122,7 +123,7 @@ def image_batches(encoder, images: Sequence, batches: Optional[List[List[int]]] 
             tensors: Dict[str, torch.Tensor] = {}
             if pixels is not None:
                 with autocast(device, precision):
-                    out = encode(pixels.to(device, non_blocking=True), normalize=True)
+                    out = encode(pixels.to(device, non_blocking=True), normalize=normalize)
                 if regions:
                     tensors = {"image_features": _cpu(out.image_features),
                                "regional_features": _cpu(out.regional_features),
@@ -134,9 +135,9 @@ def image_batches(encoder, images: Sequence, batches: Optional[List[List[int]]] 
 
 def text_batches(encoder, texts: Sequence[str], batches: Optional[List[List[int]]] = None, *,
                  batch_size: int = 64, device=None, precision: str = "amp",
-                 compile: Optional[bool] = False) -> Iterator[Batch]:
+                 compile: Optional[bool] = False, normalize: bool = True) -> Iterator[Batch]:
     """Embed ``texts`` batch by batch (tokenised, padding trimmed): a stream of :data:`Batch` with
-    ``text_features``."""
+    ``text_features`` (raw with ``normalize=False``)."""
     encoder = as_encoder(encoder)
     device = _device(encoder, device)
     check_at_least(1, batch_size=batch_size)
@@ -147,7 +148,7 @@ def text_batches(encoder, texts: Sequence[str], batches: Optional[List[List[int]
         for batch in batches:
             tokens = trim_padding(encoder.tokenizer([texts[i] for i in batch])).to(device)
             with autocast(device, precision):
-                features = encode(tokens, normalize=True)
+                features = encode(tokens, normalize=normalize)
             yield batch, {"text_features": _cpu(features)}, []
 
 
@@ -155,8 +156,8 @@ def embed_images(encoder, images: Sequence, *, batch_size: int = 64, device=None
                  workers: int = 0, regions: bool = False, strict: bool = False,
                  draft: Optional[Tuple[int, int]] = None, compile: Optional[bool] = False,
                  cache_dir: Optional[PathLike] = None, progress: Optional[bool] = None,
-                 desc: str = "") -> Embeddings:
-    """L2-normalised embeddings of every readable image of ``images`` (files, or a ProductDataset's
+                 desc: str = "", normalize: bool = True) -> Embeddings:
+    """L2-normalised (or, ``normalize=False``, raw) embeddings of every readable image of ``images`` (files, or a ProductDataset's
     products, first readable view), read from ``cache_dir`` when this encoder's weights already
     embedded these inputs (files by path, size and modification time) with these settings (batch size,
     precision, regions, decoding).
@@ -165,13 +166,15 @@ def embed_images(encoder, images: Sequence, *, batch_size: int = 64, device=None
     """
     encoder = as_encoder(encoder)
     check_at_least(1, batch_size=batch_size)
-    settings = {"precision": precision, "regions": regions, "draft": draft, "batch_size": batch_size}
+    settings = {"precision": precision, "regions": regions, "draft": draft, "batch_size": batch_size,
+                "normalize": normalize}
     path = _cache_path(cache_dir, encoder, _image_files(images), settings) if cache_dir is not None else None
     cached = _read_cache(path, strict)
     if cached is not None:
         return cached
     stream = image_batches(encoder, images, batch_size=batch_size, device=device, precision=precision,
-                           workers=workers, regions=regions, strict=strict, draft=draft, compile=compile)
+                           workers=workers, regions=regions, strict=strict, draft=draft, compile=compile,
+                           normalize=normalize)
     parts: Dict[str, List[torch.Tensor]] = {}
     indices, skipped = [], []
     label = desc or f"embedding {len(images)} images with {getattr(encoder, 'label', encoder.name)}"
@@ -191,18 +194,20 @@ def embed_images(encoder, images: Sequence, *, batch_size: int = 64, device=None
 
 
 def embed_texts(encoder, texts: Sequence[str], *, batch_size: int = 64, device=None, precision: str = "amp",
-                compile: Optional[bool] = False, cache_dir: Optional[PathLike] = None) -> torch.Tensor:
-    """L2-normalised text embeddings (float32, CPU), one row per text; read from ``cache_dir`` when this
-    encoder's weights already embedded these texts at this batch size and precision."""
+                compile: Optional[bool] = False, cache_dir: Optional[PathLike] = None,
+                normalize: bool = True) -> torch.Tensor:
+    """L2-normalised (or, ``normalize=False``, raw) text embeddings (float32, CPU), one row per text; read from
+    ``cache_dir`` when this encoder's weights already embedded these texts with these settings."""
     encoder = as_encoder(encoder)
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     path = _cache_path(cache_dir, encoder, ([], f"texts|{len(texts)}|{digest}"),
-                       {"precision": precision, "batch_size": batch_size}, "texts")
+                       {"precision": precision, "batch_size": batch_size, "normalize": normalize}, "texts")
     cached = _read_cache(path, strict=False)
     if cached is not None:
         return cached.features
     parts = [tensors["text_features"] for _, tensors, _ in
-             text_batches(encoder, texts, batch_size=batch_size, device=device, precision=precision, compile=compile)]
+             text_batches(encoder, texts, batch_size=batch_size, device=device, precision=precision, compile=compile,
+                          normalize=normalize)]
     features = torch.cat(parts) if parts else torch.empty(0, encoder.embed_dim)
     _write_cache(path, Embeddings(features, list(range(len(texts)))))
     return features

@@ -25,13 +25,12 @@ import numpy as np
 from PIL import Image
 
 from e2_core.data.amazon import IMAGE_DIR, META_FILE, REPORT_FILE, SPLIT_FILE, UNKNOWN_BRAND, _clean
-from e2_core.data.base import DataError, json_error, open_image
+from e2_core.data.base import IMAGE_SUFFIXES, DataError, json_error, open_image
 
 log = logging.getLogger(__name__)
 
 #: Main categories / category roots kept by :func:`build_amazon_fashion` by default.
 FASHION_CATEGORIES = ("Clothing, Shoes & Jewelry", "Amazon Fashion", "AMAZON FASHION")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 PathLike = Union[str, os.PathLike]
 

@@ -88,12 +88,19 @@ def test_bad_input_is_reported_not_hidden(fiq, tmp_path):
 
 
 
-@pytest.mark.parametrize("option, value, message", [("batch_size", 0, "batch_size=0: must be >= 1"),
-                                                      ("figure_queries", -2, "figure_queries=-2: must be >= 0")])
+@pytest.mark.parametrize("option, value, message", [
+    ("batch_size", 0, "batch_size=0: must be >= 1"), ("figure_queries", -2, "figure_queries=-2: must be >= 0"),
+    ("option", ["searle.steps=3"], "searle has no setting 'steps'; its settings are oti_steps"),
+    ("option", ["lincir.epochs=two"], r"option='lincir.epochs=two': epochs takes a int \(default"),
+    ("option", ["epochs=2"], "write METHOD.NAME=VALUE"),
+    ("network", ["lincir"], "write METHOD=FILE"), ("network", ["image=x.pt"], "image trains no network"),
+    ("network", ["lincir=missing.pt"], "no such file missing.pt"),
+    ("train_images", "nowhere", "nowhere: no such folder of images"),
+    ("train_captions", "none.txt", "none.txt: no such caption file")])
 def test_cir_refuses_counts_out_of_range_before_any_work(option, value, message, tmp_path):
     from e2_cir import cir
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, OSError), match=message):
         cir(dataset="fashioniq", data_root=str(tmp_path / "nowhere"), out=tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()
 
@@ -129,10 +136,10 @@ def _train_and_queries(encoder, fiq):
     from e2_eval.fashioniq import embed_names
 
     splits = [load_fashioniq(fiq, c, "train") for c in ("dress", "shirt", "toptee")]
-    train = TrainData(torch.cat([embed_names(encoder, d.gallery, d) for d in splits]),
+    train = TrainData(torch.cat([embed_names(encoder, d.gallery, d, normalize=False) for d in splits]),
                       [c for d in splits for t in d.triplets for c in t.captions])
     val = load_fashioniq(fiq, "dress", "val")
-    refs = embed_names(encoder, [t.reference for t in val.triplets], val)
+    refs = embed_names(encoder, [t.reference for t in val.triplets], val, normalize=False)
     return train, val, refs
 
 
@@ -153,7 +160,7 @@ def test_every_method_gives_normalised_queries_with_either_encoder(kind, fiq, ti
         queries = method.queries(encoder, batch)
         assert queries.shape == (3, encoder.embed_dim), name
         assert torch.allclose(queries.norm(dim=-1), torch.ones(3), atol=1e-5), name
-    assert METHODS["image"]().queries(encoder, batch) is refs
+    assert torch.equal(METHODS["image"]().queries(encoder, batch), torch.nn.functional.normalize(refs, dim=-1))
 
 
 def test_pic2word_learns_to_invert_images(fiq, tiny_checkpoints):
@@ -295,3 +302,89 @@ def test_every_method_scores_on_a_fashioniq_folder_of_another_writer(tiny_checkp
         left_out = entry["methods"]["lincir"]["training"]["captions_left_out"]
         assert left_out["count"] == 1 and left_out["of"] > 20  # the empty caption (unique captions), counted
     assert "lincir for" in capsys.readouterr().err
+
+
+def test_methods_train_on_an_image_folder_and_a_caption_file_and_say_what_they_used(fiq, tiny_checkpoints,
+                                                                                     tmp_path, capsys):
+    """The originals' training data kinds: unlabeled images (Pic2Word) and a caption corpus (LinCIR, CC3M's
+    tab-separated caption/url file); each network is saved with what it was trained on, reused only for the same
+    data and settings, and a given network file is used as it is."""
+    from e2_plugins.cli import main
+
+    folder = tmp_path / "unlabeled"
+    (folder / "sub").mkdir(parents=True)
+    for i, png in enumerate(sorted((fiq / "images").glob("*.png"))[:9]):
+        shutil.copy(png, folder / ("sub" if i % 2 else ".") / png.name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    corpus = tmp_path / "captions.tsv"
+    corpus.write_text("caption\turl\n" + "".join(f"a {c} dress by Kestrel & Co, size 1{i}/2\thttp://x/{i}.jpg\n"
+                                                 for i, c in enumerate(["red", "navy blue", "café-au-lait"] * 4)))
+    out = tmp_path / "out"
+
+    def run(methods=("pic2word", "lincir")):
+        args = ["run", "cir", "--data-root", str(fiq), "--encoder", tiny_checkpoints["e2"], "--baseline",
+                tiny_checkpoints["clip"], "--method", *methods, "--category", "dress", "--train-images", str(folder),
+                "--train-captions", str(corpus), "--option", *[f"{m}.epochs=1" for m in methods], "--out", str(out),
+                "--device", "cpu", "--no-progress", "--figure-queries", "0"]
+        assert main(args) == 0, capsys.readouterr().err
+        return json.loads((out / "results.json").read_text())["encoders"]
+
+    first = run()
+    assert "broken.jpg" in capsys.readouterr().err  # the unreadable image is named, and left out
+    for entry in first.values():
+        pic2word = entry["methods"]["pic2word"]["training"]["network"]
+        lincir = entry["methods"]["lincir"]["training"]["network"]
+        assert pic2word["trained_now"] and lincir["trained_now"]
+        assert pic2word["trained_on"]["images"] == str(folder) and pic2word["trained_on"]["image_count"] == 9
+        assert pic2word["trained_on"]["images_left_out"] == 1
+        assert lincir["trained_on"]["captions"] == str(corpus) and lincir["trained_on"]["caption_count"] == 12
+    again = run()  # same data and settings: the saved networks, with what they were trained on
+    for label, entry in again.items():
+        network = entry["methods"]["lincir"]["training"]["network"]
+        assert "trained_now" not in network and network["file"] == first[label]["methods"]["lincir"]["training"][
+            "network"]["file"]
+        assert network["trained_on"]["captions"] == str(corpus)
+    saved = first[next(iter(first))]["methods"]["lincir"]["training"]["network"]["file"]
+    corpus.write_text("caption\nanother corpus, another network\n")
+    other = run(["lincir"])  # other captions: trained anew
+    assert all(e["methods"]["lincir"]["training"]["network"].get("trained_now") for e in other.values())
+    # a given file is used as it is; one made for the other encoder is refused by name, the other encoder scores
+    assert main(["run", "cir", "--data-root", str(fiq), "--encoder", tiny_checkpoints["e2"], "--baseline",
+                 tiny_checkpoints["clip"], "--method", "lincir", "--category", "dress", "--network",
+                 f"lincir={saved}", "--out", str(tmp_path / "given"), "--device", "cpu", "--no-progress",
+                 "--figure-queries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained for the encoder" in err
+    given = json.loads((tmp_path / "given" / "results.json").read_text())
+    assert len(given["failed"]) == 1
+    scored = [e for e in given["encoders"].values() if "lincir" in e["methods"]]
+    assert len(scored) == 1 and scored[0]["methods"]["lincir"]["training"]["network"]["file"] == saved
+
+
+def test_caption_files_and_image_folders_are_read_or_refused_by_name(tmp_path):
+    from e2_core.data.base import image_files, read_captions
+
+    (tmp_path / "a.txt").write_text("one\n\n  two  \n")
+    (tmp_path / "coco.json").write_text(json.dumps({"annotations": [{"caption": "x & y"}, {"caption": " "}]}))
+    (tmp_path / "list.json").write_text(json.dumps(["a", {"caption": "b"}]))
+    (tmp_path / "cc3m.tsv").write_text("a 100% wool coat\thttp://x\nsize 10/12, navy\thttp://y\n")
+    (tmp_path / "t.csv").write_text("url,caption\nhttp://x,\"red, white\"\n")
+    assert read_captions(tmp_path / "a.txt") == ["one", "two"]
+    assert read_captions(tmp_path / "coco.json") == ["x & y"]
+    assert read_captions(tmp_path / "list.json") == ["a", "b"]
+    assert read_captions(tmp_path / "cc3m.tsv") == ["a 100% wool coat", "size 10/12, navy"]
+    assert read_captions(tmp_path / "t.csv") == ["red, white"]
+    (tmp_path / "bad.json").write_text('{"annotations": [{"text": "x"}]}')
+    with pytest.raises(DataError, match=r"bad\.json: every item must be a string or an object with a \"caption\""):
+        read_captions(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text('["a",')
+    with pytest.raises(DataError, match=r"broken\.json:1:\d+: malformed JSON"):
+        read_captions(tmp_path / "broken.json")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DataError, match=r"empty\.txt: no captions in it"):
+        read_captions(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match=r"x\.parquet: not a caption file"):
+        (tmp_path / "x.parquet").write_bytes(b"")
+        read_captions(tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="no image files"):
+        image_files(tmp_path)

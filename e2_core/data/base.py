@@ -116,6 +116,61 @@ class Sample:
     unread: List[str] = field(default_factory=list)  # "where: why" of each view that could not be read
 
 
+#: the image files a folder of images is read for
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_files(folder: Union[str, os.PathLike]) -> List[Path]:
+    """The image files under ``folder`` (searched recursively), sorted; a missing folder or one without
+    images is a ``DataError`` naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or below it")
+    return files
+
+
+def read_captions(path: Union[str, os.PathLike], encoding: str = "utf-8") -> List[str]:
+    """The captions of a caption file: ``.txt`` one per line; ``.json`` a list of strings, of objects with a
+    ``caption``, or COCO's ``{"annotations": [{"caption": ...}]}``; ``.tsv`` / ``.csv`` the ``caption`` column
+    if the header names one, else the first column (as CC3M's ``caption<TAB>url`` files). Empty ones are left
+    out; a file with none, or in another format, is a ``DataError`` naming it."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such caption file")
+    suffix = path.suffix.lower()
+    with open_text(path, encoding) as f:
+        if suffix == ".json":
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise json_error(path, err) from None
+            items = data.get("annotations") if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                raise DataError(f"{path}: expected a JSON list of captions or COCO's {{\"annotations\": [...]}}")
+            try:
+                captions = [item if isinstance(item, str) else item["caption"] for item in items]
+            except (KeyError, TypeError):
+                raise DataError(f"{path}: every item must be a string or an object with a \"caption\"") from None
+        elif suffix in (".tsv", ".csv"):
+            rows = [row for row in csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",") if row]
+            header = [cell.strip().lower() for cell in rows[0]] if rows else []
+            column = header.index("caption") if "caption" in header else 0
+            captions = [row[column] if column < len(row) else "" for row in rows[1 if "caption" in header else 0:]]
+        elif suffix == ".txt":
+            captions = f.read().splitlines()
+        else:
+            raise DataError(f"{path}: not a caption file (.txt, .json, .tsv or .csv)")
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise DataError(f"{path}: no captions in it")
+    return captions
+
+
 class ProductDataset(Dataset):
     """Products with tag fields and one or more views each.
 

@@ -69,14 +69,15 @@ def summarize(per_category: Dict[str, Dict]) -> Dict[str, Optional[float]]:
 
 
 def embed_names(encoder, names: Sequence[str], data: FashionIQ, cache_dir: Optional[PathLike] = None,
-                batch_size: int = 64, device=None) -> torch.Tensor:
-    """L2-normalised embeddings of the images ``names`` (in order), through the embedding door (cached
-    per encoder weights and image files); a missing or unreadable image is a ``DataError`` naming it."""
+                batch_size: int = 64, device=None, normalize: bool = True) -> torch.Tensor:
+    """L2-normalised (or, ``normalize=False``, raw) embeddings of the images ``names`` (in order), through the
+    embedding door (cached per encoder weights and image files); a missing or unreadable image is a ``DataError``
+    naming it."""
     paths = [data.image_path(name) for name in names]
     missing = [name for name, path in zip(names, paths) if path is None]
     if missing:
         raise DataError(f"{data.root / 'images'}: no image for {missing[:3]} ({len(missing)} missing)")
-    out = embed_images(encoder, paths, batch_size=batch_size, device=device, cache_dir=cache_dir)
+    out = embed_images(encoder, paths, batch_size=batch_size, device=device, cache_dir=cache_dir, normalize=normalize)
     if out.skipped:
         raise DataError(f"{out.skipped[0]} ({len(out.skipped)} unreadable in {data.split}/{data.category}); "
                         "replace the image, or remove its name from image_splits/ and its triplets")

@@ -20,16 +20,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingShards", "embed", "list_images", "task"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
 def list_images(images: Path, encoding: str = "utf-8", image_column: str = "image") -> List[Path]:
     """A folder (searched recursively), a catalog (CSV / JSONL: every row's ``image_column``) or a text
     file with one image path per line."""
+    from e2_core.data.base import image_files
     from e2_core.data.catalog import CSV_SUFFIXES, JSON_SUFFIXES, catalog_images, image_path
 
     if images.is_dir():
-        return sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return image_files(images)
     if images.is_file() and images.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
         return catalog_images(images, image_column, encoding)
     if images.is_file():

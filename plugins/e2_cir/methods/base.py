@@ -20,10 +20,11 @@ from e2_core.checkpoint import save_tensors
 
 @dataclass
 class TrainData:
-    """A training split as the methods see it: image embeddings (encoder frozen) and relative captions."""
+    """What the methods train on: image embeddings (encoder frozen) and captions, with where they came from."""
 
-    image_features: torch.Tensor  # (N, D) L2-normalised
+    image_features: torch.Tensor  # (N, D) the encoder's raw image embeddings, as the originals feed their networks
     captions: List[str]
+    source: Dict[str, object] = field(default_factory=dict)  # what the images and captions are, and their digest
 
 
 @dataclass
@@ -32,7 +33,7 @@ class QueryBatch:
     the relative captions by the convention (``"$"`` marks where the reference image goes)."""
 
     reference_names: List[str]
-    reference_features: torch.Tensor  # (B, D) L2-normalised
+    reference_features: torch.Tensor  # (B, D) the encoder's raw image embeddings
     prompts: List[List[str]]  # per query, one or more texts (their embeddings are averaged)
     captions: List[Sequence[str]]  # the raw relative captions
     category: str
@@ -70,6 +71,12 @@ class CIRMethod:
 
     def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def convert_original(cls, checkpoint: dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+        """The authors' released network (``checkpoint``, as ``torch.load`` reads their file) as this method's
+        state dict, and the options that make :meth:`build` give a network of its shape."""
+        raise NotImplementedError(f"{cls.name} has no released network to import")
 
     # --- helpers shared by the pseudo-token methods -----------------------------------------------
     def encode_prompts(self, encoder, prompts: List[List[str]], pseudo_tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -156,18 +163,20 @@ class NetworkMismatch(ValueError):
     """A saved network that belongs to another method or another encoder."""
 
 
-def save_network(method: CIRMethod, encoder, path: Path) -> Path:
-    """The method's network as safetensors, with the method, its options and the encoder it belongs to."""
+def save_network(method: CIRMethod, encoder, path: Path, trained_on: Optional[Dict] = None) -> Path:
+    """The method's network as safetensors, with the method, its options, the encoder it belongs to and
+    what it was trained on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.network.state_dict().items()}
     meta = {"method": method.name, "options": json.dumps(method.options), "encoder": encoder.name,
-            "encoder_fingerprint": encoder.fingerprint()}
+            "encoder_fingerprint": encoder.fingerprint(), "trained_on": json.dumps(trained_on or {})}
     return save_tensors(tensors, path, meta)
 
 
-def load_network(method: CIRMethod, encoder, path: Path) -> None:
-    """Load a saved network into ``method``; one made for another method or encoder is refused, naming both."""
+def load_network(method: CIRMethod, encoder, path: Path) -> Dict:
+    """Load a saved network into ``method`` (its options too); one made for another method or encoder is refused,
+    naming both. Returns what it was trained on."""
     with safe_open(str(path), "pt") as f:
         meta: Dict[str, str] = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -179,14 +188,32 @@ def load_network(method: CIRMethod, encoder, path: Path) -> None:
             f"(weights {meta.get('encoder_fingerprint', '?')[:12]}), not for {encoder.name} "
             f"(weights {encoder.fingerprint()[:12]}): a {method.name} network belongs to one embedding space. "
             "Train one for this encoder (remove the file, or use another folder, networks=...)")
+    method.options.update(json.loads(meta.get("options", "{}")))
     method.network = method.build(encoder)
     method.network.load_state_dict(tensors)
     method.network.eval()
+    return json.loads(meta.get("trained_on", "{}"))
 
 
-@dataclass
-class FitReport:
-    method: str
-    network: Optional[str] = None
-    trained: bool = False
-    losses: List[float] = field(default_factory=list)
+def load_original(method: CIRMethod, encoder, path: Path) -> None:
+    """The authors' released network (their checkpoint file, read with ``weights_only=True``) into ``method``;
+    one whose widths do not fit ``encoder`` is refused, naming both."""
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such network file") from None
+    except Exception as err:  # noqa: BLE001 - torch raises several kinds for a file it cannot read safely
+        raise NetworkMismatch(f"{path}: not a checkpoint that loads without unpickling code ({err})") from None
+    try:
+        state, options = type(method).convert_original(checkpoint)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise NetworkMismatch(f"{path}: not a released {method.name} network (no {err} in it)") from None
+    method.options.update(options)
+    method.network = method.build(encoder)
+    try:
+        method.network.load_state_dict(state)
+    except RuntimeError as err:
+        raise NetworkMismatch(f"{path}: its {method.name} network does not fit {encoder.name} (embedding width "
+                              f"{encoder.embed_dim}, token width {encoder.token_width}): "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    method.network.eval()

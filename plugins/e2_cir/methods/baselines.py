@@ -14,7 +14,7 @@ class ImageOnly(CIRMethod):
     convention = "cirevl"
 
     def queries(self, encoder, batch: QueryBatch) -> torch.Tensor:
-        return batch.reference_features
+        return F.normalize(batch.reference_features, dim=-1)
 
 
 class TextOnly(CIRMethod):
