@@ -162,6 +162,11 @@ def _settings(option: Optional[List[str]], methods: List[str]) -> Dict[str, Dict
                 value = None if text.lower() == "none" else _number_or_text(text)
             elif isinstance(default, str):
                 value = text
+            elif isinstance(default, tuple):  # e.g. betas=0.9,0.98
+                parts = text.split(",")
+                if len(parts) != len(default):
+                    raise ValueError(text)
+                value = tuple(type(d)(x) for d, x in zip(default, parts))
             else:
                 value = type(default)(text)
         except ValueError:
