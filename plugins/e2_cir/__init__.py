@@ -116,7 +116,7 @@ def cir(dataset: str = "synthetic-fashioniq", data_root: Optional[str] = None, m
                 if figure_queries and c == categories[0]:
                     figures.setdefault(name, {})[label] = (data, queries, galleries[c])
             return _without_ranks({**per_category, **summarize(per_category),
-                                   **({"training": method_.notes} if method_.notes else {})})
+                                   **({"notes": method_.notes} if method_.notes else {})})
 
         for name in methods:
             runner.record(label, name, lambda: score(name))

@@ -100,3 +100,58 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.phrases)
+
+
+# --- LinCIR's keyword runs --------------------------------------------------------------------------
+
+#: Determiners: LinCIR's keyword runs include them (spaCy's DET), so the fallback below keeps them in a run.
+DETERMINERS = frozenset("a an the this these those some any no each every another all both either neither".split())
+
+#: Words the fallback of :func:`keyword_runs` never counts as a noun, adjective or determiner: the function
+#: words above less the determiners (and "same", "different", "other", "ones", which spaCy tags ADJ / NOUN),
+#: plus clitics, auxiliaries, prepositions, conjunctions, pronouns and adverbs.
+RUN_BREAKERS = (FUNCTION_WORDS - DETERMINERS - {"same", "different", "other", "ones"}) | frozenset("""
+'s n't 're 've 'll 'd 'm am will would can could should may might must shall about above across after against
+along among around before behind below beneath beside besides between beyond down during except inside near off
+out outside through throughout toward towards underneath until up upon within via if because while although
+though whereas yet when where why how again almost always never now often quite slightly much even still really
+somewhat mostly fully mainly completely entirely totally partially extremely highly overly us him himself herself
+itself themselves mine yours hers ours theirs get gets got getting""".split())
+
+_RUN_TOKEN = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*|\S")  # a word (inner apostrophes kept), or one other character
+_CLITIC = re.compile(r"(?i)(?<=\w)(n['\u2019]t|['\u2019](?:s|re|ve|ll|d|m))$")
+_RUN_TAGS = ("NN", "JJ", "DT", "PDT")  # Penn tags of spaCy's NOUN, PROPN, ADJ and DET
+
+
+def keyword_runs(text: str) -> List[str]:
+    """LinCIR's keyword phrases: the maximal runs of nouns, proper nouns, adjectives and determiners, in order
+    and with repeats, each run's tokens joined by single spaces (LinCIR's code: spaCy's POS in
+    NOUN/PROPN/ADJ/DET, tokens joined with " "), so a run need not occur in ``text`` as written.
+
+    Tokens as spaCy cuts them, roughly: words (inner apostrophes kept, ``n't``/``'s``-style clitics split
+    off) and every other character alone (``&``, ``/``, ``-``, ``,``, ``%``), which ends a run. Tags: nltk's
+    tagger where its data is installed, else the fallback: a word is in a run unless it is in
+    :data:`RUN_BREAKERS` or has no letter (numbers end a run: spaCy's NUM).
+    E.g. ``"has a red dress, not the blue one"`` -> ``["a red dress", "the blue"]``."""
+    tokens = []
+    for match in _RUN_TOKEN.finditer(text):
+        word = match.group()
+        clitic = _CLITIC.search(word) if len(word) > 1 and word[0].isalnum() else None
+        tokens.extend([word[:clitic.start()], clitic.group()] if clitic else [word])
+    runs: List[List[str]] = [[]]
+    for token, kept in zip(tokens, _run_tags(tokens)):
+        if kept:
+            runs[-1].append(token)
+        elif runs[-1]:
+            runs.append([])
+    return [" ".join(run) for run in runs if run]
+
+
+def _run_tags(tokens: Sequence[str]) -> List[bool]:
+    try:
+        import nltk
+
+        return [tag.startswith(_RUN_TAGS) for _, tag in nltk.pos_tag(list(tokens))] if tokens else []
+    except (ImportError, LookupError):
+        return [any(ch.isalpha() for ch in token) and token.lower().replace("\u2019", "'") not in RUN_BREAKERS
+                for token in tokens]

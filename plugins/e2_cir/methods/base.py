@@ -206,8 +206,8 @@ def load_original(method: CIRMethod, encoder, path: Path) -> None:
         raise NetworkMismatch(f"{path}: not a checkpoint that loads without unpickling code ({err})") from None
     try:
         state, options = type(method).convert_original(checkpoint)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise NetworkMismatch(f"{path}: not a released {method.name} network (no {err} in it)") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise NetworkMismatch(f"{path}: not a released {method.name} network ({err})") from None
     method.options.update(options)
     method.network = method.build(encoder)
     try:
