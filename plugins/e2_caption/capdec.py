@@ -1,9 +1,9 @@
 """CapDec (Nukrai et al., EMNLP 2022 Findings): a prefix decoder trained on text embeddings with
-Gaussian noise injected (normalise, add N(0, variance), re-normalise; upstream variance 0.016), then
-fed image embeddings at inference. Upstream uses ClipCap's transformer mapper with a prefix of 40 and a
-pretrained GPT-2; here GPT-2 is built from a config (random weights) unless ``language_model`` names a
-local model, and the prefix length is a config value. ``ClipCap`` is the same code trained on image
-embeddings of image-caption pairs, without noise."""
+Gaussian noise injected (normalise, add N(0, variance), re-normalise; CapDec's README trains with variance
+0.016), then fed normalised image embeddings at inference. The ``paper`` preset is CapDec's code: ClipCap's
+transformer mapper (8 blocks, 8 heads, 40 projected tokens, a 40-token prefix), GPT-2 base fine-tuned (a
+local GPT-2 folder when given, else one of its shape from scratch), beam search of 5. ``ClipCap`` is the
+same code trained on image embeddings of image-caption pairs, without noise."""
 from __future__ import annotations
 
 import math
@@ -12,23 +12,33 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .captioner import Captioner
+from .captioner import Captioner, Preset, Training
 from .decoder import DecoderConfig
 
 
-def inject_noise(features: torch.Tensor, variance: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Normalise, add Gaussian noise of ``variance`` per coordinate, re-normalise."""
+def inject_noise(features: torch.Tensor, variance: float, generator: Optional[torch.Generator] = None,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalise, add Gaussian noise of ``variance`` per coordinate (``noise``: a given N(0, 1) draw,
+    scaled here), re-normalise."""
     x = F.normalize(features.float(), dim=-1)
-    noise = torch.randn(x.shape, generator=generator).to(x.device) * math.sqrt(variance)
-    return F.normalize(x + noise, dim=-1)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator)
+    return F.normalize(x + noise.to(x.device) * math.sqrt(variance), dim=-1)
 
 
 class CapDec(Captioner):
     name = "capdec"
 
     def __init__(self, encoder, config: Optional[DecoderConfig] = None, noise_variance: float = 0.016, **kwargs):
-        super().__init__(encoder, config or DecoderConfig(prefix_length=10, mapper="transformer"),
-                         noise_variance=noise_variance, **kwargs)
+        super().__init__(encoder, config, noise_variance=noise_variance, **kwargs)
+
+    @classmethod
+    def preset(cls, name: str) -> Preset:
+        """demo: a small decoder with a 10-token prefix; paper: CapDec's code (:meth:`DecoderConfig.paper`,
+        :meth:`Training.paper`), beam search of 5, at most 67 tokens."""
+        if name == "paper":
+            return Preset(DecoderConfig.paper("capdec"), Training.paper("capdec"), beams=5, max_tokens=67)
+        return Preset(DecoderConfig(prefix_length=10, mapper="transformer"))
 
     def training_inputs(self, text_features, image_features=None):
         return inject_noise(text_features, self.options["noise_variance"])
