@@ -155,11 +155,13 @@ def test_capdec_on_a_local_language_model_uses_its_tokenizer(tiny_checkpoints, t
 @pytest.mark.parametrize("option, value, message", [("beams", 0, "beams=0: must be >= 1"),
                                                       ("epochs", 0, "epochs=0: must be >= 1"),
                                                       ("max_images", -3, "max_images=-3: must be >= 0"),
-                                                      ("page_images", -1, "page_images=-1: must be >= 0")])
+                                                      ("page_images", -1, "page_images=-1: must be >= 0"),
+                                                      ("decoder", "large", "decoder='large': one of demo, paper"),
+                                                      ("language_model", "no-gpt2", "no-gpt2: no such model folder")])
 def test_caption_refuses_counts_out_of_range_before_any_work(option, value, message, tmp_path):
     from e2_caption import caption
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, OSError), match=message):
         caption(encoder="nope:xx", out=tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()
 
@@ -203,8 +205,14 @@ def test_decoders_belong_to_their_training_captions_and_say_so(tiny_checkpoints,
     assert len(references["images"]) == 6 and {"image_id", "id", "caption"} <= set(references["annotations"][0])
     caplog.clear()
     caption(data_root=str(second), out=tmp_path / "b", **options)
-    assert "were trained on other captions" in caplog.text and "training one on these" in caplog.text
+    assert "were trained on other captions or settings" in caplog.text and "training one on these" in caplog.text
     assert len(list((tmp_path / "decoders").glob("decap-*.safetensors"))) == 4  # 2 encoders x 2 datasets
     caplog.clear()
     caption(data_root=str(second), out=tmp_path / "c", **options)  # the same captions again: reused, silently
     assert "training" not in caplog.text
+    caption(data_root=str(second), out=tmp_path / "d", seed=1, **options)  # another seed: another decoder
+    assert "trained on other captions or settings" in caplog.text
+    assert len(list((tmp_path / "decoders").glob("decap-*.safetensors"))) == 6
+    entry = next(iter(json.loads((tmp_path / "d" / "results.json").read_text())["encoders"].values()))
+    assert entry["methods"]["decap"]["trained_on"]["seed"] == 1
+    assert entry["methods"]["decap"]["trained_on"]["preset"] == "demo"

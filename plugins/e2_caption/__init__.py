@@ -5,6 +5,7 @@ From Python, a trained captioner is ``captioner(images) -> captions`` (:func:`lo
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -20,7 +21,7 @@ from e2_core.runtime import resolve_device
 from e2_eval.captions import caption_metrics, write_coco_references, write_coco_results
 from e2_eval.sidebyside import SideBySide, format_table, report_skipped
 
-from .captioner import TRAIN_BATCH, Captioner, CaptionerMismatch, epochs_for
+from .captioner import PRESETS, Captioner, CaptionerMismatch, epochs_for
 from .figures import write_page
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ MIN_STEPS = 150
 
 
 def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method: Optional[List[str]] = None,
-            encoder: str = "demo:e2", baseline: str = "demo:clip-ft", beams: int = 1, epochs: int = 3,
-            min_steps: int = MIN_STEPS, decoders: Optional[Path] = None, max_images: int = 500, out: Path = Path("runs/caption"),
-            batch_size: int = 64, device: str = "auto", page_images: int = 12, progress: bool = True,
-            encoding: str = "utf-8") -> Dict:
+            encoder: str = "demo:e2", baseline: str = "demo:clip-ft", decoder: str = "demo",
+            language_model: Optional[Path] = None, beams: Optional[int] = None, epochs: Optional[int] = None,
+            min_steps: int = MIN_STEPS, seed: int = 0, decoders: Optional[Path] = None, max_images: int = 500,
+            out: Path = Path("runs/caption"), batch_size: int = 64, device: str = "auto", page_images: int = 12,
+            progress: bool = True, encoding: str = "utf-8") -> Dict:
     """Zero-shot image captioning (BLEU-1..4, METEOR, ROUGE-L, CIDEr), a baseline and E2 side by side.
 
     Args:
@@ -44,9 +46,12 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
         method: captioners (default: the zero-shot ones, trained on text alone; clipcap trains on image-caption pairs)
         encoder: the encoder under test: a checkpoint directory, MODEL:TAG, MODEL:FILE, a reference best.pth, or demo:e2 / demo:clip-ft
         baseline: the encoder it is compared with, in the same forms
-        beams: beam width of decoding (1: greedy)
-        epochs: training epochs of a decoder (when none is saved for the encoder and these training captions)
+        decoder: the decoders' preset: demo (small, trained from scratch in minutes on a CPU) or paper (each original's decoder, training and decoding: DeCap's 4-layer GPT-2, CapDec's 8-block mapper and GPT-2)
+        language_model: a local GPT-2-style model folder the decoders start from (CapDec's paper setting: GPT-2 base); its tokenizer writes the captions
+        beams: beam width of decoding (1: greedy; default: the preset's, demo 1, paper CapDec 5)
+        epochs: training epochs of a decoder, when none is saved for the encoder and these training captions (default: the preset's, demo 3, paper 10)
         min_steps: the fewest optimizer steps a decoder trains for: more epochs where the training captions are few (a decoder trained for a few steps writes one caption for every image)
+        seed: seed of the decoders' initialisation and training order
         decoders: folder of trained decoders, one per method, encoder and training captions, reused when present (default: OUT/decoders)
         max_images: validation images captioned and scored (0: all)
         out: folder for results.json, the COCO-format predictions and the page
@@ -60,7 +65,13 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {', '.join(unknown)}; the captioners are {', '.join(METHODS)}")
-    check_at_least(1, beams=beams, epochs=epochs, batch_size=batch_size)
+    if decoder not in PRESETS:
+        raise ValueError(f"decoder={decoder!r}: one of {', '.join(PRESETS)}")
+    if language_model is not None and not Path(language_model).is_dir():
+        raise FileNotFoundError(f"language_model={language_model}: no such model folder (a local GPT-2-style "
+                                "Hugging Face folder)")
+    check_at_least(1, batch_size=batch_size, **{k: v for k, v in (("beams", beams), ("epochs", epochs))
+                                                if v is not None})
     check_at_least(0, min_steps=min_steps)
     check_at_least(0, max_images=max_images, page_images=page_images)
     dev = resolve_device(device)
@@ -75,10 +86,8 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     texts = [caption_text(train.product(i).tags) for i in range(len(train))]
     subset = torch.utils.data.Subset(val, range(min(max_images, len(val)) if max_images else len(val)))
     val_refs: Dict[str, List[str]] = {}
-    said: List[bool] = []  # the step floor is said once
-    epochs, too_few = _enough_epochs(epochs, len(texts), min_steps)
-    trained_on = {"dataset": dataset, "data_root": str(data_root) if data_root else None, "captions": len(texts),
-                  "digest": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16], "epochs": epochs}
+    said: List[str] = []  # each step floor is said once
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     for label, model in runner.encoders():
         text_features = embed_texts(model, texts, batch_size=batch_size)
         images = embed_images(model, subset, batch_size=batch_size)
@@ -87,23 +96,32 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
         val_refs = {str(i): [caption_text(val.product(i).tags)] for i in images.indices}
 
         def run(name: str) -> Dict:
-            captioner = METHODS[name](model, beams=beams)
-            # a decoder belongs to an encoder and to the captions it learnt to write
-            path = decoders / f"{name}-{model.fingerprint()[:16]}-{trained_on['digest'][:12]}.safetensors"
+            captioner = METHODS[name](model, beams=beams, preset=decoder,
+                                      language_model=str(language_model) if language_model else None)
+            run_epochs, too_few = _enough_epochs(epochs or captioner.training.epochs, len(texts), min_steps,
+                                                 captioner.training.batch_size)
+            trained_on = {"dataset": dataset, "data_root": str(data_root) if data_root else None,
+                          "captions": len(texts), "digest": digest, "epochs": run_epochs, "seed": seed,
+                          "preset": decoder, "language_model": str(language_model) if language_model else None}
+            # a decoder belongs to an encoder, to the captions it learnt to write and to how it was trained
+            settings = hashlib.sha256(json.dumps({k: trained_on[k] for k in ("epochs", "seed", "preset",
+                                                                              "language_model")}).encode())
+            path = decoders / (f"{name}-{model.fingerprint()[:16]}-{digest[:12]}-{settings.hexdigest()[:8]}"
+                               ".safetensors")
             if path.is_file():
                 captioner.load(path)
             else:
                 others = sorted(decoders.glob(f"{name}-{model.fingerprint()[:16]}-*.safetensors"))
                 if others:
-                    log.warning("%s: the %s decoder(s) saved for %s were trained on other captions (%s); training "
-                                "one on these", label, name, model.name, others[0].name)
+                    log.warning("%s: the %s decoder(s) saved for %s were trained on other captions or settings "
+                                "(%s); training one on these", label, name, model.name, others[0].name)
                 image_features = _train_image_features(model, train, batch_size) if captioner.pairs else None
-                if too_few and not said:
+                if too_few and too_few not in said:
                     log.warning(too_few)
-                    said.append(True)
-                log.info("training the %s decoder for %s on %d captions, %d epochs ...", name, model.name,
-                         len(texts), epochs)
-                captioner.fit(texts, text_features, image_features, epochs=epochs, progress=progress)
+                    said.append(too_few)
+                log.info("training the %s decoder (%s) for %s on %d captions, %d epochs ...", name, decoder,
+                         model.name, len(texts), run_epochs)
+                captioner.fit(texts, text_features, image_features, epochs=run_epochs, seed=seed, progress=progress)
                 captioner.save(path, trained_on)
             predictions = dict(zip(map(str, images.indices), _caption(captioner, images.features, batch_size)))
             written = write_coco_results(predictions, out / f"captions-{_slug(label)}-{name}.json")
@@ -122,9 +140,9 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
                for label, r in runner.results["encoders"].items()}}
 
 
-def _enough_epochs(epochs: int, captions: int, min_steps: int) -> Tuple[int, str]:
+def _enough_epochs(epochs: int, captions: int, min_steps: int, batch_size: int) -> Tuple[int, str]:
     """:func:`~e2_caption.captioner.epochs_for`, and the line that says so (empty when ``epochs`` is enough)."""
-    needed, per_epoch = epochs_for(epochs, captions, min_steps), max(1, -(-captions // TRAIN_BATCH))
+    needed, per_epoch = epochs_for(epochs, captions, min_steps, batch_size), max(1, -(-captions // batch_size))
     if needed == epochs:
         return epochs, ""
     return needed, (f"{captions} training captions: {epochs} epochs would be {epochs * per_epoch} optimizer steps, too "
@@ -185,6 +203,6 @@ def _print_table(results: Dict, methods: List[str]) -> None:
               f"{first['not_scored'][0]}")
 
 
-task = Task("caption", caption, choices={"method": lambda: list(METHODS)})
+task = Task("caption", caption, choices={"method": lambda: list(METHODS), "decoder": lambda: list(PRESETS)})
 
 __all__ = ["METHODS", "caption", "caption_text", "load_captioner", "task"]

@@ -39,7 +39,7 @@ class Training:
     """How :meth:`Captioner.fit` trains a decoder: AdamW, a warm-up, then a constant or linearly decaying rate.
     The defaults are the demo's; :meth:`paper` gives the originals'."""
 
-    epochs: int = 10
+    epochs: int = 3
     batch_size: int = TRAIN_BATCH
     lr: float = 2e-4
     warmup: int = 0  # optimizer steps of linear warm-up from 0
