@@ -96,7 +96,7 @@ def test_sample_100_on_small_groups_names_the_commands_option(setup, capsys):
     name = min(set(groups), key=groups.count)
     size = groups.count(name)
     assert error == (f"group {name!r} has only {size} item(s), so {size - 1} possible negatives per item, but "
-                     f"num_negatives=100; use num_negatives <= {size - 1} (or score the full protocol only)")
+                     f"100 negatives were asked for; ask for at most {size - 1} (or score the full protocol only)")
     assert main(args + ["--num-negatives", str(size - 1)]) == 0
     scores = json.loads((out / "results.json").read_text())["encoders"][f"CLIP ({setup / 'clip'})"]["protocols"][
         "sample-100"]

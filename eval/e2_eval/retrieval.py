@@ -140,10 +140,10 @@ def sample_negatives(groups, num_negatives=100, seed=0):
     if members:
         key, smallest = min(members.items(), key=lambda item: len(item[1]))
         if len(smallest) - 1 < num_negatives:
-            advice = (f"use num_negatives <= {len(smallest) - 1}" if len(smallest) > 1
+            advice = (f"ask for at most {len(smallest) - 1}" if len(smallest) > 1
                       else "drop or merge single-item groups")
             raise ValueError(f"group {key!r} has only {len(smallest)} item(s), so {len(smallest) - 1} possible "
-                             f"negatives per item, but num_negatives={num_negatives}; {advice}")
+                             f"negatives per item, but {num_negatives} negatives were asked for; {advice}")
 
     rng = np.random.default_rng(seed)
     member_arrays = {key: np.asarray(idx, dtype=np.int64) for key, idx in members.items()}
