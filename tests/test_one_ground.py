@@ -155,7 +155,7 @@ def test_cir_goes_on_past_a_method_that_fails(products, tiny_checkpoints, tmp_pa
             str(out), "--device", "cpu", "--no-progress", "--figure-queries", "0"]
     assert main(args) == 2
     captured = capsys.readouterr()
-    assert "lincir with" in captured.err and "needs the training split's captions" in captured.err
+    assert "lincir with" in captured.err and "needs training captions" in captured.err
     assert captured.err.strip().splitlines()[-1].startswith("e2-plugins: error: 2 run(s) failed")
     results = json.loads((out / "results.json").read_text())
     assert all(set(r["methods"]) == {"image"} for r in results["encoders"].values())
