@@ -256,9 +256,8 @@ def _train_data(encoder, splits: List[FashionIQ], cache: Path, batch_size: int, 
 def _fit(runner: CIRMethod, encoder, train: TrainData, networks: Path, given: Optional[Path], progress: bool) -> None:
     """Derive what the method needs from the training data, and train its network, or load a saved or given one
     (this run's folder first, then the networks shipped for the demo encoders)."""
-    path = given or next((p for p in (networks / _network_name(runner, encoder, train),
-                                      SHIPPED_NETWORKS / _network_name(runner, encoder, train)) if p.is_file()),
-                         networks / _network_name(runner, encoder, train))
+    name = _network_name(runner, encoder, train)
+    path = given or next((p for p in (networks / name, SHIPPED_NETWORKS / name) if p.is_file()), networks / name)
     saved = runner.trains and path.is_file()
     available = {"images": len(train.image_features) > 0, "captions": bool(train.captions)}
     lacking = [need for need in runner.needs if not available.get(need, False)]
