@@ -21,7 +21,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from e2_eval import FaissIndex, topk_indices
+from e2_eval import FaissIndex, neighbour_recall, topk_indices
 
 
 def _status_kb(field):
@@ -95,7 +95,7 @@ def run_size(n, args, faiss):
         for _ in range(args.repeats - 1):
             found, again, extra_again = measure(lambda: index.search(queries, args.k))
             seconds, extra = min(seconds, again), max(extra, extra_again)
-        recall = sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist())) / exact.numel()
+        recall = neighbour_recall(found, exact)
         rows[f"faiss {index.spec} nprobe={args.nprobe}"] = dict(search_s=seconds, extra_mb=extra, build_s=build,
                                                               index_mb=index_mb, recall_at_10=recall)
     return rows

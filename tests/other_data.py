@@ -3,7 +3,9 @@
 are run on it so that nothing passes only because it was tested on the data it was tuned on.
 
 * :func:`write_catalog`: a catalog folder (``train.jsonl``, ``validation.jsonl``, PNG images);
-* :func:`write_fashioniq`: a FashionIQ folder (``captions/``, ``image_splits/``, ``images/``).
+* :func:`write_fashioniq`: a FashionIQ folder (``captions/``, ``image_splits/``, ``images/``);
+* :func:`write_embeddings`: given vectors as an embed shard folder, written by the package's own shard
+  writer without an encoder (for indexes at sizes no encoder here could reach).
 """
 from __future__ import annotations
 
@@ -96,3 +98,34 @@ def write_fashioniq(root: Path, gallery: int = 60, triplets: int = 12, seed: int
                 json.dumps(entries, ensure_ascii=False), encoding="utf-8")
             (root / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(names))
     return root
+
+
+class _Vectors:
+    """What the shard writer asks of an encoder: a name, a fingerprint, entities and a dimension."""
+    entities = ()
+
+    def __init__(self, dim: int):
+        self.name, self.embed_dim = "given vectors", dim
+
+    def fingerprint(self) -> str:
+        return f"vectors-{self.embed_dim}"
+
+
+def write_embeddings(root: Path, images, texts=None, shard_size: int = 1000) -> Path:
+    """An embed shard folder holding ``images`` (N, D) as image rows (``img-{n}.png`` labels) and, given,
+    ``texts`` (M, D) as text rows, through ``e2_embed.shards.ShardedRun``; returns the folder."""
+    import numpy as np
+    import torch
+
+    from e2_embed.shards import ShardedRun
+
+    run = ShardedRun(Path(root), _Vectors(images.shape[1]), shard_size, batch_size=shard_size, regions=False,
+                     progress=False)
+    for kind, vectors, name in (("img", images, "image_features"), ("text", texts, "text_features")):
+        if vectors is None:
+            continue
+        vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        labels = [f"{kind}-{n}.png" if kind == "img" else f"text {n}" for n in range(len(vectors))]
+        run.write(kind, labels, "given", lambda batches: ((b, {name: vectors[b]}, []) for b in batches))
+    run.finish()
+    return Path(root)

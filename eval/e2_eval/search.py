@@ -4,19 +4,30 @@ Exact top-k is ``topk_indices``; this optional backend (``pip install 'e2-plugin
 faiss inner-product index instead: IVF (inverted lists, ``nprobe`` of them searched) or HNSW (a graph),
 any faiss ``index_factory`` description. The gallery is read in chunks like ``topk_indices`` reads
 it, so memory-mapped embedding shards work; the index itself holds what its description says (a full
-copy of the vectors for ``Flat`` storage, far less with ``PQ``).
+copy of the vectors for ``Flat`` storage, far less with ``PQ``). A compressed index can rerank: its best
+candidates are rescored exactly with their rows read from the gallery (e.g. the memory-mapped shards).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+
+from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .topk import _check_chunk_size, _check_features, _gallery_rows, _gallery_shape
 
-__all__ = ["FaissIndex"]
+log = logging.getLogger(__name__)
+
+#: ``spec="auto"`` keeps the vectors whole up to this size, and product-quantises them beyond
+AUTO_FLAT_BYTES = 2 << 30
+
+__all__ = ["FaissIndex", "neighbour_recall"]
 
 
 def _faiss():
@@ -33,51 +44,115 @@ class FaissIndex:
 
     Args:
         gallery: (G, D) float tensor or array-like with row slicing (e.g. memory-mapped shards).
-        spec: a faiss ``index_factory`` description: ``"IVF4096,Flat"``, ``"HNSW32"``, ``"IVF65536,PQ64"``
-            (10M+ items in little memory), ``"Flat"`` (exact). ``"auto"`` is ``IVF{n},Flat`` with n about
-            4 * sqrt(G) lists.
+        spec: a faiss ``index_factory`` description: ``"IVF4096,Flat"``, ``"HNSW32"``, ``"IVF65536,PQ64"``,
+            ``"Flat"`` (exact). ``"auto"`` is IVF with about 4 * sqrt(G) lists, storing the vectors whole
+            (``IVF{n},Flat``) up to 2 GiB of them (a million items at D = 512), and beyond that in D/8 bytes
+            each (``IVF{n},PQ{D/8}``: product quantisation, 64 bytes at D = 512, against 4D), reranked.
         nprobe: inverted lists searched per query (IVF); more is slower and more exact.
         ef_search: candidate list size of an HNSW search; more is slower and more exact.
-        train_size: gallery rows (evenly spaced) that train the index (IVF centroids, PQ codebooks).
-        chunk_size: gallery rows read and added at a time.
+        rerank: rescore the index's best ``k * rerank`` candidates exactly, with their rows read from the
+            gallery (0: the index's own scores). Compressed storage (PQ, SQ) loses the order among close
+            items; reranking restores it for the price of reading those rows. Unset: 10 for compressed
+            storage, 0 for whole vectors (whose scores are exact already).
+        train_size: gallery rows (evenly spaced) that train the index (IVF centroids, PQ codebooks); unset:
+            100,000, or 40 per inverted list where that is more (faiss's k-means wants 39).
+        chunk_size: gallery rows read and added at a time: memory beyond the index is one chunk and the
+            training rows.
+        progress: show a progress bar while the gallery is added.
 
     Ties are whatever faiss does; use ``topk_indices`` where exact results and tie order matter.
 
     Example:
         >>> index = FaissIndex(gallery, "IVF1024,Flat", nprobe=16)   # doctest: +SKIP
         >>> index.search(queries, k=10)                               # doctest: +SKIP
+        >>> index.save("catalog.faiss")                               # doctest: +SKIP
+        >>> FaissIndex.load("catalog.faiss", gallery, rerank=10)      # doctest: +SKIP
     """
 
-    def __init__(self, gallery, spec: str = "auto", nprobe: int = 32, ef_search: int = 128,
-                 train_size: int = 100_000, chunk_size: int = 65536):
+    def __init__(self, gallery, spec: str = "auto", nprobe: int = 32, ef_search: int = 128, rerank: Optional[int] = None,
+                 train_size: Optional[int] = None, chunk_size: int = 65536, progress: bool = False):
         faiss = _faiss()
         _check_chunk_size(chunk_size)
         num_gallery, dim = _gallery_shape(gallery)
         if num_gallery == 0:
             raise ValueError("gallery is empty")
-        if spec == "auto":
-            spec = f"IVF{max(1, min(65536, round(4 * math.sqrt(num_gallery))))},Flat"
-        self.spec, self.size = spec, num_gallery
+        spec = resolve_spec(spec, num_gallery, dim)
         try:
-            self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as err:
             raise ValueError(f"faiss cannot build {spec!r} ({_faiss_reason(err)}); give an index_factory description "
                              f"such as 'IVF4096,Flat', 'HNSW32', 'IVF65536,PQ64' or 'Flat', or 'auto'") from None
-        if not self.index.is_trained:
-            sample = self._sample(gallery, num_gallery, train_size, chunk_size)
+        self.train_rows = 0
+        if not index.is_trained:
+            lists = faiss.extract_index_ivf(index).nlist if "IVF" in spec else 0
+            sample = self._sample(gallery, num_gallery, train_size or max(100_000, 40 * lists), chunk_size)
+            self.train_rows = len(sample)
+            if progress:
+                log.info("training %s on %d of the %d gallery rows", spec, len(sample), num_gallery)
             try:
-                self.index.train(sample)
+                index.train(sample)
             except RuntimeError as err:
                 raise ValueError(f"faiss cannot train {spec!r} on {len(sample)} rows of the {num_gallery}-item gallery "
                                  f"({_faiss_reason(err)}); use fewer lists or centroids for a gallery this size, "
                                  f"or spec='auto'") from None
-        for start in range(0, num_gallery, chunk_size):
-            self.index.add(self._rows(gallery, start, start + chunk_size))
-        params = faiss.extract_index_ivf(self.index) if "IVF" in spec else None
-        if params is not None:
-            params.nprobe = nprobe
-        if hasattr(self.index, "hnsw"):
-            self.index.hnsw.efSearch = ef_search
+            del sample
+        with tqdm(total=num_gallery, unit="item", desc=f"adding to {spec}", disable=not progress) as bar:
+            for start in range(0, num_gallery, chunk_size):
+                rows = self._rows(gallery, start, start + chunk_size)
+                index.add(rows)
+                bar.update(len(rows))
+        self.spec = spec
+        self._use(index, gallery, nprobe, ef_search, rerank)
+
+    @classmethod
+    def load(cls, path, gallery=None, nprobe: int = 32, ef_search: int = 128,
+             rerank: Optional[int] = None) -> "FaissIndex":
+        """An index written by :meth:`save`; ``gallery`` (the one it was built from) is needed to rerank
+        (``rerank`` unset: 10 for compressed storage given the gallery, else 0)."""
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as err:
+            raise ValueError(f"{path}: not a faiss index file ({_faiss_reason(err)}); build it again") from None
+        if gallery is not None and _gallery_shape(gallery) != (index.ntotal, index.d):
+            raise ValueError(f"{path} indexes {index.ntotal} items of dimension {index.d}, but the gallery is "
+                             f"{tuple(_gallery_shape(gallery))}: not the gallery it was built from; build it again")
+        self = cls.__new__(cls)
+        self.spec, self.train_rows = None, 0
+        self._use(index, gallery, nprobe, ef_search, rerank)
+        return self
+
+    def _use(self, index, gallery, nprobe, ef_search, rerank):
+        faiss = _faiss()
+        self.compressed = not isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexIVFFlat,
+                                                                       faiss.IndexHNSWFlat))
+        if rerank is None:
+            rerank = 10 if self.compressed and gallery is not None else 0
+        if not isinstance(rerank, int) or rerank < 0:
+            raise ValueError(f"rerank must be a non-negative integer, got {rerank!r}")
+        if rerank and gallery is None:
+            raise ValueError("rerank reads the candidates' rows from the gallery: give the gallery the index was built from")
+        self.index, self.gallery, self.rerank, self.size = index, gallery, rerank, index.ntotal
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = nprobe
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = ef_search
+
+    def save(self, path) -> None:
+        """Write the index to ``path`` (atomically: a killed write leaves no partial file)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            _faiss().write_index(self.index, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @property
+    def nbytes(self) -> int:
+        """The index's size as written by :meth:`save` (what it holds in memory, to a few kilobytes)."""
+        return int(_faiss().serialize_index(self.index).size)
 
     @classmethod
     def _sample(cls, gallery, num_gallery, size, chunk_size):
@@ -101,8 +176,49 @@ class FaissIndex:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k}")
         q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        _, indices = self.index.search(q, min(k, self.size))
-        return torch.from_numpy(indices).to(queries.device)
+        k = min(k, self.size)
+        _, indices = self.index.search(q, min(k * max(1, self.rerank), self.size))
+        indices = torch.from_numpy(indices)
+        if self.rerank:
+            indices = torch.cat([self._rescore(torch.from_numpy(q[s:s + 256]), indices[s:s + 256], k)
+                                 for s in range(0, len(q), 256)])
+        return indices[:, :k].to(queries.device)
+
+    def _rescore(self, queries, candidates, k):
+        """The ``k`` best of each query's ``candidates`` by the exact dot product with their gallery rows."""
+        found = candidates >= 0
+        picked = candidates.clamp(min=0).flatten().numpy()
+        unique, position = np.unique(picked, return_inverse=True)  # each row read once, in gallery order
+        rows = _gallery_take(self.gallery, unique)[torch.from_numpy(position.reshape(-1))]
+        scores = torch.einsum("qd,qcd->qc", queries, rows.view(*candidates.shape, -1))
+        scores[~found] = -math.inf
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return candidates.gather(1, order)
+
+
+def neighbour_recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    """Recall@k of an approximate search against exact search: the share of the exact top-k rows'
+    items that ``found`` (Q, k) holds, over all queries."""
+    if found.shape != exact.shape:
+        raise ValueError(f"found {tuple(found.shape)} and exact {tuple(exact.shape)} differ in shape")
+    return sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist())) / max(1, exact.numel())
+
+
+def resolve_spec(spec: str, num_gallery: int, dim: int) -> str:
+    """``auto`` as the faiss description it stands for at this gallery size; others as given."""
+    if spec != "auto":
+        return spec
+    lists = max(1, min(65536, round(4 * math.sqrt(num_gallery))))
+    if num_gallery * dim * 4 <= AUTO_FLAT_BYTES:
+        return f"IVF{lists},Flat"
+    return f"IVF{lists},PQ{max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)}"
+
+
+def _gallery_take(gallery, rows: np.ndarray) -> torch.Tensor:
+    """float32 rows at the sorted positions ``rows`` of a tensor, an array or ``EmbeddingShards``."""
+    if isinstance(gallery, torch.Tensor):
+        return gallery.index_select(0, torch.from_numpy(rows).to(gallery.device)).to("cpu", torch.float32)
+    return torch.from_numpy(np.array(gallery[rows], dtype=np.float32))
 
 
 def _faiss_reason(err: RuntimeError) -> str:

@@ -13,12 +13,13 @@ from e2_core.errors import check_at_least
 from e2_core.registry import Task
 from e2_core.runtime import compiles, resolve_device
 
+from .index import build_index, open_index
 from .shards import EmbeddingShards, ShardedRun
 from .single import SingleFile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingShards", "embed", "list_images", "task"]
+__all__ = ["EmbeddingShards", "build_index", "embed", "list_images", "open_index", "task"]
 
 def list_images(images: Path, encoding: str = "utf-8", image_column: str = "image") -> List[Path]:
     """A folder (searched recursively), a catalog (CSV / JSONL: every row's ``image_column``) or a text

@@ -268,8 +268,8 @@ def _index(record, size) -> np.ndarray:
 
 class EmbeddingShards:
     """The embeddings of a finished shard folder as one (items, ...) array, memory-mapped shard by shard:
-    ``len``, ``shape``, ``dtype`` and slicing (``shards[a:b]`` reads only those rows). ``topk_indices``
-    searches it in chunks, never loading it whole.
+    ``len``, ``shape``, ``dtype``, slicing (``shards[a:b]`` reads only those rows) and row positions
+    (``shards[[7, 3]]``). ``topk_indices`` searches it in chunks, never loading it whole.
 
     Example:
         >>> gallery = EmbeddingShards("catalog-emb")                     # doctest: +SKIP
@@ -315,6 +315,8 @@ class EmbeddingShards:
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
             return self[key:key + 1 if key != -1 else None][0]
+        if isinstance(key, (list, np.ndarray)):
+            return self._take(np.asarray(key))
         start, stop, step = key.indices(len(self))
         if step != 1:
             raise ValueError("EmbeddingShards reads contiguous row ranges only")
@@ -326,6 +328,19 @@ class EmbeddingShards:
         if not pieces:
             return np.empty((0, *self.shape[1:]), dtype=self.dtype)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows at the positions ``rows`` (any order, repeats allowed), each shard read once."""
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise ValueError(f"EmbeddingShards takes a 1-D array of row positions, got {rows.dtype} {rows.shape}")
+        if rows.size and not 0 <= rows.min() <= rows.max() < len(self):
+            raise IndexError(f"row positions must lie in [0, {len(self)}), got {rows.min()} ... {rows.max()}")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            at = shard == s
+            out[at] = self._arrays[s][rows[at] - self._starts[s]]
+        return out
 
     def metadata(self) -> List[dict]:
         """One dict per row, in row order: the item number and its image path or caption."""
