@@ -106,6 +106,9 @@ def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, method_class) -> None:
             raise ValueError(f"{saved} is not a readable run configuration ({e}); use another output folder, or remove "
                              f"{out} to start the run afresh") from None
         changed = cfg.differences(previous, method_class.default_stages, method_class.own_settings)
+        processes = json.loads(saved.read_text()).get("processes")   # unrecorded before: not checked
+        if processes is not None and processes != ctx.world_size:    # another global batch and data order
+            changed["processes"] = (str(processes), str(ctx.world_size))
         if changed:
             settings = "; ".join(f"{key}={saved_value}, not {key}={value}"
                                  for key, (saved_value, value) in changed.items())
@@ -113,7 +116,7 @@ def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, method_class) -> None:
                              "use another output folder, or the same settings to resume it")
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(cfg.to_json())
+        saved.write_text(json.dumps({**json.loads(cfg.to_json()), "processes": ctx.world_size}, indent=2))
     distributed.barrier(ctx)
 
 

@@ -213,6 +213,11 @@ def test_a_run_folder_is_resumed_only_with_the_settings_it_was_trained_with(tmp_
     with pytest.raises(ValueError, match=r"other settings \(gumbel_noise_end=1.0, not gumbel_noise_end=0.0\)"):
         train(cfg)
     assert train(config(tmp_path, data_root, max_steps=1, gumbel_noise_end=1.0)) == first
+    # a run of another number of processes (torchrun): another global batch and data order, not resumed
+    assert old["processes"] == 1
+    saved.write_text(json.dumps({**old, "gumbel_noise_end": 0.0, "processes": 2}))
+    with pytest.raises(ValueError, match=r"other settings \(processes=2, not processes=1\)"):
+        train(cfg)
     saved.write_text("{not json")
     with pytest.raises(ValueError, match="train_config.json is not a readable run configuration"):
         train(cfg)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import time
 
 from typing import Optional
 
@@ -82,7 +83,12 @@ class FaissIndex:
         except RuntimeError as err:
             raise ValueError(f"faiss cannot build {spec!r} ({_faiss_reason(err)}); give an index_factory description "
                              f"such as 'IVF4096,Flat', 'HNSW32', 'IVF65536,PQ64' or 'Flat', or 'auto'") from None
-        self.train_rows = 0
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+            # polysemous codes serve only a Hamming-threshold search, never enabled here, and take most of
+            # the training time (12.7 s against 0.6 s for 20,000 rows, IVF566,PQ8)
+            faiss.downcast_index(ivf).do_polysemous_training = False
+        self.train_rows, self.train_seconds, started = 0, 0.0, time.perf_counter()
         if not index.is_trained:
             lists = faiss.extract_index_ivf(index).nlist if "IVF" in spec else 0
             sample = self._sample(gallery, num_gallery, train_size or max(100_000, 40 * lists), chunk_size)
@@ -96,12 +102,13 @@ class FaissIndex:
                                  f"({_faiss_reason(err)}); use fewer lists or centroids for a gallery this size, "
                                  f"or spec='auto'") from None
             del sample
+        self.train_seconds, started = time.perf_counter() - started, time.perf_counter()
         with tqdm(total=num_gallery, unit="item", desc=f"adding to {spec}", disable=not progress) as bar:
             for start in range(0, num_gallery, chunk_size):
                 rows = self._rows(gallery, start, start + chunk_size)
                 index.add(rows)
                 bar.update(len(rows))
-        self.spec = spec
+        self.add_seconds, self.spec = time.perf_counter() - started, spec
         self._use(index, gallery, nprobe, ef_search, rerank)
 
     @classmethod
@@ -118,7 +125,7 @@ class FaissIndex:
             raise ValueError(f"{path} indexes {index.ntotal} items of dimension {index.d}, but the gallery is "
                              f"{tuple(_gallery_shape(gallery))}: not the gallery it was built from; build it again")
         self = cls.__new__(cls)
-        self.spec, self.train_rows = None, 0
+        self.spec, self.train_rows, self.train_seconds, self.add_seconds = None, 0, 0.0, 0.0
         self._use(index, gallery, nprobe, ef_search, rerank)
         return self
 
