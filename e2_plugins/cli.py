@@ -68,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-ERRORS = (KeyError, ValueError, TypeError, OSError, registry.PluginLoadError, MethodsFailed)
+#: errors shown as one line (an ImportError: an optional dependency missing, its message says what to install)
+ERRORS = (KeyError, ValueError, TypeError, OSError, ImportError, registry.PluginLoadError, MethodsFailed)
 #: the packages whose progress notes (``logging`` at INFO) the command line shows
 PACKAGES = ("e2_core", "e2_data", "e2_train", "e2_eval", "e2_plugins", "e2_retrieval", "e2_cir", "e2_caption",
             "e2_embed", "e2_open_clip", "e2_transformers", "e2_diffusers", "e2_clip_benchmark")

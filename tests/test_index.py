@@ -133,3 +133,13 @@ def test_a_failed_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         index.save(tmp_path / "x.faiss")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_names_what_is_missing(tmp_path, folder, monkeypatch, capsys):
+    assert main(["run", "index", "--embeddings", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such folder; give a folder written by `e2-plugins run embed --shard-size N`" in \
+        capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+    assert main(["run", "index", "--embeddings", str(folder), "--out", str(tmp_path / "x.faiss")]) == 2
+    assert "the faiss backend needs faiss: pip install 'e2-plugins[faiss]'" in capsys.readouterr().err
+    assert not (tmp_path / "x.faiss").exists()

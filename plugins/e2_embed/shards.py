@@ -283,6 +283,9 @@ class EmbeddingShards:
         if kind is None:
             raise ValueError(f"unknown embedding name {name!r}; one of "
                              f"{', '.join(n for names, _, _ in KINDS.values() for n in names)}")
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: no such folder; give a folder written by `e2-plugins run embed "
+                                    f"--shard-size N`")
         manifest = _read_manifest(self.folder)
         if manifest is None:
             raise FileNotFoundError(f"{self.folder}: no {MANIFEST}; not a folder written by `e2-plugins run embed "
