@@ -19,7 +19,9 @@ Objects of other libraries can stand in for an ``Encoder`` when they have every 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Optional, Tuple
+import string
+from collections import Counter
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from open_clip.model import CLIP
@@ -116,6 +118,16 @@ class Encoder(nn.Module):
     def preprocess_train(self) -> Callable:
         return image_transform_v2(self._preprocess_cfg(), is_train=True)
 
+    def input_view(self, image) -> "Image.Image":
+        """A PIL image as the image tower sees it: ``preprocess``'s resize and crop, its normalisation undone.
+        ``patch_boxes`` and ``image_size`` are in this image's pixels (a non-square photo loses its crop)."""
+        from PIL import Image
+
+        cfg = self._preprocess_cfg()
+        pixels = self.preprocess(image) * torch.tensor(cfg.std).view(-1, 1, 1) + torch.tensor(cfg.mean).view(-1, 1, 1)
+        array = pixels.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(array if array.shape[2] == 3 else array[:, :, 0])
+
     def _preprocess_cfg(self) -> PreprocessCfg:
         cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
         cfg.setdefault("size", tuple(self.model.visual.image_size))
@@ -129,6 +141,32 @@ class Encoder(nn.Module):
                 raise ValueError(f"{word!r} is {len(ids) - 2} tokens for this tokenizer; a placeholder must be one token")
             self._token_ids[word] = ids[1]
         return self._token_ids[word]
+
+    def vocabulary_coverage(self, texts: Sequence[str], examples: int = 5) -> Dict[str, Any]:
+        """How much of ``texts`` the text tower can read. A token whose embedding row is all zero carries no
+        meaning (a compactly stored checkpoint keeps only the rows of the vocabulary it was trained on, e.g.
+        the demo encoders'; the others load as zeros): texts that differ only in such tokens embed alike.
+
+        Returns ``tokens`` and ``distinct`` (token occurrences and distinct tokens of ``texts``, without
+        start, end and padding), ``unembedded`` and ``unembedded_distinct`` (those whose row is zero),
+        ``share`` (``unembedded / tokens``) and ``words``: up to ``examples`` frequent words holding one."""
+        zero = (self.model.token_embedding.weight.detach() == 0).all(dim=1).cpu()
+        special = self.tokenizer([""])[0].unique()  # start, end, padding
+        counts = torch.zeros(len(zero), dtype=torch.int64)
+        for i in range(0, len(texts), 4096):
+            counts += torch.bincount(self.tokenizer(list(texts[i:i + 4096])).flatten(), minlength=len(zero))
+        counts[special] = 0
+        missing = counts * zero
+        words = []
+        if missing.any() and examples:  # among the 2,000 most frequent words with a letter
+            frequent = [w for w, _ in Counter(w.strip(string.punctuation) for t in texts for w in t.split())
+                        .most_common(2000) if any(c.isalpha() for c in w)]
+            ids = self.tokenizer(frequent)
+            words = [w for w, row in zip(frequent, zero[ids] & ~torch.isin(ids, special)) if row.any()]
+        tokens, unembedded = int(counts.sum()), int(missing.sum())
+        return {"tokens": tokens, "distinct": int((counts > 0).sum()), "unembedded": unembedded,
+                "unembedded_distinct": int((missing > 0).sum()),
+                "share": round(unembedded / tokens, 4) if tokens else 0.0, "words": words[:examples]}
 
     # --- embeddings ------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -66,7 +66,8 @@ def save_selection_figure(encoder, dataset, path: Path, device, images: int = 6)
                          device=device, regions=True)
     picked = shown.regions["selected_patches"][:, 1]  # (B, T) of the last fusion
     counts = selection_counts(picked, entities, per_entity)
-    scale = PANEL / model.visual.image_size[0]
+    height, width = model.visual.image_size
+    scale = torch.tensor([PANEL / width, PANEL / height] * 2)
     top, step = 60, PANEL + 6
     canvas = Image.new("RGB", (6 + len(entities) * step, top + len(shown.indices) * step), "white")
     draw = ImageDraw.Draw(canvas)
@@ -76,13 +77,14 @@ def save_selection_figure(encoder, dataset, path: Path, device, images: int = 6)
     for e, entity in enumerate(entities):
         draw.text((6 + e * step, top - 16), entity[:20], fill=ENTITY_COLOURS[e % len(ENTITY_COLOURS)])
     for i, index in enumerate(shown.indices):
-        image = dataset.load_image(index, 0).convert("RGB").resize((PANEL, PANEL))
+        # the crop the image tower saw, where the patch boxes lie (a non-square photo is cropped)
+        image = encoder.input_view(dataset.load_image(index, 0).convert("RGB")).resize((PANEL, PANEL))
         y0 = top + i * step
         for e, entity in enumerate(entities):
             x0, colour = 6 + e * step, ENTITY_COLOURS[e % len(ENTITY_COLOURS)]
             canvas.paste(image, (x0, y0))
             for patch, n in counts[i][entity].items():
-                x1, y1, x2, y2 = (v * scale for v in model.visual.patch_boxes(torch.tensor(patch)).tolist())
+                x1, y1, x2, y2 = (model.visual.patch_boxes(torch.tensor(patch)) * scale).tolist()
                 draw.rectangle([x0 + x1, y0 + y1, x0 + x2 - 1, y0 + y2 - 1], outline=colour, width=2)
                 if n > 1:
                     draw.rectangle([x0 + x1 + 2, y0 + y1 + 2, x0 + x1 + 8 + 6 * len(str(n)), y0 + y1 + 14],
