@@ -71,11 +71,11 @@ def pretrain_clip(recipe: Recipe, out: Path, data_root: Path, **overrides) -> Pa
 
 
 def finetune(kind: str, recipe: Recipe, start: Path, out: Path, data_root: Optional[Path] = None,
-             evaluate=None, callbacks=(), **overrides) -> Path:
+             evaluate=None, callbacks=(), dataset: str = "synthetic", **overrides) -> Path:
     """CLIP-FT (``clip-ft``, or ``clip-ft-entities`` with E2's entity losses on its image embedding) or E2
-    (both stages) from the pre-trained CLIP, on the synthetic ``small`` split."""
+    (both stages) from the pre-trained CLIP, on the synthetic ``small`` split (or ``dataset`` at ``data_root``)."""
     data_root = Path(data_root) if data_root else default_synthetic_root("small", 0)
-    common = dict(out=str(out), model=recipe.model, pretrained=str(start), dataset="synthetic",
+    common = dict(out=str(out), model=recipe.model, pretrained=str(start), dataset=dataset,
                   data_root=str(data_root), batch_size=recipe.batch_size, seed=recipe.seed, warmup_steps=20,
                   **overrides)
     if kind in ("clip-ft", "clip-ft-entities"):

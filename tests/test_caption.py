@@ -216,3 +216,76 @@ def test_decoders_belong_to_their_training_captions_and_say_so(tiny_checkpoints,
     entry = next(iter(json.loads((tmp_path / "d" / "results.json").read_text())["encoders"].values()))
     assert entry["methods"]["decap"]["trained_on"]["seed"] == 1
     assert entry["methods"]["decap"]["trained_on"]["preset"] == "demo"
+
+
+def test_vocabulary_coverage_counts_the_tokens_whose_embedding_row_is_zero(tiny_checkpoints):
+    encoder = e2_core.load_encoder(tiny_checkpoints["clip"])
+    texts = ["a trench coat", "a red coat", "trench"]
+    unread = [int(t) for t in encoder.tokenizer(["trench"])[0][1:] if int(t) not in (0, 49407)]
+    with torch.no_grad():
+        encoder.model.token_embedding.weight[unread] = 0
+    ids = [int(t) for row in encoder.tokenizer(texts) for t in row if int(t) not in (0, 49406, 49407)]
+    coverage = encoder.vocabulary_coverage(texts)
+    assert coverage["tokens"] == len(ids) and coverage["distinct"] == len(set(ids))
+    assert coverage["unembedded"] == 2 * len(unread) and coverage["unembedded_distinct"] == len(unread)
+    assert coverage["share"] == round(2 * len(unread) / len(ids), 4) and coverage["words"] == ["trench"]
+
+
+def test_an_encoder_blind_to_the_captions_words_is_warned_about_once_and_recorded(tiny_checkpoints, tmp_path, caplog):
+    """A checkpoint whose token-embedding rows of some of the training captions' words are zero (as the compact
+    demo encoders' are outside the synthetic products' words): one warning naming it, the share and the words,
+    what it means and what to do; the coverage of each encoder in results.json."""
+    from other_data import write_catalog
+    from e2_caption import caption
+
+    clip = e2_core.load_encoder(tiny_checkpoints["clip"])
+    blind = {int(t) for word in ("trench", "kestrel") for t in clip.tokenizer([word])[0][1:]} - {0, 49407}
+    with torch.no_grad():
+        clip.model.token_embedding.weight[sorted(blind)] = 0
+    zeroed = str(clip.save_pretrained(tmp_path / "zeroed"))
+    root = write_catalog(tmp_path / "catalog", train=40, validation=4)
+    caption(dataset="catalog", data_root=str(root), encoder=tiny_checkpoints["e2"], baseline=zeroed, method=["decap"],
+            epochs=1, min_steps=1, out=tmp_path / "out", page_images=0, device="cpu", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "has no embedding" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"CLIP ({zeroed}) ({zeroed}) has no embedding for ")
+    assert "'Kestrel'" in warnings[0] or "'trench'" in warnings[0]
+    for said in ("look the same to this encoder", f"e2-plugins train --method clip-ft --pretrained {zeroed} "
+                 f"--dataset catalog --data-root {root}", "--baseline", "a CLIP with a full vocabulary"):
+        assert said in warnings[0]
+    encoders = json.loads((tmp_path / "out" / "results.json").read_text())["encoders"]
+    coverage = encoders[f"CLIP ({zeroed})"]["vocabulary_coverage"]
+    assert 0 < coverage["share"] < 1 and coverage["unembedded_distinct"] == len(blind)
+    assert set(coverage["words"]) <= {"Kestrel", "trench"}
+    assert encoders[f"E2 ({tiny_checkpoints['e2']})"]["vocabulary_coverage"]["unembedded"] == 0
+
+
+def test_the_demo_encoders_read_every_word_of_the_synthetic_products(data_root, tmp_path, caplog):
+    from e2_caption import caption
+
+    caption(data_root=data_root, method=["decap"], epochs=1, min_steps=1, max_images=2, out=tmp_path / "out",
+            page_images=0, device="cpu", progress=False)
+    assert "has no embedding" not in caplog.text
+    encoders = json.loads((tmp_path / "out" / "results.json").read_text())["encoders"]
+    assert set(encoders) == {"CLIP-FT", "E2"}
+    for entry in encoders.values():
+        assert entry["vocabulary_coverage"]["tokens"] > 0 and entry["vocabulary_coverage"]["unembedded"] == 0
+
+
+def test_the_demo_decoders_learn_whole_captions_and_may_write_them_whole(tiny_checkpoints):
+    """A catalog's descriptions run to 35-45 tokens: the demo preset keeps each training caption whole (CapDec's
+    length rule, not a fixed 20 tokens) and generates up to 64, so no caption is cut before its end."""
+    encoder = e2_core.load_encoder(tiny_checkpoints["e2"])
+    long = [f"Kestrel & Co relaxed-fit wrap dress in red, white, 100% wool; SS'24 collection, style #{i}."
+            for i in range(4)]                                      # (the tiny tokenizer holds 30 tokens at most)
+    captioner = METHODS["decap"](encoder, DecoderConfig(layers=1, heads=2, width=64))
+    seen = []
+    captioner.build(long, _features(encoder, long))
+    loss = captioner.decoder.loss
+    captioner.build = lambda captions, features: captioner.decoder
+    captioner.decoder.loss = lambda inputs, tokens, mask, smoothing: seen.append(mask) or loss(inputs, tokens, mask,
+                                                                                                smoothing)
+    captioner.fit(long, _features(encoder, long), epochs=1, batch_size=4, progress=False)
+    lengths = [len([t for t in row.tolist() if t not in (0, 49406, 49407)]) for row in encoder.tokenizer(long)]
+    assert min(lengths) > 20 and seen[0].sum(dim=1).tolist() == [n + 1 for n in lengths]   # every token and the end
+    assert captioner.max_tokens == 64

@@ -159,7 +159,8 @@ def test_demo_presets_keep_their_small_sizes(encoder):
     assert (decap.config.layers, decap.config.width, decap.config.prefix_length) == (2, 256, 1)
     assert decap.config.mapper == "linear"
     assert (capdec.config.prefix_length, capdec.config.mapper, capdec.config.mapper_layers) == (10, "transformer", 2)
-    assert decap.training == Training() and (decap.beams, decap.max_tokens, decap.options["memory_size"]) == (1, 30, 0)
+    assert decap.training == Training() and (decap.beams, decap.max_tokens, decap.options["memory_size"]) == (1, 64, 0)
+    assert decap.config.max_tokens == capdec.config.max_tokens == 0      # captions kept by the length rule, not cut at 20
     assert (Training().lr, Training().schedule, Training().label_smoothing) == (2e-4, "constant", 0.1)
 
 

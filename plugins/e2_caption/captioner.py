@@ -74,7 +74,7 @@ class Preset:
     config: DecoderConfig
     training: Training = field(default_factory=Training)
     beams: int = 1  # beam width (1: greedy)
-    max_tokens: int = 30  # tokens generated at most
+    max_tokens: int = 64  # tokens generated at most (the demo decoders' positions hold 64 after the prefix)
 
 
 class CaptionerMismatch(ValueError):

@@ -29,7 +29,7 @@ class DecoderConfig:
     mapper_qkv_bias: bool = False  # biases on its queries, keys and values (CapDec's: none)
     mapper_dropout: float = 0.0  # dropout inside its blocks (CapDec's: 0)
     clip_length: int = 0  # tokens the embedding is projected to, before the constants; 0: prefix_length (CapDec's: 40)
-    max_tokens: int = 20  # caption tokens kept in training; 0: CapDec's rule (mean + 10 std of lengths, <= the longest)
+    max_tokens: int = 0  # caption tokens kept in training; 0: CapDec's rule (mean + 10 std of lengths, <= the longest)
     start_token: bool = False  # the prefix first predicts the start-of-text token, then the caption (DeCap's training)
     full_vocab: bool = False  # every BPE id in the decoder's vocabulary, not only the training captions' ones
     vocab_size: int = 49408  # set from the vocabulary
