@@ -181,7 +181,7 @@ def test_a_caption_reads_as_written_after_the_bpe_round_trip(written):
     assert vocab.decode(ids[0][mask[0]].tolist()) == written
 
 
-def test_decoders_belong_to_their_training_captions_and_say_so(tiny_checkpoints, tmp_path, caplog):
+def test_decoders_belong_to_their_training_captions_and_say_so(tiny_checkpoints, tmp_path, caplog, monkeypatch):
     """A decoder is keyed by its encoder and its training captions: pointed at another dataset the task trains
     one (said in one line) instead of reusing one that writes the other dataset's products; results.json
     records each decoder, what it learnt from and the tokenisation; the references are written in COCO's
@@ -216,6 +216,15 @@ def test_decoders_belong_to_their_training_captions_and_say_so(tiny_checkpoints,
     entry = next(iter(json.loads((tmp_path / "d" / "results.json").read_text())["encoders"].values()))
     assert entry["methods"]["decap"]["trained_on"]["seed"] == 1
     assert entry["methods"]["decap"]["trained_on"]["preset"] == "demo"
+    # the same preset name with other values (a release that changes the demo decoder): other decoders
+    from dataclasses import replace
+    caplog.clear()
+    made = METHODS["decap"].preset("demo")
+    monkeypatch.setattr(METHODS["decap"], "preset", classmethod(
+        lambda cls, name: replace(made, config=replace(made.config, max_tokens=20))))
+    caption(data_root=str(second), out=tmp_path / "e", seed=1, **options)
+    assert "trained on other captions or settings" in caplog.text
+    assert len(list((tmp_path / "decoders").glob("decap-*.safetensors"))) == 8
 
 
 def test_vocabulary_coverage_counts_the_tokens_whose_embedding_row_is_zero(tiny_checkpoints):

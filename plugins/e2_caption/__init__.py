@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -104,9 +105,12 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
             trained_on = {"dataset": dataset, "data_root": str(data_root) if data_root else None,
                           "captions": len(texts), "digest": digest, "epochs": run_epochs, "seed": seed,
                           "preset": decoder, "language_model": str(language_model) if language_model else None}
-            # a decoder belongs to an encoder, to the captions it learnt to write and to how it was trained
-            settings = hashlib.sha256(json.dumps({k: trained_on[k] for k in ("epochs", "seed", "preset",
-                                                                              "language_model")}).encode())
+            # a decoder belongs to an encoder, to the captions it learnt to write and to how it was trained: the
+            # preset's every value (a preset whose values change makes other decoders), not only its name
+            settings = hashlib.sha256(json.dumps(
+                {**{k: trained_on[k] for k in ("epochs", "seed", "preset", "language_model")},
+                 "decoder": captioner.config.to_dict(), "training": asdict(captioner.training),
+                 "options": captioner.options}, sort_keys=True, default=str).encode())
             path = decoders / (f"{name}-{model.fingerprint()[:16]}-{digest[:12]}-{settings.hexdigest()[:8]}"
                                ".safetensors")
             if path.is_file():
