@@ -100,13 +100,14 @@ def _start_encoder(cfg: TrainConfig, resuming: bool = False) -> Encoder:
 def _claim_run_folder(out: Path, cfg: TrainConfig, ctx, method_class) -> None:
     saved = out / "train_config.json"
     if saved.is_file():
+        text = saved.read_text()
         try:
-            previous = TrainConfig.from_json(saved.read_text())
+            previous = TrainConfig.from_json(text)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{saved} is not a readable run configuration ({e}); use another output folder, or remove "
                              f"{out} to start the run afresh") from None
         changed = cfg.differences(previous, method_class.default_stages, method_class.own_settings)
-        processes = json.loads(saved.read_text()).get("processes")   # unrecorded before: not checked
+        processes = json.loads(text).get("processes")   # unrecorded before: not checked
         if processes is not None and processes != ctx.world_size:    # another global batch and data order
             changed["processes"] = (str(processes), str(ctx.world_size))
         if changed:

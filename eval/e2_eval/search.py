@@ -14,7 +14,6 @@ import math
 import os
 import re
 import time
-
 from typing import Optional
 
 import numpy as np
@@ -156,11 +155,6 @@ class FaissIndex:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    @property
-    def nbytes(self) -> int:
-        """The index's size as written by :meth:`save` (what it holds in memory, to a few kilobytes)."""
-        return int(_faiss().serialize_index(self.index).size)
-
     @classmethod
     def _sample(cls, gallery, num_gallery, size, chunk_size):
         """``size`` rows in 100 evenly spaced runs (a gallery sorted by category is sampled everywhere)."""
@@ -225,7 +219,7 @@ def _gallery_take(gallery, rows: np.ndarray) -> torch.Tensor:
     """float32 rows at the sorted positions ``rows`` of a tensor, an array or ``EmbeddingShards``."""
     if isinstance(gallery, torch.Tensor):
         return gallery.index_select(0, torch.from_numpy(rows).to(gallery.device)).to("cpu", torch.float32)
-    return torch.from_numpy(np.array(gallery[rows], dtype=np.float32))
+    return torch.from_numpy(np.asarray(gallery[rows], dtype=np.float32))
 
 
 def _faiss_reason(err: RuntimeError) -> str:

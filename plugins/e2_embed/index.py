@@ -64,7 +64,7 @@ def build_index(embeddings: Path, kind: Literal["img", "text"] = "img", spec: st
     out.parent.mkdir(parents=True, exist_ok=True)
     index = FaissIndex(gallery, spec, nprobe=nprobe, rerank=rerank, train_size=train_size, progress=progress)
     report = {"index": str(out), "spec": index.spec, "items": len(gallery), "dim": gallery.shape[1],
-              "bytes": index.nbytes, "train_rows": index.train_rows, "train_seconds": round(index.train_seconds, 1),
+              "train_rows": index.train_rows, "train_seconds": round(index.train_seconds, 1),
               "add_seconds": round(index.add_seconds, 1),
               "search": {"nprobe": nprobe, "rerank": index.rerank}, "embeddings": _source(embeddings, name)}
     if check:
@@ -81,6 +81,7 @@ def build_index(embeddings: Path, kind: Literal["img", "text"] = "img", spec: st
         index.rerank = rerank
         report["check"] = recall
     index.save(out)
+    report["bytes"] = out.stat().st_size     # about what the index holds in memory (never serialised twice)
     _write_json(out.with_suffix(".json"), report)
     return report
 
