@@ -37,10 +37,10 @@ import e2_core
 from e2_core import registry
 from e2_core.texts import build_texts
 from e2_core.data import default_synthetic_root, open_dataset
-from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_PLACES, SEASONS, brand_names, catalog, \
-    garment_mask, layout, render
+from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_CELL, MARK_PLACES, SEASONS, brand_names, catalog, \
+    garment_mask, layout, render, write_fashiongen
 from e2_core.loss import contrastive_loss
-from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip, recipe_run
+from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip
 from e2_eval.harness import embed_dataset, evaluate_retrieval
 from e2_eval.topk import topk_indices
 
@@ -78,7 +78,7 @@ def t2i_errors(texts, images, product_ids) -> dict:
 
 
 @torch.no_grad()
-def mechanism(encoder, data, device, batch: int = 64) -> dict:
+def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CELL) -> dict:
     """Per entity: regional InfoNCE on validation batches (chance: ln(batch)). Per fusion block, where the
     entity's selection tokens land: the share on a patch holding its detail (brand: the mark; season: the
     hang-tag) against the share of patches that hold it, the share on pure background (no garment pixel, no detail)
@@ -108,7 +108,7 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
                                                    model.logit_scale.exp()).item())
         picked = vision.selected_patches.cpu()  # (batch, block, token)
         for row, index in enumerate(b.indices):
-            where = patch_regions(model, products[int(data.product_ids[index])])
+            where = patch_regions(model, products[int(data.product_ids[index])], mark_cell)
             for name, mask in where.items():
                 _count(chance[name], mask)
             for block, tally in zip(picked[row], blocks):
@@ -126,11 +126,11 @@ def mechanism(encoder, data, device, batch: int = 64) -> dict:
                  for t, seen in zip(blocks, agreement)]
     return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
             "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
-            "blocks": per_block, "layers": patch_contents(encoder, data, device)}
+            "blocks": per_block, "layers": patch_contents(encoder, data, device, mark_cell=mark_cell)}
 
 
 @torch.no_grad()
-def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) -> list:
+def patch_contents(encoder, data, device, images: int = 512, batch: int = 64, mark_cell: float = MARK_CELL) -> list:
     """What a patch's state holds after each layer before fusion block 2: how often the brand of the nearest
     other image's state (cosine, mean-centred) is the image's own brand, for a patch on the mark and for a
     background patch (chance 1/32), and how alike an image's patches are (mean pairwise cosine)."""
@@ -143,7 +143,7 @@ def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) ->
                                                output_hidden_states=True).hidden_states
         for row, index in enumerate(indices):
             product = products[int(data.product_ids[index])]
-            where = patch_regions(model, product)
+            where = patch_regions(model, product, mark_cell)
             brands.append(product.brand)
             for layer in range(1, model.visual.fusion_layers[1] + 1):
                 patches = F.normalize(hidden[layer][row, num_tokens + 1:].float().cpu(), dim=-1)
@@ -165,10 +165,10 @@ def patch_contents(encoder, data, device, images: int = 512, batch: int = 64) ->
             for layer in range(1, model.visual.fusion_layers[1] + 1)]
 
 
-def patch_regions(model, product) -> dict:
+def patch_regions(model, product, mark_cell: float = MARK_CELL) -> dict:
     """Boolean masks over the patch grid of a product's first view: patches on the brand mark, on the season's
     hang-tag, and on pure background (no garment pixel, no detail)."""
-    grid, geometry = model.visual.grid_size, layout(product, 0)
+    grid, geometry = model.visual.grid_size, layout(product, 0, mark_cell=mark_cell)
     scale = geometry.size / model.visual.image_size[0]
     boxes = model.visual.patch_boxes(torch.arange(grid[0] * grid[1])).float() * scale
     regions = {"brand": _overlaps(boxes, geometry.mark_box), "season": _overlaps(boxes, geometry.tag_box)}
@@ -190,28 +190,41 @@ PROBED = {"brand": None, "season": tuple(SEASONS), "composition": tuple(COMPOSIT
           "colour": tuple(COLOURS)}
 
 
-@torch.no_grad()
-def detail_probe(encoder, data, device, products: int = 200, seed: int = 0) -> dict:
+def detail_probe(encoder, data, device, products: int = 200, seed: int = 0, **look) -> dict:
     """Per attribute: the share of products whose text scores their own image above a rendering of the
-    same product with only that attribute changed (first view; chance 50%)."""
-    encoder.eval().to(device)
+    same product with only that attribute changed (first view; chance 50%). ``look``: the generator's
+    mark settings the data was rendered with."""
     rng = random.Random(f"probe:{seed}")
     everything, num_brands = catalog(0), len(brand_names())
-    wins = {attribute: 0 for attribute in PROBED}
-    for i in range(min(products, len(data))):
-        product = everything[int(data.product_ids[i])]
-        text = encoder.encode_text(encoder.tokenizer([build_texts(data.product(i).tags, data.spec)[0]]).to(device),
-                                   normalize=True)
-        images = [encoder.preprocess(render(product, 0))]  # rendered like the counterfactuals
-        for attribute, values in PROBED.items():
-            choices = [b for b in range(num_brands) if b != product.brand] if values is None else \
-                [v for v in values if v != getattr(product, attribute)]
-            images.append(encoder.preprocess(render(replace(product, **{attribute: rng.choice(choices)}), 0)))
-        scores = (encoder.encode_image(torch.stack(images).to(device), normalize=True) @ text.T).flatten()
-        for k, attribute in enumerate(PROBED, start=1):
-            wins[attribute] += int(scores[0] > scores[k])
-    n = min(products, len(data))
-    return {attribute: 100.0 * w / n for attribute, w in wins.items()}
+
+    def cases():
+        for i in range(min(products, len(data))):
+            product = everything[int(data.product_ids[i])]
+            changed = {}
+            for attribute, values in PROBED.items():
+                choices = [b for b in range(num_brands) if b != product.brand] if values is None else \
+                    [v for v in values if v != getattr(product, attribute)]
+                changed[attribute] = render(replace(product, **{attribute: rng.choice(choices)}), 0, **look)
+            # its own image rendered like the counterfactuals
+            yield build_texts(data.product(i).tags, data.spec)[0], render(product, 0, **look), changed
+
+    return probe_wins(encoder, device, cases())
+
+
+@torch.no_grad()
+def probe_wins(encoder, device, cases) -> dict:
+    """``cases``: (text, its own image, {attribute: the same with only that attribute changed}). Per attribute,
+    the % of cases whose text scores its own image higher (chance 50%)."""
+    encoder.eval().to(device)
+    wins, n = collections.Counter(), 0
+    for text, own, changed in cases:
+        query = encoder.encode_text(encoder.tokenizer([text]).to(device), normalize=True)
+        images = torch.stack([encoder.preprocess(image) for image in (own, *changed.values())]).to(device)
+        scores = (encoder.encode_image(images, normalize=True) @ query.T).flatten()
+        wins.update(attribute for k, attribute in enumerate(changed, start=1) if scores[0] > scores[k])
+        n += 1
+        attributes = list(changed)
+    return {attribute: 100.0 * wins[attribute] / n for attribute in attributes}
 
 
 def _overlaps(boxes: torch.Tensor, target) -> torch.Tensor:
@@ -265,6 +278,15 @@ def main() -> None:
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the control: CLIP-FT with E2's entity texts and regional losses on its image "
                              "embedding (method clip-ft-entities; the variant's global and entity weights)")
+    parser.add_argument("--mark-cell", type=float, default=MARK_CELL,
+                        help=f"the brand mark's cell side, a share of the image side (default {MARK_CELL}, the "
+                             "generator's)")
+    parser.add_argument("--mark-ink", choices=["brand", "one"], default="brand",
+                        help="'one': every brand's mark in the same black on white, its pattern alone names the "
+                             "brand. Either mark setting away from its default fine-tunes and scores every model on "
+                             "products rendered so (the same products), in OUT/mark-CELL-INK, from the same start")
+    parser.add_argument("--step0-only", action="store_true",
+                        help="score the step-0 models (retrieval, detail probe) and train nothing")
     parser.add_argument("--probe-products", type=int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -281,10 +303,17 @@ def main() -> None:
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
     data_root = default_synthetic_root("small", 0)
-    registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
-    results = {"recipe": recipe.__dict__, "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget,
-                                                      "stage2_new_lr": args.stage2_new_lr,
-                                                      "gumbel_noise_end": args.gumbel_noise_end},
+    look = dict(mark_cell=args.mark_cell, mark_ink=args.mark_ink)
+    if look == dict(mark_cell=MARK_CELL, mark_ink="brand"):
+        registry.get_dataset("synthetic").prepare(str(data_root))  # the products, generated once
+    else:  # the same products with other marks, and runs of their own
+        data_root = data_root.with_name(f"{data_root.name}-mark-{args.mark_cell}-{args.mark_ink}")
+        out = out / f"mark-{args.mark_cell}-{args.mark_ink}"
+        if not (data_root / "synthetic.json").is_file():
+            write_fashiongen(data_root, "small", progress=True, **look)
+    results = {"recipe": recipe.__dict__, "look": look,
+               "variant": {"name": e2_kind, **levers, "equal_budget": args.equal_budget,
+                           "stage2_new_lr": args.stage2_new_lr, "gumbel_noise_end": args.gumbel_noise_end},
                "runs": {}}
     weights = {k: v for k, v in levers.items() if k in ("global_weight", "entity_weights")}
     kinds = ("clip-ft", CONTROL + (f"-{args.variant}" if weights else ""), e2_kind) if args.control else \
@@ -296,14 +325,19 @@ def main() -> None:
             e2_core.create_e2(pretrained=str(start), **{k: v for k, v in levers.items() if k in E2CONFIG_LEVERS}),
             arch=args.model)
         val = open_dataset("synthetic", str(data_root), "validation", transform=initial.preprocess)
-        step0 = retrieval_r1(initial, val, device)
-        probe0 = detail_probe(initial, val, device, args.probe_products)  # the same start for every seed
+        if kind == e2_kind or kind == kinds[0]:  # CLIP-FT and the control start from the same CLIP
+            step0 = retrieval_r1(initial, val, device)
+            probe0 = detail_probe(initial, val, device, args.probe_products, **look)  # the same for every seed
+        if args.step0_only:
+            print(f"{kind}, step 0: T2I R@1 {step0['t2i_r1']:.1f}, I2T R@1 {step0['i2t_r1']:.1f}; detail probe "
+                  + ", ".join(f"{a} {v:.1f}%" for a, v in probe0.items()), flush=True)
+            continue
         for seed in args.seeds:
             key = f"{kind}/seed{seed}"
             result_file = out / kind / f"seed{seed}-results.json"
             run = out / kind / f"seed{seed}"
             if kind == "clip-ft":  # a finished run returns at once
-                best = recipe_run(kind, recipe, out, seed, **common)
+                best = finetune(kind, replace(recipe, seed=seed), start, run, data_root, **common)
             elif kind != e2_kind:  # the control: CLIP-FT's recipe with E2's entity losses
                 best = finetune(CONTROL, replace(recipe, seed=seed), start, run, data_root, **common, **weights)
             else:
@@ -315,28 +349,29 @@ def main() -> None:
             if result_file.is_file():
                 record = json.loads(result_file.read_text())
                 if "probe" not in record:  # measured before the probe existed
-                    record["probe"] = detail_probe(model, val, device, args.probe_products)
+                    record["probe"] = detail_probe(model, val, device, args.probe_products, **look)
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
                 if kind == e2_kind and "training_pick_agrees" not in record["mechanism"].get("blocks", [{}])[0]:
                     # measured before the picks' agreement (or the blocks and layers) existed
-                    record["mechanism"] = mechanism(model, val, device)
-                    record["mechanism_step0"] = mechanism(initial, val, device)
+                    record["mechanism"] = mechanism(model, val, device, mark_cell=args.mark_cell)
+                    record["mechanism_step0"] = mechanism(initial, val, device, mark_cell=args.mark_cell)
                 result_file.write_text(json.dumps(record, indent=2))
                 results["runs"][key] = record
                 continue
             record = {"step0": step0, "final": retrieval_r1(model, val, device), "step_seconds": step_seconds(run),
-                      "probe": detail_probe(model, val, device, args.probe_products),
+                      "probe": detail_probe(model, val, device, args.probe_products, **look),
                       "probe_step0": probe0}
             if kind == e2_kind:
-                record["mechanism"] = mechanism(model, val, device)
-                record["mechanism_step0"] = mechanism(initial, val, device)
+                record["mechanism"] = mechanism(model, val, device, mark_cell=args.mark_cell)
+                record["mechanism_step0"] = mechanism(initial, val, device, mark_cell=args.mark_cell)
             result_file.parent.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(record, indent=2))
             results["runs"][key] = record
-    report(results, args.seeds, len(val), e2_kind, kinds)
-    (out / f"summary-{e2_kind}.json").write_text(json.dumps(results, indent=2))
+    if not args.step0_only:
+        report(results, args.seeds, len(val), e2_kind, kinds)
+        (out / f"summary-{e2_kind}.json").write_text(json.dumps(results, indent=2))
 
 
 def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-ft", "e2")) -> None:

@@ -6,6 +6,9 @@ texture (composition), with a brand mark (a 3x3 two-colour glyph, ~14% of the im
 one ViT patch) at one of three places and a season hang-tag at the neckline. Many products share
 sub-category and colour and differ only in brand, mark position, composition or season: telling
 them apart from text means reading the small details. Deterministic for a seed.
+
+Two settings make the mark a harder detail: ``mark_cell`` (its size) and ``mark_ink="one"`` (every
+brand's mark in the same black on white, so only its 3x3 pattern, unique per brand, tells brands apart).
 """
 from __future__ import annotations
 
@@ -69,8 +72,16 @@ def brand_names(count: int = 32, seed: int = 0) -> List[str]:
     return names
 
 
-def brand_glyph(brand: int, seed: int = 0) -> Tuple[np.ndarray, Tuple[int, int, int], Tuple[int, int, int]]:
-    """A brand's mark: a 3x3 boolean pattern (never uniform) and its two colours, unique per brand."""
+def brand_glyph(brand: int, seed: int = 0, ink: str = "brand") -> Tuple[np.ndarray, Tuple[int, int, int],
+                                                                         Tuple[int, int, int]]:
+    """A brand's mark: a 3x3 boolean pattern (never uniform) and its two colours, unique per brand (``ink="one"``:
+    black on white for every brand, the pattern unique per brand)."""
+    if ink == "one":
+        patterns = [cells for cells in itertools.product((False, True), repeat=9) if 2 <= sum(cells) <= 7]
+        random.Random(f"glyphs:{seed}").shuffle(patterns)
+        return np.array(patterns[brand]).reshape(3, 3), (10, 10, 10), (250, 250, 250)
+    if ink != "brand":
+        raise ValueError(f"mark ink {ink!r}: use 'brand' (each brand its colours) or 'one' (one ink for all)")
     rng = random.Random(f"glyph:{seed}:{brand}")
     pairs = [(a, b) for a in MARK_COLOURS for b in MARK_COLOURS if a != b]
     fg, bg = pairs[brand % len(pairs)]
@@ -165,15 +176,16 @@ class Layout:
 MARK_CELL = 0.047  # of the image side; 3 cells: ~14% of the side, about one patch at ViT resolution
 
 
-def layout(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -> Layout:
-    """The geometry of one view (views differ by a small shift and scale, and the background tone)."""
+def layout(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE, mark_cell: float = MARK_CELL) -> Layout:
+    """The geometry of one view (views differ by a small shift and scale, and the background tone); the brand
+    mark's cells are ``mark_cell`` of the image side."""
     rng = random.Random(f"view:{seed}:{product.product_id}:{view}")
     shift = (rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04))
     scale = rng.uniform(0.92, 1.04)
     tone = rng.randint(200, 250)
     tone = (tone, tone - rng.randint(0, 12), tone - rng.randint(0, 20))
     partial = Layout(shift, scale, tone, size, (0, 0, 0, 0), (0, 0, 0, 0))
-    cell = round(size * MARK_CELL)
+    cell = max(1, round(size * mark_cell))
     cx, cy = partial.to_px(*_mark_box(product.mark_place, product.subcategory))
     x0, y0 = round(cx - 1.5 * cell), round(cy - 1.5 * cell)
     tx, ty = partial.to_px(0.5, 0.2 if product.subcategory != "SKIRTS" else 0.37)
@@ -190,14 +202,15 @@ def garment_mask(product: Product, geometry: Layout) -> Image.Image:
     return mask
 
 
-def render(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE) -> Image.Image:
+def render(product: Product, view: int, seed: int = 0, size: int = IMAGE_SIZE,
+           mark_cell: float = MARK_CELL, mark_ink: str = "brand") -> Image.Image:
     """One view: background, garment, texture, brand mark, season tag."""
-    geometry = layout(product, view, seed, size)
+    geometry = layout(product, view, seed, size, mark_cell)
     canvas = Image.new("RGB", (size, size), geometry.tone)
     fabric = Image.fromarray(_texture(COMPOSITIONS[product.composition][0], size, COLOURS[product.colour]))
     canvas.paste(fabric, (0, 0), garment_mask(product, geometry))
 
-    cells, fg, bg = brand_glyph(product.brand, seed)
+    cells, fg, bg = brand_glyph(product.brand, seed, mark_ink)
     x0, y0, x1, _ = geometry.mark_box
     cell = (x1 - x0) // 3
     draw = ImageDraw.Draw(canvas)
@@ -215,13 +228,16 @@ SIZES = {"tiny": {"train": 96, "validation": 48}, "small": {"train": 4000, "vali
 
 def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[str, int]] = "tiny", seed: int = 0,
                      views: Tuple[int, int] = (1, 3), offset: int = 0, num_brands: int = 32,
-                     progress: bool = False) -> Dict[str, Path]:
+                     mark_cell: float = MARK_CELL, mark_ink: str = "brand", progress: bool = False) -> Dict[str, Path]:
     """Write ``fashiongen_256_256_<split>.h5`` files of disjoint products, one per split.
 
     Args:
         splits: "tiny" / "small", or ``{split: number of products}``.
         views: min and max views per product.
         offset: skip this many products of the catalog first (e.g. to make a disjoint pre-training set).
+        mark_cell: the brand mark's cell side, a share of the image side (3 x 3 cells; smaller: a harder detail).
+        mark_ink: "brand" (each brand's mark in its own two colours) or "one" (the same black on white for every
+            brand: only the mark's pattern tells brands apart).
         progress: show a progress bar per split.
 
     Example:
@@ -245,15 +261,16 @@ def write_fashiongen(out_dir: Union[str, os.PathLike], splits: Union[str, Dict[s
             raise OSError(errno.ENOSPC, f"no space left on the device for {len(rows)} synthetic images (about "
                           f"{needed / 1e6:.0f} MB); free space and run the same command again", str(target))
         # a name of its own (two first uses at once each write theirs, the same bytes) and gone if writing fails
-        _atomic_write(target, lambda tmp: _write_split(tmp, rows, seed, names, split, progress), needed)
+        look = dict(mark_cell=mark_cell, mark_ink=mark_ink)
+        _atomic_write(target, lambda tmp: _write_split(tmp, rows, seed, names, split, look, progress), needed)
         written[split] = target
     text = json.dumps({"seed": seed, "splits": sizes, "views": list(views), "offset": offset,
-                       "num_brands": num_brands}, indent=2)
+                       "num_brands": num_brands, "mark_cell": mark_cell, "mark_ink": mark_ink}, indent=2)
     _atomic_write(out_dir / "synthetic.json", lambda tmp: Path(tmp).write_text(text))
     return written
 
 
-def _write_split(path: str, rows, seed: int, names, split: str, progress: bool) -> None:
+def _write_split(path: str, rows, seed: int, names, split: str, look: dict, progress: bool) -> None:
     """One split's products in FashionGen's h5 layout, at ``path``."""
     import h5py
 
@@ -262,7 +279,7 @@ def _write_split(path: str, rows, seed: int, names, split: str, progress: bool) 
                                   chunks=(1, IMAGE_SIZE, IMAGE_SIZE, 3), compression="gzip", compression_opts=1)
         for i, (product, view) in enumerate(tqdm(rows, desc=f"synthetic {split}", unit="image",
                                                  disable=not progress, dynamic_ncols=True)):
-            images[i] = np.asarray(render(product, view, seed))
+            images[i] = np.asarray(render(product, view, seed, **look))
         f.create_dataset(PRODUCT_FIELD, data=np.array([[p.product_id] for p, _ in rows], dtype=np.int64))
         tags = [tags_of(p, names) for p, _ in rows]
         for tag, field in FIELDS.items():

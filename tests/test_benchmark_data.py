@@ -1,0 +1,78 @@
+"""The data the E2-vs-CLIP-FT benchmarks train and score on: the synthetic generator's harder mark settings
+and the second generator (``benchmarks/other_products.py``), read through the dataset registry."""
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from e2_core.data import open_dataset
+from e2_data.synthetic import MARK_CELL, brand_glyph, catalog, layout, render, write_fashiongen
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def changed_pixels(a, b) -> np.ndarray:
+    return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).sum(-1) > 0
+
+
+def inside(mask: np.ndarray, box) -> bool:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    outside = mask.copy()
+    outside[y0:y1, x0:x1] = False
+    return mask.any() and not outside.any()
+
+
+def test_one_ink_marks_tell_brands_apart_by_their_pattern_alone():
+    glyphs = [brand_glyph(b, ink="one") for b in range(32)]
+    assert len({cells.tobytes() for cells, _, _ in glyphs}) == 32  # the default glyphs repeat one pattern
+    assert len({(fg, bg) for _, fg, bg in glyphs}) == 1
+    product = catalog(0)[3]
+    other = replace(product, brand=(product.brand + 1) % 32)
+    seen = [render(p, 0, mark_ink="one") for p in (product, other)]
+    assert inside(changed_pixels(*seen), layout(product, 0).mark_box)
+    with pytest.raises(ValueError, match="mark ink 'gold'"):
+        brand_glyph(0, ink="gold")
+
+
+def test_the_mark_cell_sets_the_marks_size_and_the_default_renders_as_before():
+    product = catalog(0)[7]
+    small = layout(product, 0, mark_cell=MARK_CELL / 3)
+    side = lambda box: box[2] - box[0]  # noqa: E731
+    assert side(small.mark_box) == 3 * round(256 * MARK_CELL / 3) < side(layout(product, 0).mark_box)
+    assert np.array_equal(np.asarray(render(product, 0)), np.asarray(render(product, 0, mark_cell=MARK_CELL)))
+    differs = changed_pixels(render(product, 0), render(product, 0, mark_cell=MARK_CELL / 3))
+    assert inside(differs, layout(product, 0).mark_box)
+
+
+def test_written_mark_settings_are_recorded_and_read(tmp_path):
+    write_fashiongen(tmp_path, {"validation": 4}, mark_ink="one", mark_cell=0.03)
+    assert '"mark_ink": "one"' in (tmp_path / "synthetic.json").read_text()
+    data = open_dataset("synthetic", str(tmp_path), "validation")
+    product = catalog(0)[int(data.product_ids[0])]
+    assert np.array_equal(np.asarray(data.load_image(0, 0)),
+                          np.asarray(render(product, 0, mark_ink="one", mark_cell=0.03)))
+
+
+def test_the_second_generator_writes_a_catalog_the_registry_reads(tmp_path):
+    import other_products as other
+
+    root = other.write(tmp_path / "data", train=24, validation=12)
+    train = open_dataset("catalog", str(root), "train")
+    validation = open_dataset("catalog", str(root), "validation")
+    assert (len(train), len(validation)) == (24, 12)
+    assert set(validation.entities) == {"description", "brand", "subcategory", "season", "composition"}
+    assert not set(train.product_ids) & set(validation.product_ids)
+    names = other.brands()
+    assert any("&" in n for n in names) and any("/" in n for n in names) and any("," in n for n in names)
+    image = validation.load_image(0, 0)
+    assert image.size == other.SIZE
+    item = {i.number: i for i in other.items()}[int(validation.product_ids[0])]
+    assert validation.product(0).tags["brand"] == names[item.brand]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(other.draw(item)))
+    # one attribute changed, one detail redrawn: the brand's mark and the season's label are small
+    for field, value in (("brand", (item.brand + 1) % other.NUM_BRANDS),
+                         ("season", next(s for s in other.SEASONS if s != item.season))):
+        share = changed_pixels(other.draw(item), other.draw(replace(item, **{field: value}))).mean()
+        assert 0 < share < 0.01, (field, share)
