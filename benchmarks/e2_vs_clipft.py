@@ -35,7 +35,6 @@ from PIL import Image
 
 import e2_core
 from e2_core import registry
-from e2_core.texts import build_texts
 from e2_core.data import default_synthetic_root, open_dataset
 from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_CELL, MARK_PLACES, SEASONS, brand_names, catalog, \
     garment_mask, layout, render, write_fashiongen
@@ -206,7 +205,7 @@ def detail_probe(encoder, data, device, products: int = 200, seed: int = 0, **lo
                     [v for v in values if v != getattr(product, attribute)]
                 changed[attribute] = render(replace(product, **{attribute: rng.choice(choices)}), 0, **look)
             # its own image rendered like the counterfactuals
-            yield build_texts(data.product(i).tags, data.spec)[0], render(product, 0, **look), changed
+            yield data.text(i), render(product, 0, **look), changed
 
     return probe_wins(encoder, device, cases())
 

@@ -166,6 +166,40 @@ def test_cir_goes_on_past_a_method_that_fails(products, tiny_checkpoints, tmp_pa
         "images)" in captured.out
 
 
+@pytest.mark.parametrize("task", ["retrieval", "cir"])
+def test_every_side_by_side_task_says_which_words_an_encoder_cannot_read(task, products, tiny_checkpoints, tmp_path,
+                                                                          caplog):
+    """An encoder whose token-embedding rows of some of the task's words are zero (as the compact demo encoders'
+    are outside the synthetic products' words) is named in one warning with the share, the words and the command
+    that trains it; each encoder's coverage is in results.json."""
+    import e2_cir
+    import e2_retrieval
+
+    catalog, fiq, _ = products
+    clip = e2_core.load_encoder(tiny_checkpoints["clip"])
+    word = "Kestrel" if task == "retrieval" else "logo"  # a brand of the catalog; a word of the relative captions
+    blind = {int(t) for t in clip.tokenizer([word])[0][1:]} - {0, 49407}
+    with torch.no_grad():
+        clip.model.token_embedding.weight[sorted(blind)] = 0
+    zeroed = str(clip.save_pretrained(tmp_path / "zeroed"))
+    sides = dict(encoder=tiny_checkpoints["e2"], baseline=zeroed, out=tmp_path / "out", device="cpu")
+    if task == "retrieval":
+        e2_retrieval.retrieval(dataset="catalog", data_root=str(catalog), protocol="full", **sides)
+        what, where = "validation texts", f"--dataset catalog --data-root {catalog}"
+    else:
+        e2_cir.cir(dataset="fashioniq", data_root=str(fiq), method=["image"], category=["dress"], figure_queries=0,
+                   progress=False, **sides)
+        what, where = "relative captions", "--dataset catalog --data-root products.jsonl"
+    warnings = [r.getMessage() for r in caplog.records if "has no embedding" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"CLIP ({zeroed}) ({zeroed}) has no embedding for "), warnings
+    for said in (f"20 {what}" if task == "retrieval" else what, repr(word), f"e2-plugins train --method clip-ft --pretrained {zeroed} {where}",
+                 "--baseline"):
+        assert said in warnings[0]
+    encoders = json.loads((tmp_path / "out" / "results.json").read_text())["encoders"]
+    assert encoders[f"CLIP ({zeroed})"]["vocabulary_coverage"]["unembedded_distinct"] == len(blind)
+    assert encoders[f"E2 ({tiny_checkpoints['e2']})"]["vocabulary_coverage"]["unembedded"] == 0
+
+
 def test_one_table_renderer_aligns_every_tasks_rows():
     table = format_table(["method", "encoder", "R@10"], [["image", "E2", 41.66], ["pic2word", "CLIP-FT", None]],
                          first=2).splitlines()

@@ -211,6 +211,10 @@ class ProductDataset(Dataset):
             return 0
         return random.Random(f"{self.seed}:{self.epoch}:{index}").randrange(self.num_views(index))
 
+    def text(self, index: int) -> str:
+        """The product's global text: what text-to-image retrieval ranks its images by."""
+        return build_texts(self.product(index).tags, self.spec)[0]
+
     def groups(self, field_name: str) -> List[str]:
         """Every product's value of one tag field (e.g. sub-category, for sample-100 negatives)."""
         return [self.product(i).tags.get(field_name, "") for i in range(len(self))]

@@ -11,7 +11,6 @@ import torch
 from e2_core import as_encoder
 from e2_core.data import ProductDataset
 from e2_core.embedding import embed_images, embed_texts
-from e2_core.texts import build_texts
 
 from .retrieval import cross_modal_retrieval, sampled_retrieval
 
@@ -29,7 +28,7 @@ def embed_dataset(encoder, dataset: ProductDataset, batch_size: int = 128, devic
     options = dict(batch_size=batch_size, device=device, precision=precision, cache_dir=cache_dir)
     images = embed_images(encoder, dataset, workers=workers, strict=dataset.strict, progress=progress,
                           desc=f"embedding {len(dataset)} products with {encoder.label}", **options)
-    texts = [build_texts(dataset.product(i).tags, dataset.spec)[0] for i in images.indices]
+    texts = [dataset.text(i) for i in images.indices]
     return images.features, embed_texts(encoder, texts, **options), images.indices, images.skipped
 
 

@@ -47,6 +47,25 @@ class SideBySide:
         """The results entry of one encoder, for what the task records besides its methods."""
         return self.results["encoders"][label]
 
+    def check_vocabulary(self, label: str, texts: Sequence[str], what: str, effect: str = "",
+                         train_on: Tuple[str, Optional[str]] = ("catalog", None)) -> None:
+        """Records ``label``'s :meth:`~e2_core.Encoder.vocabulary_coverage` of ``texts`` (the task's ``what``, e.g.
+        "validation texts") in its entry (``vocabulary_coverage``) and warns, in one line, when some of their
+        tokens have no embedding: ``effect`` says what more that does to the task, and the line gives the command
+        that trains the encoder on ``train_on`` (a dataset and its root). A stand-in encoder without the method is
+        left unchecked."""
+        model = self.models[label]
+        if not hasattr(model, "vocabulary_coverage"):
+            return
+        coverage = self.entry(label)["vocabulary_coverage"] = model.vocabulary_coverage(texts)
+        if coverage["unembedded"]:
+            log.warning("%s (%s) has no embedding for %.1f%% of the token occurrences of the %d %s (%d of %d distinct "
+                        "tokens; words such as %s): their token-embedding rows are all zero, so %s that differ only in "
+                        "these words look the same to this encoder%s. %s; or use a CLIP with a full vocabulary (e.g. "
+                        "ViT-B-32:openai)", label, model.name, 100 * coverage["share"], len(texts), what,
+                        coverage["unembedded_distinct"], coverage["distinct"],
+                        ", ".join(repr(w) for w in coverage["words"]), what, effect, _train_command(model, self.entry(label)["role"], *train_on))
+
     def record(self, label: str, method: str, run: Callable[[], Any]) -> Optional[Any]:
         """``run()``'s result, stored as ``method``'s for ``label`` and written at once; a failure is logged
         in one line, stored under ``failed`` and written, and ``None`` returned."""
@@ -78,6 +97,15 @@ class SideBySide:
             raise MethodsFailed(f"{len(failed)} run(s) failed ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); "
                                 f"every other result is in {path}")
         return path
+
+
+def _train_command(encoder, role: str, dataset: str, data_root: Optional[str]) -> str:
+    """The command that trains ``encoder``'s kind on ``dataset``, in a warning's words; ``role``: its option."""
+    clip = encoder.kind == "CLIP"
+    return (f"Train the encoder on products described in these words, e.g. `e2-plugins train --method "
+            f"{'clip-ft' if clip else 'e2'} --pretrained {encoder.name if clip else 'CLIP'} --dataset {dataset} "
+            f"--data-root {data_root or 'ROOT'}`" + ("" if clip else " (CLIP: the CLIP it extends, e.g. demo:clip-ft)")
+            + f", and pass the checkpoint it writes as --{role}")
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], first: int = 1) -> str:

@@ -90,7 +90,8 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     said: List[str] = []  # each step floor is said once
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     for label, model in runner.encoders():
-        _check_vocabulary(runner.entry(label), label, model, texts, dataset, data_root)
+        runner.check_vocabulary(label, texts, "training captions", " and its decoders cannot learn to tell them "
+                                "apart (expect few distinct captions)", (dataset, data_root))
         text_features = embed_texts(model, texts, batch_size=batch_size)
         images = embed_images(model, subset, batch_size=batch_size)
         report_skipped(label, images.skipped, runner.path)
@@ -143,30 +144,6 @@ def caption(dataset: str = "synthetic", data_root: Optional[str] = None, method:
     return {"results": str(path), "page": str(page) if page else None,
             **{label: {m: r["methods"][m]["metrics"].get("BLEU-4") for m in methods if m in r["methods"]}
                for label, r in runner.results["encoders"].items()}}
-
-
-def _check_vocabulary(entry: Dict, label: str, encoder, texts: List[str], dataset: str,
-                      data_root: Optional[str]) -> None:
-    """Records ``encoder``'s :meth:`~e2_core.Encoder.vocabulary_coverage` of the training captions in its
-    results ``entry`` (``vocabulary_coverage``) and warns, in one line, when some of their tokens have no
-    embedding. A stand-in encoder without the method is left unchecked."""
-    if not hasattr(encoder, "vocabulary_coverage"):
-        return
-    coverage = entry["vocabulary_coverage"] = encoder.vocabulary_coverage(texts)
-    if not coverage["unembedded"]:
-        return
-    clip = encoder.kind == "CLIP"
-    log.warning(
-        "%s (%s) has no embedding for %.1f%% of the token occurrences of the %d training captions (%d of %d distinct "
-        "tokens; words such as %s): their token-embedding rows are all zero, so captions that differ only in these "
-        "words look the same to this encoder and its decoders cannot learn to tell them apart (expect few distinct "
-        "captions). Train the encoder on this data, e.g. `e2-plugins train --method %s --pretrained %s --dataset %s "
-        "--data-root %s`%s, and pass the checkpoint it writes as --%s; or use a CLIP with a full vocabulary "
-        "(e.g. ViT-B-32:openai)",
-        label, encoder.name, 100 * coverage["share"], len(texts), coverage["unembedded_distinct"],
-        coverage["distinct"], ", ".join(repr(w) for w in coverage["words"]), "clip-ft" if clip else "e2",
-        encoder.name if clip else "CLIP", dataset, data_root or "ROOT",
-        "" if clip else " (CLIP: the CLIP it extends, e.g. demo:clip-ft)", entry.get("role", "encoder"))
 
 
 def _enough_epochs(epochs: int, captions: int, min_steps: int, batch_size: int) -> Tuple[int, str]:

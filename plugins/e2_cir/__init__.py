@@ -94,7 +94,10 @@ def cir(dataset: str = "synthetic-fashioniq", data_root: Optional[str] = None, m
     runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, header)
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
+    relative = [caption for data in val.values() for triplet in data.triplets for caption in triplet.captions]
     for label, model in runner.encoders():
+        runner.check_vocabulary(label, relative, "relative captions", " (a query's words that it cannot read change "
+                                "nothing in what it retrieves)", ("catalog", "products.jsonl"))
         cache = out / "embeddings"
         train = _train_data(model, train_split, cache, batch_size, train_images, train_captions)
         # raw embeddings: the reference images go into the methods as the originals feed them; ranked normalised

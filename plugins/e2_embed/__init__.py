@@ -141,7 +141,6 @@ def _read_lines(path: Path, encoding: str) -> List[str]:
 def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:
     """The synthetic validation products as an image folder and a text file (written once)."""
     from e2_core.data import open_dataset
-    from e2_core.texts import build_texts
 
     images, texts = folder / "images", folder / "texts.txt"
     if not texts.is_file():
@@ -150,7 +149,7 @@ def _synthetic_inputs(folder: Path) -> Tuple[Path, Path]:
         lines = []
         for i in range(len(data)):
             data.load_image(i, 0).save(images / f"{i:05d}.png")
-            lines.append(build_texts(data.product(i).tags, data.spec)[0])
+            lines.append(data.text(i))
         texts.write_text("\n".join(lines) + "\n")
     return images, texts
 

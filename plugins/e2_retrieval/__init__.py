@@ -47,6 +47,8 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     embeddings = {}
     for label, model in runner.encoders():
         data = open_dataset(dataset, data_root, "validation", transform=model.preprocess, **options)
+        runner.check_vocabulary(label, [data.text(i) for i in range(len(data))], "validation texts",
+                                " (text-to-image retrieval cannot tell such products apart)", (dataset, data_root))
         images, texts, indices, skipped = embed_dataset(model, data, batch_size, dev, workers=workers,
                                                         cache_dir=out / "embeddings")
         report_skipped(label, skipped, runner.path)
