@@ -245,6 +245,8 @@ def _or_nan(value):
 
 
 def mean_se(values):
+    if any(math.isnan(v) for v in values):  # a score the data could not give (sample-100 on small groups)
+        return math.nan, math.nan
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
@@ -377,33 +379,9 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
     runs = results["runs"]
     print(f"\n{n_val} validation products, seeds {seeds}, {results['recipe']['finetune_steps']} fine-tuning steps; "
           "mean ± standard error")
-    print("| model | T2I R@1 | I2T R@1 | sample-100 SumR | T2I R@1 at step 0 | T2I gain since step 0 | step time (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for kind in kinds:
-        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
-        t2i, i2t = mean_se([r["final"]["t2i_r1"] for r in rows]), mean_se([r["final"]["i2t_r1"] for r in rows])
-        s100 = mean_se([_or_nan(r["final"]["sample100_sumr"]) for r in rows])
-        step0 = rows[0]["step0"]["t2i_r1"]
-        gain = mean_se([r["final"]["t2i_r1"] - step0 for r in rows])
-        seconds = statistics.mean(r["step_seconds"] for r in rows)
-        print(f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {s100[0]:.1f} ± {s100[1]:.1f} | {step0:.1f} | "
-              f"{gain[0]:+.1f} ± {gain[1]:.1f} | {seconds:.2f} |")
+    retrieval_table(runs, kinds, seeds)
+    leads(runs, seeds, e2_kind, kinds)
     e2_rows = [runs[f"{e2_kind}/seed{s}"] for s in seeds]
-    clip_rows = [runs[f"clip-ft/seed{s}"] for s in seeds]
-    gap = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, clip_rows)])
-    ratio = statistics.mean(e["step_seconds"] for e in e2_rows) / statistics.mean(c["step_seconds"] for c in clip_rows)
-    gap_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, clip_rows)])
-    gap_s100 = mean_se([_or_nan(e["final"]["sample100_sumr"]) - _or_nan(c["final"]["sample100_sumr"])
-                        for e, c in zip(e2_rows, clip_rows)])
-    print(f"\nE2 - CLIP-FT, T2I R@1: {gap[0]:+.1f} ± {gap[1]:.1f} (target >= +5); I2T R@1: {gap_i2t[0]:+.1f} ± "
-          f"{gap_i2t[1]:.1f} (target >= 0); sample-100 SumR: {gap_s100[0]:+.1f} ± {gap_s100[1]:.1f} (target >= 0); "
-          f"step time E2 / CLIP-FT: {ratio:.2f} (target <= 1.25)")
-    for control in kinds[1:-1]:  # E2 against CLIP-FT given the same entity supervision
-        control_rows = [runs[f"{control}/seed{s}"] for s in seeds]
-        lead = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, control_rows)])
-        lead_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, control_rows)])
-        print(f"E2 - {control} (the control), T2I R@1: {lead[0]:+.1f} ± {lead[1]:.1f} (target >= +3); I2T R@1: "
-              f"{lead_i2t[0]:+.1f} ± {lead_i2t[1]:.1f}")
     mech = e2_rows[0]["mechanism"]
     print(f"\nE2 mechanism (seed {seeds[0]}); regional loss chance = ln(batch) = {mech['loss_chance']:.2f}")
     print("| entity | regional loss, step 0 | regional loss, final | selection on its detail (block 2), final "
@@ -447,13 +425,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
                   + f" | {cosine[0]:.2f} ± {cosine[1]:.2f} |")
     print(f"\nDetail probe (seeds {seeds}): % of products whose text ranks their image above the same product "
           "with one attribute changed (chance 50%)")
-    print("| model | " + " | ".join(PROBED) + " |")
-    print("|---|" + "---|" * len(PROBED))
-    for kind in kinds:
-        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
-        for label, field in (("step 0", "probe_step0"), ("final", "probe")):
-            cells = [mean_se([r[field][a] for r in rows]) for a in PROBED]
-            print(f"| {kind}, {label} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) + " |")
+    probe_table(runs, kinds, seeds, PROBED)
     first = runs[f"clip-ft/seed{seeds[0]}"]["final"]["t2i_errors"]
     print(f"\nWrong T2I top-1 (seeds {seeds}, summed): how many attributes the retrieved product gets wrong, and the "
           f"share of errors where each differs (alone); {first['detail_twins']} of {first['queries']} queries "
@@ -467,6 +439,54 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
         cells = [f"{100 * sum(e['differs'][a] for e in errors) / max(total, 1):.0f}% "
                  f"({100 * sum(e['only'][a] for e in errors) / max(total, 1):.0f}%)" for a in ATTRIBUTES]
         print(f"| {kind} | {total} | {wrong:.2f} | " + " | ".join(cells) + " |")
+
+
+
+def retrieval_table(runs: dict, kinds, seeds) -> None:
+    """Per model: T2I / I2T R@1 and sample-100 SumR (mean ± standard error over ``seeds``), T2I R@1 at step 0 and
+    the gain since, and the training-step time."""
+    print("| model | T2I R@1 | I2T R@1 | sample-100 SumR | T2I R@1 at step 0 | T2I gain since step 0 | step time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in kinds:
+        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
+        cells = [mean_se([_or_nan(r["final"][k]) for r in rows]) for k in ("t2i_r1", "i2t_r1", "sample100_sumr")]
+        step0 = rows[0]["step0"]["t2i_r1"]
+        gain = mean_se([r["final"]["t2i_r1"] - step0 for r in rows])
+        seconds = statistics.mean(r["step_seconds"] for r in rows)
+        print(f"| {kind} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) + f" | {step0:.1f} | "
+              f"{gain[0]:+.1f} ± {gain[1]:.1f} | {seconds:.2f} |")
+
+
+def leads(runs: dict, seeds, e2_kind: str, kinds, t2i_target: float = 5) -> None:
+    """E2 − CLIP-FT (per seed, then mean ± standard error) against its targets, and E2 − each control."""
+    e2_rows = [runs[f"{e2_kind}/seed{s}"] for s in seeds]
+    clip_rows = [runs[f"clip-ft/seed{s}"] for s in seeds]
+    gap = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, clip_rows)])
+    ratio = statistics.mean(e["step_seconds"] for e in e2_rows) / statistics.mean(c["step_seconds"] for c in clip_rows)
+    gap_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, clip_rows)])
+    gap_s100 = mean_se([_or_nan(e["final"]["sample100_sumr"]) - _or_nan(c["final"]["sample100_sumr"])
+                        for e, c in zip(e2_rows, clip_rows)])
+    per_seed = ", ".join(f"{e['final']['t2i_r1'] - c['final']['t2i_r1']:+.1f}" for e, c in zip(e2_rows, clip_rows))
+    print(f"\nE2 - CLIP-FT, T2I R@1: {gap[0]:+.1f} ± {gap[1]:.1f} (per seed {per_seed}; target >= +{t2i_target:g}); "
+          f"I2T R@1: {gap_i2t[0]:+.1f} ± {gap_i2t[1]:.1f} (target >= 0); sample-100 SumR: {gap_s100[0]:+.1f} ± "
+          f"{gap_s100[1]:.1f} (target >= 0); step time E2 / CLIP-FT: {ratio:.2f} (target <= 1.25)")
+    for control in kinds[1:-1]:  # E2 against CLIP-FT given the same entity supervision
+        control_rows = [runs[f"{control}/seed{s}"] for s in seeds]
+        lead = mean_se([e["final"]["t2i_r1"] - c["final"]["t2i_r1"] for e, c in zip(e2_rows, control_rows)])
+        lead_i2t = mean_se([e["final"]["i2t_r1"] - c["final"]["i2t_r1"] for e, c in zip(e2_rows, control_rows)])
+        print(f"E2 - {control} (the control), T2I R@1: {lead[0]:+.1f} ± {lead[1]:.1f} (target >= +3); I2T R@1: "
+              f"{lead_i2t[0]:+.1f} ± {lead_i2t[1]:.1f}")
+
+
+def probe_table(runs: dict, kinds, seeds, attributes) -> None:
+    """The detail probe's wins per attribute (mean ± standard error over ``seeds``), at step 0 and at the end."""
+    print("| model | " + " | ".join(attributes) + " |")
+    print("|---|" + "---|" * len(attributes))
+    for kind in kinds:
+        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
+        for label, field in (("step 0", "probe_step0"), ("final", "probe")):
+            cells = [mean_se([r[field][a] for r in rows]) for a in attributes]
+            print(f"| {kind}, {label} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import e2_core
 from e2_core.data import open_dataset
 from e2_eval.harness import embed_dataset, evaluate_retrieval
 from e2_train.demo import DEMO, cache_root, demo_root, finetune, pretrain_clip
-from e2_vs_clipft import CONTROL, _or_nan, mean_se, probe_wins, step_seconds
+from e2_vs_clipft import CONTROL, leads, probe_table, probe_wins, retrieval_table, step_seconds
 
 SIZE = (176, 224)  # width, height
 GARMENTS = ("hoodie", "trench coat", "jumpsuit", "wide-leg trousers", "A-line skirt", "puffer vest")
@@ -273,7 +273,7 @@ def main() -> None:
             e2_core.create_e2(pretrained=str(start)), arch=DEMO.model)
         val = open_dataset("catalog", str(data_root), "validation", transform=initial.preprocess)
         if kind == "e2" or kind == kinds[0]:  # CLIP-FT and the control start from the same CLIP
-            step0 = {**scores(initial, val, device), "probe": probe(initial, val, device, args.probe_products)}
+            step0, probe0 = scores(initial, val, device), probe(initial, val, device, args.probe_products)
         for seed in args.seeds:
             folder = out / f"{data_root.name}-{args.finetune_steps}steps" / kind
             result_file = folder / f"seed{seed}-results.json"
@@ -283,8 +283,8 @@ def main() -> None:
             best = finetune(kind, replace(recipe, seed=seed), start, folder / f"seed{seed}", data_root,
                             dataset="catalog", **common)
             model = e2_core.load_encoder(best)
-            record = {"step0": step0, "final": {**scores(model, val, device),
-                                                "probe": probe(model, val, device, args.probe_products)},
+            record = {"step0": step0, "final": scores(model, val, device), "probe_step0": probe0,
+                      "probe": probe(model, val, device, args.probe_products),
                       "step_seconds": step_seconds(folder / f"seed{seed}")}
             result_file.write_text(json.dumps(record, indent=2))
             runs[f"{kind}/seed{seed}"] = record
@@ -296,30 +296,11 @@ def main() -> None:
 def report(runs: dict, kinds, seeds, n_val: int, steps: int) -> None:
     print(f"\nSecond generator: {n_val} validation items, seeds {seeds}, {steps} fine-tuning steps (E2's stage 1 "
           "on top); mean ± standard error")
-    print("| model | T2I R@1 | I2T R@1 | sample-100 SumR | T2I R@1 at step 0 | step time (s) |")
-    print("|---|---|---|---|---|---|")
-    for kind in kinds:
-        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
-        cells = [mean_se([_or_nan(r["final"][k]) for r in rows]) for k in ("t2i_r1", "i2t_r1", "sample100_sumr")]
-        seconds = mean_se([r["step_seconds"] for r in rows])[0]
-        print(f"| {kind} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) +
-              f" | {rows[0]['step0']['t2i_r1']:.1f} | {seconds:.2f} |")
-    for other in kinds[:-1]:
-        pairs = [(runs[f"e2/seed{s}"]["final"], runs[f"{other}/seed{s}"]["final"]) for s in seeds]
-        t2i = mean_se([e["t2i_r1"] - o["t2i_r1"] for e, o in pairs])
-        i2t = mean_se([e["i2t_r1"] - o["i2t_r1"] for e, o in pairs])
-        per_seed = ", ".join(f"{e['t2i_r1'] - o['t2i_r1']:+.1f}" for e, o in pairs)
-        print(f"E2 - {other}: T2I R@1 {t2i[0]:+.1f} ± {t2i[1]:.1f} (per seed {per_seed}), I2T R@1 {i2t[0]:+.1f} ± "
-              f"{i2t[1]:.1f}" + (" (target: T2I >= +3)" if other == "clip-ft" else ""))
+    retrieval_table(runs, kinds, seeds)
+    leads(runs, seeds, "e2", kinds, t2i_target=3)
     print("\nDetail probe: % of items whose text ranks their photo above the same item with one attribute changed "
           "(chance 50%)")
-    print("| model | " + " | ".join(PROBED) + " |")
-    print("|---|" + "---|" * len(PROBED))
-    for kind in kinds:
-        rows = [runs[f"{kind}/seed{s}"] for s in seeds]
-        for label, field in (("step 0", "step0"), ("final", "final")):
-            cells = [mean_se([r[field]["probe"][a] for r in rows]) for a in PROBED]
-            print(f"| {kind}, {label} | " + " | ".join(f"{m:.1f} ± {e:.1f}" for m, e in cells) + " |")
+    probe_table(runs, kinds, seeds, PROBED)
 
 
 if __name__ == "__main__":
