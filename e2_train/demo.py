@@ -56,14 +56,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("E2_PLUGINS_CACHE", Path.home() / ".cache" / "e2-plugins"))
 
 
-def pretrain_clip(recipe: Recipe, out: Path, data_root: Path, **overrides) -> Path:
-    """A small CLIP trained from scratch on synthetic products that the fine-tuning data does not hold."""
-    if not (data_root / "fashiongen_256_256_train.h5").is_file():
+def pretrain_clip(recipe: Recipe, out: Path, data_root: Path, dataset: str = "synthetic", **overrides) -> Path:
+    """A small CLIP trained from scratch on products that the fine-tuning data does not hold: synthetic ones
+    (generated at ``data_root`` when missing), or ``dataset``'s at ``data_root``."""
+    if dataset == "synthetic" and not (data_root / "fashiongen_256_256_train.h5").is_file():
         skip = sum(SIZES["small"].values())  # products after the task data's, so the sets are disjoint
         log.warning("generating %d synthetic pre-training products in %s ...", recipe.pretrain_products, data_root)
         write_fashiongen(data_root, {"train": recipe.pretrain_products, "validation": 256},
                          seed=recipe.seed, offset=skip, progress=True)
-    cfg = TrainConfig(out=str(out), method="clip-ft", model=recipe.model, dataset="synthetic",
+    cfg = TrainConfig(out=str(out), method="clip-ft", model=recipe.model, dataset=dataset,
                       data_root=str(data_root), stages=[Stage("finetune", lr=recipe.pretrain_lr,
                                                               steps=recipe.pretrain_steps)],
                       batch_size=recipe.batch_size, warmup_steps=50, seed=recipe.seed, **overrides)

@@ -58,12 +58,14 @@ def test_written_mark_settings_are_recorded_and_read(tmp_path):
 def test_the_second_generator_writes_a_catalog_the_registry_reads(tmp_path):
     import other_products as other
 
-    root = other.write(tmp_path / "data", train=24, validation=12)
+    root = other.write(tmp_path / "data", {"train": 24, "validation": 12})
     train = open_dataset("catalog", str(root), "train")
     validation = open_dataset("catalog", str(root), "validation")
     assert (len(train), len(validation)) == (24, 12)
     assert set(validation.entities) == {"description", "brand", "subcategory", "season", "composition"}
     assert not set(train.product_ids) & set(validation.product_ids)
+    later = open_dataset("catalog", str(other.write(tmp_path / "later", {"train": 8}, offset=36)), "train")
+    assert not set(later.product_ids) & (set(train.product_ids) | set(validation.product_ids))
     names = other.brands()
     assert any("&" in n for n in names) and any("/" in n for n in names) and any("," in n for n in names)
     image = validation.load_image(0, 0)
