@@ -319,6 +319,7 @@ def main() -> None:
     weights = {k: v for k, v in levers.items() if k in ("global_weight", "entity_weights")}
     kinds = ("clip-ft", CONTROL + (f"-{args.variant}" if weights else ""), e2_kind) if args.control else \
         ("clip-ft", e2_kind)
+    starts = {}  # kind -> its step-0 model, the validation data as it reads them, their step-0 scores and probe
     for kind in kinds:
         torch.manual_seed(0)  # the step-0 E2's new parts
         # the step-0 model; for E2 drawn as the trainer draws it (seed 0: the CLIP, then E2's new parts)
@@ -329,11 +330,15 @@ def main() -> None:
         if kind == e2_kind or kind == kinds[0]:  # CLIP-FT and the control start from the same CLIP
             step0 = retrieval_r1(initial, val, device)
             probe0 = detail_probe(initial, val, device, args.probe_products, **look)  # the same for every seed
+        starts[kind] = initial, val, step0, probe0
         if args.step0_only:
             print(f"{kind}, step 0: T2I R@1 {step0['t2i_r1']:.1f}, I2T R@1 {step0['i2t_r1']:.1f}; detail probe "
                   + ", ".join(f"{a} {v:.1f}%" for a, v in probe0.items()), flush=True)
-            continue
-        for seed in args.seeds:
+    if args.step0_only:
+        return
+    for seed in args.seeds:  # seed by seed: an interrupted benchmark leaves whole seeds
+        for kind in kinds:
+            initial, val, step0, probe0 = starts[kind]
             key = f"{kind}/seed{seed}"
             result_file = out / kind / f"seed{seed}-results.json"
             run = out / kind / f"seed{seed}"
@@ -370,9 +375,8 @@ def main() -> None:
             result_file.parent.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(record, indent=2))
             results["runs"][key] = record
-    if not args.step0_only:
-        report(results, args.seeds, len(val), e2_kind, kinds)
-        (out / f"summary-{e2_kind}.json").write_text(json.dumps(results, indent=2))
+    report(results, args.seeds, len(val), e2_kind, kinds)
+    (out / f"summary-{e2_kind}.json").write_text(json.dumps(results, indent=2))
 
 
 def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-ft", "e2")) -> None:
