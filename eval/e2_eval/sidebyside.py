@@ -64,7 +64,8 @@ class SideBySide:
                         "these words look the same to this encoder%s. %s; or use a CLIP with a full vocabulary (e.g. "
                         "ViT-B-32:openai)", label, model.name, 100 * coverage["share"], len(texts), what,
                         coverage["unembedded_distinct"], coverage["distinct"],
-                        ", ".join(repr(w) for w in coverage["words"]), what, effect, _train_command(model, self.entry(label)["role"], *train_on))
+                        ", ".join(repr(w) for w in coverage["words"]), what, effect,
+                        _train_command(model, self.entry(label)["role"], *train_on))
 
     def record(self, label: str, method: str, run: Callable[[], Any]) -> Optional[Any]:
         """``run()``'s result, stored as ``method``'s for ``label`` and written at once; a failure is logged
