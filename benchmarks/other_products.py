@@ -35,9 +35,9 @@ from PIL import Image, ImageDraw
 
 import e2_core
 from e2_core.data import open_dataset
-from e2_eval.harness import embed_dataset, evaluate_retrieval
 from e2_train.demo import DEMO, cache_root, finetune, pretrain_clip
-from e2_vs_clipft import CONTROL, leads, probe_table, probe_wins, retrieval_table, step_seconds
+from e2_vs_clipft import CONTROL, leads, probe_table, probe_wins, retrieval_r1, retrieval_table, \
+    step_seconds
 
 SIZE = (176, 224)  # width, height
 GARMENTS = ("hoodie", "trench coat", "jumpsuit", "wide-leg trousers", "A-line skirt", "puffer vest")
@@ -51,7 +51,8 @@ SEASONS = {"AW25": ((20, 20, 20), (230, 120, 0)), "SS 2026": ((250, 240, 90), (4
 PLACES = ("top left", "bottom right", "centre front")
 MARK_COLOURS = ((245, 245, 245), (15, 15, 15), (220, 40, 40), (40, 80, 220), (240, 190, 20), (20, 150, 90))
 NUM_BRANDS = 24
-_STEMS = ("Kestrel", "Dürer", "Ólafs", "Mirò", "Søren", "Bexley", "Halden", "Noé", "Varga", "Åkes", "Lenz", "Corvo")
+_STEMS = ("Kestrel", "Dürer", "Ólafs", "Mirò", "Søren", "Bexley", "Halden", "Noé", "Varga", "Åkes", "Lenz",
+          "Corvo")
 
 
 @dataclass(frozen=True)
@@ -239,14 +240,6 @@ def probe(encoder, data, device, count: int = 200) -> dict:
     return probe_wins(encoder, device, cases())
 
 
-def scores(encoder, data, device) -> dict:
-    images, queries, indices, _ = embed_dataset(encoder, data, 256, device)
-    groups = data.groups("subcategory")
-    result = evaluate_retrieval(images, queries, [groups[i] for i in indices])
-    full = result["full"]
-    return {"t2i_r1": full["t2i"][1], "i2t_r1": full["i2t"][1], "sample100_sumr": result["sample-100"].get("sumr")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(cache_root() / "other-products"))
@@ -278,7 +271,8 @@ def main() -> None:
             e2_core.create_e2(pretrained=str(start)), arch=DEMO.model)
         val = open_dataset("catalog", str(data_root), "validation", transform=initial.preprocess)
         if kind == "e2" or kind == kinds[0]:  # CLIP-FT and the control start from the same CLIP
-            step0, probe0 = scores(initial, val, device), probe(initial, val, device, args.probe_products)
+            step0 = retrieval_r1(initial, val, device, errors=False)
+            probe0 = probe(initial, val, device, args.probe_products)
         for seed in args.seeds:
             folder = out / f"{data_root.name}-{args.finetune_steps}steps" / kind
             result_file = folder / f"seed{seed}-results.json"
@@ -288,7 +282,7 @@ def main() -> None:
             best = finetune(kind, replace(recipe, seed=seed), start, folder / f"seed{seed}", data_root,
                             dataset="catalog", **common)
             model = e2_core.load_encoder(best)
-            record = {"step0": step0, "final": scores(model, val, device), "probe_step0": probe0,
+            record = {"step0": step0, "final": retrieval_r1(model, val, device, errors=False), "probe_step0": probe0,
                       "probe": probe(model, val, device, args.probe_products),
                       "step_seconds": step_seconds(folder / f"seed{seed}")}
             result_file.write_text(json.dumps(record, indent=2))

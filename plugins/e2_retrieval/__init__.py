@@ -40,14 +40,15 @@ def retrieval(dataset: str = "synthetic", data_root: Optional[str] = None, encod
     protocols = ("full", "sample-100") if protocol == "both" else (protocol,)
     out = Path(out)
     options = dict(train=False, strict=strict, encoding=encoding, prepare=True)
-    open_dataset(dataset, data_root, "validation", **options)  # a data problem is reported before any model loads
+    checked = open_dataset(dataset, data_root, "validation", **options)  # a data problem, before any model loads
+    queries = [checked.text(i) for i in range(len(checked))]  # the same for every encoder
     runner = SideBySide(out, {"baseline": baseline, "encoder": encoder}, dev, {"dataset": dataset},
                         section="protocols")
     out.mkdir(parents=True, exist_ok=True)
     embeddings = {}
     for label, model in runner.encoders():
         data = open_dataset(dataset, data_root, "validation", transform=model.preprocess, **options)
-        runner.check_vocabulary(label, [data.text(i) for i in range(len(data))], "validation texts",
+        runner.check_vocabulary(label, queries, "validation texts",
                                 " (text-to-image retrieval cannot tell such products apart)", (dataset, data_root))
         images, texts, indices, skipped = embed_dataset(model, data, batch_size, dev, workers=workers,
                                                         cache_dir=out / "embeddings")
