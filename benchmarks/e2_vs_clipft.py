@@ -85,7 +85,8 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     """Per entity: regional InfoNCE on validation batches (chance: ln(batch)). Per fusion block, where the
     entity's selection tokens land: the share on a patch holding its detail (brand: the mark; season: the
     hang-tag) against the share of patches that hold it, the share on pure background (no garment pixel, no detail)
-    against the background's share of patches, and how many distinct patches an image's tokens pick."""
+    against the background's share of patches, how many distinct patches an image's tokens pick, and how often two
+    tokens of different entities pick the same patch."""
     from e2_core.data import E2Collate
 
     encoder.eval().to(device)
@@ -95,7 +96,9 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     per_entity, num_tokens = model.config.tokens_per_entity, model.config.num_tokens
     losses = {e: [] for e in model.entities}
     blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
-               "distinct": []} for _ in range(2)]
+               "distinct": [], "shared": [0, 0]} for _ in range(2)]
+    entity = torch.arange(num_tokens) // per_entity
+    other_entity = entity[:, None] != entity[None, :]  # token pairs of different entities
     chance = {e: [0, 0] for e in (*DETAILS, "background")}
     # how often a training pass (Gumbel noise 1) picks evaluation's patch: softmax(logits)'s largest probability
     agreement = [[] for _ in model.visual.fusion]
@@ -116,6 +119,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
                 _count(chance[name], mask)
             for block, tally in zip(picked[row], blocks):
                 tally["distinct"].append(len(set(block.tolist())) / num_tokens)
+                _count(tally["shared"], (block[:, None] == block[None, :])[other_entity])
                 for k, entity in enumerate(model.entities):
                     tokens = block[k * per_entity:(k + 1) * per_entity]
                     _count(tally["background"][entity], where["background"][tokens])
@@ -125,7 +129,8 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
         hook.remove()
     share = lambda counts: {e: h / max(n, 1) for e, (h, n) in counts.items()}  # noqa: E731
     per_block = [{"on_detail": share(t["detail"]), "on_background": share(t["background"]),
-                  "distinct_share": statistics.mean(t["distinct"]), "training_pick_agrees": statistics.mean(seen)}
+                  "distinct_share": statistics.mean(t["distinct"]), "training_pick_agrees": statistics.mean(seen),
+                  "entity_pairs_sharing": t["shared"][0] / max(t["shared"][1], 1)}
                  for t, seen in zip(blocks, agreement)]
     return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
             "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
@@ -254,7 +259,7 @@ def mean_se(values):
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity")  # the levers that shape the step-0 model too
+E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity", "fusion_layers")  # the levers that shape the step-0 model too
 
 
 def main() -> None:
@@ -271,6 +276,12 @@ def main() -> None:
     parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
     parser.add_argument("--entity-weights", default=None,
                         help="E2 variant lever: regional loss weights NAME=W,... (training default: all 1)")
+    parser.add_argument("--fusion-layers", type=int, nargs=2, default=None,
+                        help="E2 variant lever: ViT layers before fusion block 1 and block 2 (demo model: 4 5)")
+    parser.add_argument("--gumbel-tau", type=float, nargs=2, default=None, metavar=("START", "END"),
+                        help="E2 variant lever: the selection's Gumbel temperature schedule (default 2.0 0.5)")
+    parser.add_argument("--patch-sharing-weight", type=float, default=None,
+                        help="E2 variant lever: penalty on different entities' tokens picking one patch (default 0)")
     parser.add_argument("--stage2-new-lr", type=float, default=DEMO.stage2_new_lr,
                         help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the demo "
                              "recipe's; the rest's when it has none)")
@@ -302,8 +313,11 @@ def main() -> None:
                      batch_size=args.batch_size)
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
+    tau = dict(zip(("gumbel_tau", "gumbel_tau_end"), args.gumbel_tau or (None, None)))
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
-                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity))
+                                ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
+                                ("fusion_layers", args.fusion_layers), *tau.items(),
+                                ("patch_sharing_weight", args.patch_sharing_weight))
               if v is not None}
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)
@@ -363,8 +377,8 @@ def main() -> None:
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
-                if kind == e2_kind and "training_pick_agrees" not in record["mechanism"].get("blocks", [{}])[0]:
-                    # measured before the picks' agreement (or the blocks and layers) existed
+                if kind == e2_kind and "entity_pairs_sharing" not in record["mechanism"].get("blocks", [{}])[0]:
+                    # measured before the entity pairs sharing a patch (or the picks' agreement...) existed
                     record["mechanism"] = mechanism(model, val, device, mark_cell=args.mark_cell)
                     record["mechanism_step0"] = mechanism(initial, val, device, mark_cell=args.mark_cell)
                 result_file.write_text(json.dumps(record, indent=2))
@@ -405,18 +419,19 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
     chance = mech["selection_chance"]
     print(f"\nWhere the selection tokens land, per fusion block (seeds {seeds}, mean ± standard error): on the "
           f"entity's detail (chance: mark {100 * chance['brand']:.1f}%, tag {100 * chance['season']:.1f}%), on pure "
-          f"background (chance {100 * chance['background']:.1f}%), distinct patches per image / tokens, and how often "
-          "a training pass (Gumbel noise 1) picks evaluation's patch")
+          f"background (chance {100 * chance['background']:.1f}%), distinct patches per image / tokens, token pairs of "
+          "different entities on one patch, and how often a training pass (Gumbel noise 1) picks evaluation's patch")
     print("| model | block | " + " | ".join(f"{e} on its detail" for e in DETAILS) + " | "
-          + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches | training pick "
-          "= evaluation's |")
-    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 2))
+          + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches | entities "
+          "sharing a patch | training pick = evaluation's |")
+    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 3))
     for label, field in (("step 0", "mechanism_step0"), ("final", "mechanism")):
         blocks = [r[field]["blocks"] for r in e2_rows]
         for b in range(2):
             cells = [mean_se([100 * x[b]["on_detail"][e] for x in blocks]) for e in DETAILS]
             cells += [mean_se([100 * x[b]["on_background"][e] for x in blocks]) for e in mech["regional_loss"]]
             cells.append(mean_se([100 * x[b]["distinct_share"] for x in blocks]))
+            cells.append(mean_se([100 * x[b]["entity_pairs_sharing"] for x in blocks]))
             cells.append(mean_se([100 * x[b]["training_pick_agrees"] for x in blocks]))
             print(f"| E2, {label} | {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
     print(f"\nWhat a patch's state holds after each layer up to fusion block 2 (seeds {seeds}): how often the nearest "

@@ -52,8 +52,10 @@ class FusionBlock(nn.Module):
         # q·(Wk p) = (q Wk)·p: fold the key projection into the T queries, never project all N patches
         return (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
 
-    def forward(self, tokens: torch.Tensor, patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T)."""
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T), selection
+        logits (B, T, N)."""
         logits = self.logits(tokens, patches)
         # (one-hot @ P) Wv = one-hot @ (P Wv): only the chosen patches go through Wv
         if self.training or self.stochastic_eval:
@@ -62,7 +64,7 @@ class FusionBlock(nn.Module):
         else:
             index = logits.argmax(dim=-1)
             picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return (self.v(picked) + tokens) / 2, index
+        return (self.v(picked) + tokens) / 2, index, logits
 
 
 def straight_through_pick(logits: torch.Tensor, tau: float, noise: float = 1.0) -> torch.Tensor:

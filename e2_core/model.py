@@ -29,6 +29,7 @@ class E2VisionOutput:
     image_features: torch.Tensor  # (B, D) global embedding (CLS -> ln_post -> proj_cls)
     regional_features: Optional[torch.Tensor]  # (B, K, D) one embedding per tag entity
     selected_patches: torch.Tensor  # (B, 2, T) patch index each selection token picked, per fusion block
+    selection_logits: torch.Tensor  # (B, 2, T, N) each token's selection logits over the N patches, per fusion block
     # with output_hidden_states: the sequence entering layer 0, then each layer's output; [tokens, CLS, patches]
     # up to the second fusion block, [tokens, CLS] after it (the patches are dropped there)
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -107,18 +108,18 @@ class E2VisionTransformer(nn.Module):
         # one-way: CLS and patches do not read the selection tokens before the last layers (CLIP's path unchanged)
         mask = self._one_way_mask(x) if self.config.token_attention == "one-way" else None
         x = run_layers(transformer, x, 0, first, hidden, mask)
-        tokens, picked_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
+        tokens, picked_1, logits_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
 
         x = run_layers(transformer, x, first, second, hidden, mask)
-        tokens, picked_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
+        tokens, picked_2, logits_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
 
         x = run_layers(transformer, x, second, None, hidden)  # CLS now sees only the selected regions
         image_features = self.trunk.ln_post(x[:, num_tokens]) @ self.proj_cls.to(x.dtype)
         regional_features = self.regional_heads(x[:, :num_tokens]) if regional else None
         return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1),
-                              None if hidden is None else tuple(hidden))
+                              torch.stack([logits_1, logits_2], dim=1), None if hidden is None else tuple(hidden))
 
     def _one_way_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Additive attention mask (L, L): rows of CLS and patches may not attend to the selection tokens."""
@@ -233,8 +234,8 @@ class E2Model(CLIP):
         """Normalised features and ``logit_scale``, as open_clip's CLIP, plus E2's regional features.
 
         Returns a dict with ``image_features``, ``text_features``, ``logit_scale`` (and ``logit_bias``
-        when the CLIP has one), ``image_regional_features`` (B, K, D) and ``entity_text_features``
-        (B, K, D) when ``entity_text`` is given. With ``output_dict=False`` it returns the CLIP tuple
+        when the CLIP has one), ``image_regional_features`` (B, K, D), ``selection_logits`` (B, 2, T, N) and
+        ``entity_text_features`` (B, K, D) when ``entity_text`` is given. With ``output_dict=False`` it returns the CLIP tuple
         ``(image_features, text_features, logit_scale)``.
         """
         out: Dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
@@ -244,6 +245,7 @@ class E2Model(CLIP):
             vision = self.encode_image_regions(image, normalize=True)
             out["image_features"] = vision.image_features
             out["image_regional_features"] = vision.regional_features
+            out["selection_logits"] = vision.selection_logits
         if text is not None or entity_text is not None:
             text_features, entity_text_features = encode_texts(self, text, entity_text, self.entities, normalize=True)
             if text is not None:

@@ -127,7 +127,11 @@ class TrainConfig:
         entity_weights: weights of the regional losses in their mean, as NAME=W,... (unnamed entities weigh 1; e.g. season=0 for an entity the images cannot show)
         token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP) or full (the paper's)
         tokens_per_entity: for an E2 built on a CLIP: selection tokens per tag entity (the paper's: 2)
+        fusion_layers: for an E2 built on a CLIP: the ViT layers run before fusion block 1 and before block 2 (not set: the paper's 8 and 11 of 12, scaled to the depth)
+        gumbel_tau: for an E2 built on a CLIP: Gumbel-softmax temperature of the selection's gradient at the start of each stage
+        gumbel_tau_end: for an E2 built on a CLIP: that temperature at the end of each stage (cosine schedule)
         gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (0: ends on evaluation's argmax; 1: the paper's sampling throughout)
+        patch_sharing_weight: E2: weight of a penalty on different entities' selection tokens picking the same patch (0: none, the paper's)
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
@@ -157,7 +161,11 @@ class TrainConfig:
     entity_weights: Optional[Union[str, Dict[str, float]]] = None
     token_attention: Literal["one-way", "full"] = "one-way"
     tokens_per_entity: int = 2
+    fusion_layers: Optional[List[int]] = None
+    gumbel_tau: float = 2.0
+    gumbel_tau_end: float = 0.5
     gumbel_noise_end: float = 0.0
+    patch_sharing_weight: float = 0.0
     lora_rank: int = 0
     strict: bool = False
     encoding: str = "utf-8"
@@ -175,7 +183,15 @@ class TrainConfig:
         check_at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, checkpoint_every=self.checkpoint_every,
                        tokens_per_entity=self.tokens_per_entity, max_steps=self.max_steps)
         check_at_least(0, warmup_steps=self.warmup_steps, eval_every=self.eval_every, workers=self.workers,
-                       weight_decay=self.weight_decay, lora_rank=self.lora_rank, gumbel_noise_end=self.gumbel_noise_end)
+                       weight_decay=self.weight_decay, lora_rank=self.lora_rank, gumbel_noise_end=self.gumbel_noise_end,
+                       patch_sharing_weight=self.patch_sharing_weight)
+        if self.gumbel_tau <= 0 or self.gumbel_tau_end <= 0:
+            raise ValueError(f"gumbel_tau and gumbel_tau_end must be > 0, got {self.gumbel_tau}, {self.gumbel_tau_end}")
+        if self.fusion_layers is not None:
+            self.fusion_layers = [int(n) for n in self.fusion_layers]
+            if len(self.fusion_layers) != 2:
+                raise ValueError(f"fusion_layers takes two layer counts (before block 1, before block 2), got "
+                                 f"{self.fusion_layers}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

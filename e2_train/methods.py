@@ -90,7 +90,8 @@ class E2Training(TrainingMethod):
     """E2: CLIP plus selection tokens and fusion blocks, trained with the global and regional losses."""
 
     name = "e2"
-    own_settings = ("token_attention", "tokens_per_entity", "gumbel_noise_end")
+    own_settings = ("token_attention", "tokens_per_entity", "fusion_layers", "gumbel_tau", "gumbel_tau_end",
+                    "gumbel_noise_end", "patch_sharing_weight")
     # stage 2: the added parts keep stage 1's learning rate (new_lr), ten times the CLIP's (see the README)
     default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"),
                       Stage("stage2", lr=5e-5, epochs=20.0, trains="all", new_lr=5e-4))
@@ -99,14 +100,16 @@ class E2Training(TrainingMethod):
         """``entities``: the dataset's tag entities; a CLIP gets E2 parts for exactly these."""
         if not isinstance(model, E2Model):
             config = E2Config(token_attention=cfg.token_attention, tokens_per_entity=cfg.tokens_per_entity,
-                              gumbel_noise_end=cfg.gumbel_noise_end)
+                              fusion_layers=cfg.fusion_layers, gumbel_tau=cfg.gumbel_tau,
+                              gumbel_tau_end=cfg.gumbel_tau_end, gumbel_noise_end=cfg.gumbel_noise_end)
             model = E2Model(model, config.replace(entities=tuple(entities)) if entities else config, arch)
         elif entities and tuple(entities) != model.entities:
             raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "
                              f"entities are {list(entities)}; start from a CLIP or use a dataset with those entities")
         super().__init__(model, cfg, entities, arch)
         self.objective = RegionalContrastiveLoss(model.entities, cfg.global_weight, cfg.entity_weights,
-                                                multi_positive=cfg.multi_positive)
+                                                multi_positive=cfg.multi_positive,
+                                                patch_sharing_weight=cfg.patch_sharing_weight)
 
     def is_new(self, name: str) -> bool:
         return is_e2_parameter(name)
@@ -133,7 +136,9 @@ def regional_objective(objective: RegionalContrastiveLoss, features: Dict[str, t
                 ("image_features", "text_features", "image_regional_features", "entity_text_features")}
     # entity string ids are per process: offset them so that no two processes share one
     labels = distributed.gather(labels + ctx.rank * 1_000_000, ctx, sizes)
-    return objective(**gathered, logit_scale=features["logit_scale"], entity_labels=labels)
+    # the patch-sharing penalty is a mean over images: this process's own
+    return objective(**gathered, logit_scale=features["logit_scale"], entity_labels=labels,
+                     selection_logits=features.get("selection_logits"))
 
 
 class CLIPFineTuning(TrainingMethod):

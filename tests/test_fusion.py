@@ -10,7 +10,7 @@ def test_training_selection_is_one_hot_with_straight_through_gradient():
     torch.manual_seed(0)
     block = FusionBlock(8, value_init="identity").train()
     tokens, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8, requires_grad=True)
-    fused, index = block(tokens, patches)
+    fused, index, _ = block(tokens, patches)
     chosen = patches[torch.arange(2)[:, None], index]
     assert torch.allclose(fused, (chosen + tokens) / 2, atol=1e-6)  # exactly one patch each
     fused.sum().backward()
@@ -46,7 +46,7 @@ def test_eval_fusion_gathers_the_chosen_patch():
     torch.manual_seed(0)
     block = FusionBlock(8, value_init="random").eval()
     tokens, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
-    fused, index = block(tokens, patches)
+    fused, index, _ = block(tokens, patches)
     chosen = patches[torch.arange(2)[:, None], index]
     assert torch.allclose(fused, (block.v(chosen) + tokens) / 2, atol=1e-6)
 
@@ -74,7 +74,7 @@ def test_trained_token_selects_the_odd_patch():
     block.train()
     for _ in range(60):
         patches, _ = sample()
-        fused, _ = block(token.expand(batch, -1, -1), patches)
+        fused = block(token.expand(batch, -1, -1), patches)[0]
         loss = -(fused[:, 0] @ feature).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -97,3 +97,44 @@ def test_bad_inputs_are_clear_errors():
         RegionalContrastiveLoss(["brand"], entity_weights={"colour": 1.0})
     with pytest.raises(ValueError, match="all zero"):
         RegionalContrastiveLoss(["brand"], entity_weights={"brand": 0.0})
+
+
+def test_patch_sharing_is_the_chance_two_entities_sample_one_patch():
+    from e2_core.loss import patch_sharing
+
+    sharp = torch.full((1, 2, 4, 6), -30.0)  # (image, block, 2 entities x 2 tokens, 6 patches)
+    sharp[..., 0, 1] = sharp[..., 1, 1] = 30.0  # entity 0's tokens share patch 1: not penalised
+    sharp[..., 2, 3] = sharp[..., 3, 4] = 30.0
+    assert patch_sharing(sharp, num_entities=2).item() < 1e-6
+    sharp[..., 2, 3], sharp[..., 2, 1] = -30.0, 30.0  # one of entity 1's tokens joins entity 0's patch
+    # it now shares with both of entity 0's tokens: 4 of the 8 ordered token pairs across entities
+    assert patch_sharing(sharp, num_entities=2).item() == pytest.approx(4 / 8)
+    torch.manual_seed(0)  # by sampling: the share of cross-entity pairs whose picks coincide
+    logits = torch.randn(1, 1, 4, 6)
+    picks = torch.distributions.Categorical(logits=logits[0, 0]).sample((20000,))  # (draws, tokens)
+    cross = [(t, u) for t in range(4) for u in range(4) if t // 2 != u // 2]
+    sampled = sum((picks[:, t] == picks[:, u]).float().mean() for t, u in cross) / len(cross)
+    assert patch_sharing(logits, 2).item() == pytest.approx(sampled.item(), abs=0.01)
+    with pytest.raises(ValueError, match="5 selection tokens do not split into 2 entities"):
+        patch_sharing(torch.zeros(1, 5, 6), 2)
+
+
+def test_patch_sharing_weight_adds_the_penalty_and_its_gradient_parts_entities():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    regional = F.normalize(torch.randn(4, 2, 8), dim=-1)
+    logits = torch.zeros(4, 2, 4, 6)
+    logits[..., 1] = 3.0  # every token of both entities leans to patch 1
+    logits.requires_grad_(True)
+    args = dict(image_features=a, text_features=b, logit_scale=torch.tensor(10.0), image_regional_features=regional,
+                entity_text_features=regional.flip(0))
+    plain = RegionalContrastiveLoss(("brand", "season"))(**args, selection_logits=logits)
+    out = RegionalContrastiveLoss(("brand", "season"), patch_sharing_weight=0.5)(**args, selection_logits=logits)
+    assert "patch_sharing" not in plain and out["loss"].item() == pytest.approx(
+        plain["loss"].item() + 0.5 * out["patch_sharing"].item())
+    out["loss"].backward()
+    assert (logits.grad[..., 1] > 0).all()  # descending lowers the shared patch's logit for every token
+    with pytest.raises(ValueError, match="needs the selection_logits"):
+        RegionalContrastiveLoss(("brand", "season"), patch_sharing_weight=0.5)(**args)
+    with pytest.raises(ValueError, match="patch_sharing_weight must be >= 0"):
+        RegionalContrastiveLoss(("brand",), patch_sharing_weight=-1)

@@ -380,6 +380,29 @@ def test_tokens_per_entity_reach_an_e2_built_on_a_clip():
         config(Path("unused"), None, tokens_per_entity=0)
 
 
+def test_selection_settings_reach_an_e2_built_on_a_clip_and_its_loss(tmp_path, data_root):
+    import open_clip
+    from e2_train import E2Training
+
+    cfg = config(Path("unused"), None, fusion_layers=[1, 2], gumbel_tau=4.0, gumbel_tau_end=1.0,
+                 patch_sharing_weight=0.5)
+    method = E2Training(open_clip.create_model(TINY), cfg, entities=("brand", "season"), arch=TINY)
+    assert method.model.visual.fusion_layers == (1, 2) and method.objective.patch_sharing_weight == 0.5
+    method.on_step(0, 10)
+    assert method.model.visual.fusion[0].tau == 4.0
+    method.on_step(10, 10)
+    assert method.model.visual.fusion[1].tau == 1.0
+    train(config(tmp_path, data_root, stages=["stage2:steps=2"], patch_sharing_weight=0.5))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [0 < r["patch_sharing"] <= 1 for r in logged if "loss" in r] == [True, True]
+    with pytest.raises(ValueError, match="fusion_layers takes two layer counts"):
+        config(Path("unused"), None, fusion_layers=[3])
+    with pytest.raises(ValueError, match="gumbel_tau and gumbel_tau_end must be > 0"):
+        config(Path("unused"), None, gumbel_tau_end=0.0)
+    with pytest.raises(ValueError, match="patch_sharing_weight=-1.0: must be >= 0"):
+        config(Path("unused"), None, patch_sharing_weight=-1.0)
+
+
 def test_a_stage_can_give_the_new_parts_their_own_learning_rate(tmp_path, data_root, tiny_checkpoints):
     """``new_lr=0`` in a stage that trains everything: the CLIP's weights move, E2's added parts do not."""
     from e2_core.model import is_e2_parameter
