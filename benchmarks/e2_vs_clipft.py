@@ -282,6 +282,8 @@ def main() -> None:
                         help="E2 variant lever: the selection's Gumbel temperature schedule (default 2.0 0.5)")
     parser.add_argument("--patch-sharing-weight", type=float, default=None,
                         help="E2 variant lever: penalty on different entities' tokens picking one patch (default 0)")
+    parser.add_argument("--fade-patches", action="store_const", const=True, default=None,
+                        help="E2 variant lever: the last layers see the patches, faded out over stage 1")
     parser.add_argument("--stage2-new-lr", type=float, default=DEMO.stage2_new_lr,
                         help="E2 variant lever: learning rate of E2's added parts in stage 2 (default: the demo "
                              "recipe's; the rest's when it has none)")
@@ -317,7 +319,8 @@ def main() -> None:
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
                                 ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
                                 ("fusion_layers", args.fusion_layers), *tau.items(),
-                                ("patch_sharing_weight", args.patch_sharing_weight))
+                                ("patch_sharing_weight", args.patch_sharing_weight),
+                                ("fade_patches", args.fade_patches))
               if v is not None}
     e2_kind = f"e2-{args.variant}" if args.variant else "e2"
     start = pretrain_clip(recipe, out / "pretrain", out / "synthetic-pretrain", **common)

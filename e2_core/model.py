@@ -3,6 +3,7 @@ and regional heads. Read top to bottom, ``E2VisionTransformer.forward_features``
 paper's figure."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -54,6 +55,7 @@ class E2VisionTransformer(nn.Module):
         self.proj_cls = nn.Parameter(trunk.proj.detach().clone())
         self.regional_heads = RegionalHeads(*reference.head_layout(config), trunk.ln_post, trunk.proj)
         trunk.proj = None
+        self.patch_gate = 0.0  # training only: how much the layers after fusion block 2 still see the patches
         self.set_gumbel_temperature(config.gumbel_tau)
         self.set_stochastic_eval(config.stochastic_eval)
 
@@ -80,6 +82,13 @@ class E2VisionTransformer(nn.Module):
         """The fusion blocks' Gumbel temperature (the gradient's) and noise scale (the forward pick's)."""
         for block in self.fusion:
             block.tau, block.noise = float(tau), float(noise)
+
+    def set_patch_gate(self, gate: float) -> None:
+        """In training, let the layers after fusion block 2 still attend to the patches, weighted by ``gate``
+        (an attention bias of ``log gate``; 1: as much as to any token, 0: dropped, as evaluation always does)."""
+        if not 0.0 <= gate <= 1.0:
+            raise ValueError(f"patch gate must be in [0, 1], got {gate}")
+        self.patch_gate = float(gate)
 
     def set_stochastic_eval(self, enabled: bool) -> None:
         for block in self.fusion:
@@ -113,9 +122,14 @@ class E2VisionTransformer(nn.Module):
 
         x = run_layers(transformer, x, first, second, hidden, mask)
         tokens, picked_2, logits_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
-        x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
-
-        x = run_layers(transformer, x, second, None, hidden)  # CLS now sees only the selected regions
+        if self.training and self.patch_gate > 0:  # the patches fade out of the last layers (set_patch_gate)
+            x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
+            fade = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+            fade[:, num_tokens + 1:] = math.log(self.patch_gate)
+            x = run_layers(transformer, x, second, None, hidden, fade)[:, :num_tokens + 1]
+        else:
+            x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
+            x = run_layers(transformer, x, second, None, hidden)  # CLS now sees only the selected regions
         image_features = self.trunk.ln_post(x[:, num_tokens]) @ self.proj_cls.to(x.dtype)
         regional_features = self.regional_heads(x[:, :num_tokens]) if regional else None
         return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1),

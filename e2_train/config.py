@@ -132,6 +132,7 @@ class TrainConfig:
         gumbel_tau_end: for an E2 built on a CLIP: that temperature at the end of each stage (cosine schedule)
         gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (0: ends on evaluation's argmax; 1: the paper's sampling throughout)
         patch_sharing_weight: E2: weight of a penalty on different entities' selection tokens picking the same patch (0: none, the paper's)
+        fade_patches: E2: in stage 1 the layers after fusion block 2 still see the image patches, faded out over the stage (attention bias log g, g from 1 to 0 on a cosine), so the last layer reads them early on
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
         strict: stop at the first unreadable image instead of skipping and reporting it
         encoding: text encoding of the dataset's CSV / JSON files (e.g. latin-1, cp1252)
@@ -166,6 +167,7 @@ class TrainConfig:
     gumbel_tau_end: float = 0.5
     gumbel_noise_end: float = 0.0
     patch_sharing_weight: float = 0.0
+    fade_patches: bool = False
     lora_rank: int = 0
     strict: bool = False
     encoding: str = "utf-8"

@@ -146,11 +146,10 @@ def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, trai
         return folder / "best"
     method.to(ctx.device)
     model = method.model
-    if cfg.lora_rank and stage.trains != "new":
+    method.set_stage(stage)
+    if cfg.lora_rank and stage.trains != "new":  # LoRA sets what trains
         from .lora import add_lora
         add_lora(model, cfg.lora_rank)
-    else:
-        method.set_stage(stage)
     micro_per_epoch = len(train_set) // (cfg.batch_size * ctx.world_size)
     steps_per_epoch = micro_per_epoch // cfg.accumulate
     if steps_per_epoch < 1:

@@ -91,7 +91,7 @@ class E2Training(TrainingMethod):
 
     name = "e2"
     own_settings = ("token_attention", "tokens_per_entity", "fusion_layers", "gumbel_tau", "gumbel_tau_end",
-                    "gumbel_noise_end", "patch_sharing_weight")
+                    "gumbel_noise_end", "patch_sharing_weight", "fade_patches")
     # stage 2: the added parts keep stage 1's learning rate (new_lr), ten times the CLIP's (see the README)
     default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"),
                       Stage("stage2", lr=5e-5, epochs=20.0, trains="all", new_lr=5e-4))
@@ -107,6 +107,7 @@ class E2Training(TrainingMethod):
             raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "
                              f"entities are {list(entities)}; start from a CLIP or use a dataset with those entities")
         super().__init__(model, cfg, entities, arch)
+        self.fade_patches, self.fading = cfg.fade_patches, False
         self.objective = RegionalContrastiveLoss(model.entities, cfg.global_weight, cfg.entity_weights,
                                                 multi_positive=cfg.multi_positive,
                                                 patch_sharing_weight=cfg.patch_sharing_weight)
@@ -114,12 +115,18 @@ class E2Training(TrainingMethod):
     def is_new(self, name: str) -> bool:
         return is_e2_parameter(name)
 
+    def set_stage(self, stage: Stage) -> None:
+        super().set_stage(stage)
+        self.fading = self.fade_patches and stage.trains == "new"
+
     def on_step(self, step: int, total: int) -> Dict[str, float]:
         config = self.model.config
         tau = TemperatureSchedule(config.gumbel_tau, config.gumbel_tau_end, total)(step)
         noise = TemperatureSchedule(1.0, config.gumbel_noise_end, total)(step)
         self.model.set_gumbel_temperature(tau, noise)
-        return {"tau": tau, "gumbel_noise": noise}
+        gate = TemperatureSchedule(1.0, 0.0, total)(step) if self.fading else 0.0
+        self.model.visual.set_patch_gate(gate)
+        return {"tau": tau, "gumbel_noise": noise, **({"patch_gate": gate} if self.fading else {})}
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         return {**self.model(batch.images, batch.text, batch.entity_text), "entity_labels": batch.entity_text.index}

@@ -195,3 +195,30 @@ def test_config_round_trip_and_validation():
 def test_patch_boxes_locate_selected_patches(tiny_model):
     boxes = tiny_model.visual.patch_boxes(torch.tensor([0, 5, 15]))  # 4x4 grid of 16-px patches
     assert boxes.tolist() == [[0, 0, 16, 16], [16, 16, 32, 32], [48, 48, 64, 64]]
+
+
+def test_the_patch_gate_lets_training_fade_the_patches_out_of_the_last_layers(tiny_model):
+    """Gate 1: the layers after fusion block 2 attend to the patches as to any token; a vanishing gate gives the
+    patches-dropped pass that evaluation always makes (the gate is ignored there)."""
+    from e2_core.model import run_layers
+
+    visual = tiny_model.visual.train()
+    visual.set_gumbel_temperature(1.0, noise=0.0)  # training picks the argmax, as evaluation does
+    images = torch.randn(2, 3, 64, 64)
+    out = {}
+    for gate in (0.0, 1e-30, 1.0):
+        visual.set_patch_gate(gate)
+        out[gate] = visual.forward_features(images, output_hidden_states=True)
+    assert torch.allclose(out[1e-30].image_features, out[0.0].image_features, atol=1e-5)
+    assert not torch.allclose(out[1.0].image_features, out[0.0].image_features, atol=1e-3)
+    # gate 1: the last layers run on [tokens, CLS, patches], unmasked
+    num_tokens, (_, second) = visual.config.num_tokens, visual.fusion_layers
+    before = out[1.0].hidden_states[second]  # the sequence entering fusion block 2
+    tokens, _, _ = visual.fusion[1](before[:, :num_tokens], before[:, num_tokens + 1:])
+    full = run_layers(visual.trunk.transformer, torch.cat([tokens, before[:, num_tokens:]], dim=1), second)
+    expected = visual.trunk.ln_post(full[:, num_tokens]) @ visual.proj_cls
+    assert torch.allclose(out[1.0].image_features, expected, atol=1e-5)
+    visual.eval()  # gate 1 still set: evaluation drops the patches all the same
+    assert torch.allclose(visual.forward_features(images).image_features, out[0.0].image_features, atol=1e-5)
+    with pytest.raises(ValueError, match=r"patch gate must be in \[0, 1\], got 2"):
+        visual.set_patch_gate(2)

@@ -395,6 +395,12 @@ def test_selection_settings_reach_an_e2_built_on_a_clip_and_its_loss(tmp_path, d
     train(config(tmp_path, data_root, stages=["stage2:steps=2"], patch_sharing_weight=0.5))
     logged = [json.loads(line) for line in (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert [0 < r["patch_sharing"] <= 1 for r in logged if "loss" in r] == [True, True]
+    faded = tmp_path / "faded"
+    train(config(faded, data_root, stages=["stage1:steps=3", "stage2:steps=2"], fade_patches=True))
+    gates = {stage: [json.loads(line).get("patch_gate") for line in (faded / "run" / stage / "metrics.jsonl")
+                     .read_text().splitlines() if "loss" in line] for stage in ("stage1", "stage2")}
+    schedule = e2_core.TemperatureSchedule(1.0, 0.0, total_steps=3)
+    assert gates == {"stage1": [schedule(step) for step in range(3)], "stage2": [None, None]}
     with pytest.raises(ValueError, match="fusion_layers takes two layer counts"):
         config(Path("unused"), None, fusion_layers=[3])
     with pytest.raises(ValueError, match="gumbel_tau and gumbel_tau_end must be > 0"):
