@@ -103,8 +103,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     # how often a training pass (Gumbel noise 1) picks evaluation's patch: softmax(logits)'s largest probability
     agreement = [[] for _ in model.visual.fusion]
     hooks = [block.register_forward_hook(lambda block, args, out, seen=seen: seen.append(
-        block.logits(*args).float().softmax(-1).amax(-1).mean().item())) for block, seen in
-        zip(model.visual.fusion, agreement)]
+        out[2].float().softmax(-1).amax(-1).mean().item())) for block, seen in zip(model.visual.fusion, agreement)]
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
         vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
