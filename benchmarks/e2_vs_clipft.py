@@ -35,6 +35,7 @@ from PIL import Image
 
 import e2_core
 from e2_core import registry
+from e2_core.config import TOKEN_ATTENTION
 from e2_core.data import default_synthetic_root, open_dataset
 from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_CELL, MARK_PLACES, SEASONS, brand_names, catalog, \
     garment_mask, layout, render, write_fashiongen
@@ -270,7 +271,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=DEMO.finetune_steps)
     parser.add_argument("--batch-size", type=int, default=DEMO.batch_size)
     parser.add_argument("--variant", default="", help="name of an E2 variant (its runs go to OUT/e2-VARIANT)")
-    parser.add_argument("--token-attention", choices=["one-way", "full"], default=None, help="E2 variant lever")
+    parser.add_argument("--token-attention", choices=TOKEN_ATTENTION, default=None, help="E2 variant lever")
     parser.add_argument("--tokens-per-entity", type=int, default=None, help="E2 variant lever (default 2)")
     parser.add_argument("--global-weight", type=float, default=None, help="E2 variant lever (training default 0.8)")
     parser.add_argument("--entity-weights", default=None,

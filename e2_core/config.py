@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Tuple
 FASHIONGEN_ENTITIES = ("subcategory", "brand", "description", "season", "composition")
 
 COMPAT_MODES = ("native", "reference")
-TOKEN_ATTENTION = ("one-way", "full")
+TOKEN_ATTENTION = ("one-way", "full", "picks-only")
 
 
 @dataclass
@@ -51,7 +51,9 @@ class E2Config:
     value_init: str = "identity"
     # Before fusion block 2, "one-way": the selection tokens read CLS and patches but CLIP's own tokens do not
     # read them, so CLIP's computation is untouched until the last layer (E2 starts where its CLIP is);
-    # "full": every token attends to every token, as in the paper. Checkpoints saved before this field
+    # "full": every token attends to every token, as in the paper. "picks-only": one-way, and the selection tokens
+    # do not read the patches either (only CLS and each other), so what they hold of the image's details is
+    # what their picks brought in. Checkpoints saved before this field
     # existed were trained with "full" and load as such.
     token_attention: str = "one-way"
     # "native", or "reference" to reproduce the authors' forward pass exactly (token order,

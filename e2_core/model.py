@@ -115,7 +115,7 @@ class E2VisionTransformer(nn.Module):
             hidden.append(x)
 
         # one-way: CLS and patches do not read the selection tokens before the last layers (CLIP's path unchanged)
-        mask = self._one_way_mask(x) if self.config.token_attention == "one-way" else None
+        mask = None if self.config.token_attention == "full" else self._attention_mask(x)
         x = run_layers(transformer, x, 0, first, hidden, mask)
         tokens, picked_1, logits_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
@@ -135,11 +135,14 @@ class E2VisionTransformer(nn.Module):
         return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1),
                               torch.stack([logits_1, logits_2], dim=1), None if hidden is None else tuple(hidden))
 
-    def _one_way_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Additive attention mask (L, L): rows of CLS and patches may not attend to the selection tokens."""
+    def _attention_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask (L, L) before fusion block 2: rows of CLS and patches may not attend to the
+        selection tokens; with ``token_attention="picks-only"`` the tokens' rows may not attend to the patches."""
         num_tokens, length = self.config.num_tokens, x.shape[1]
         mask = torch.zeros(length, length, dtype=x.dtype, device=x.device)
         mask[num_tokens:, :num_tokens] = float("-inf")
+        if self.config.token_attention == "picks-only":
+            mask[:num_tokens, num_tokens + 1:] = float("-inf")
         return mask
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ def test_one_way_attention_leaves_clip_untouched_until_fusion_block_2():
 
 @pytest.mark.parametrize("block_type", ["default", "custom"])
 @pytest.mark.parametrize("train", [False, True])
-def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train):
+@pytest.mark.parametrize("attention", ["one-way", "picks-only"])
+def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train, attention):
     # open_clip's default block casts masks to floats and its custom block reads booleans: both must mask, in
     # the fused inference path and with autograd.
     import json
@@ -75,7 +76,7 @@ def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train):
     config = json.loads((Path(e2_core.__file__).parent / "model_configs" / f"{TINY}.json").read_text())
     torch.manual_seed(0)
     clip = CLIP(config["embed_dim"], {**config["vision_cfg"], "block_type": block_type}, config["text_cfg"])
-    model = e2_core.E2Model(clip, e2_core.E2Config(token_attention="one-way")).train(train)
+    model = e2_core.E2Model(clip, e2_core.E2Config(token_attention=attention)).train(train)
     visual = model.visual
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(train):
@@ -83,6 +84,11 @@ def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train):
         clip_states = run_layers(visual.trunk.transformer, visual.trunk._embeds(images), 0, visual.fusion_layers[1])
     e2_states = out.hidden_states[visual.fusion_layers[1]][:, model.config.num_tokens:]
     torch.testing.assert_close(e2_states, clip_states, atol=1e-5, rtol=1e-5)
+    if attention == "picks-only":  # and the tokens read CLS and each other, no patch
+        x = out.hidden_states[0].detach().requires_grad_(True)
+        num_tokens = model.config.num_tokens
+        run_layers(visual.trunk.transformer, x, 0, 1, attn_mask=visual._attention_mask(x))[:, :num_tokens].sum().backward()
+        assert x.grad[:, num_tokens + 1:].abs().max() == 0 and x.grad[:, :num_tokens + 1].abs().min() > 0
 
 def test_checkpoints_saved_before_token_attention_existed_load_with_full_attention():
     saved = e2_core.E2Config().to_dict()
