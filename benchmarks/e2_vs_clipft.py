@@ -306,6 +306,9 @@ def main() -> None:
     parser.add_argument("--step0-only", action="store_true",
                         help="score the step-0 models (retrieval, detail probe) and train nothing")
     parser.add_argument("--probe-products", type=int, default=200)
+    parser.add_argument("--compare", nargs="+", metavar="VARIANT", default=None,
+                        help="print one row per E2 variant ('' or e2: the default) from the runs already in OUT "
+                             "(retrieval, lead over CLIP-FT, where each block's tokens land) and train nothing")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -315,6 +318,8 @@ def main() -> None:
                      batch_size=args.batch_size)
     out = Path(args.out) if args.out else demo_root(recipe)
     common = dict(device=args.device, workers=args.workers)
+    if args.compare:
+        return compare_variants(out, [f"e2-{v}" if v not in ("", "e2") else "e2" for v in args.compare], args.seeds)
     tau = dict(zip(("gumbel_tau", "gumbel_tau_end"), args.gumbel_tau or (None, None)))
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
                                 ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
@@ -466,6 +471,32 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
                  f"({100 * sum(e['only'][a] for e in errors) / max(total, 1):.0f}%)" for a in ATTRIBUTES]
         print(f"| {kind} | {total} | {wrong:.2f} | " + " | ".join(cells) + " |")
 
+
+
+def compare_variants(out: Path, kinds, seeds) -> None:
+    """One row per E2 variant from its saved results (``OUT/KIND/seedS-results.json``): T2I / I2T R@1, the lead over
+    CLIP-FT, and per fusion block where its tokens land (mean ± standard error over ``seeds``)."""
+    load = lambda kind, seed: json.loads((out / kind / f"seed{seed}-results.json").read_text())  # noqa: E731
+    clip = [load("clip-ft", s)["final"]["t2i_r1"] for s in seeds]
+    chance = load(kinds[0], seeds[0])["mechanism"]["selection_chance"]
+    print(f"{seeds}: mean ± standard error; chance: brand on the mark {100 * chance['brand']:.1f}%, season on the "
+          f"tag {100 * chance['season']:.1f}%")
+    print("| E2 variant | T2I R@1 | I2T R@1 | E2 − CLIP-FT, T2I (per seed) | block | brand on the mark | season on the "
+          "tag | distinct patches / tokens | token pairs of different entities on one patch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind in kinds:
+        rows = [load(kind, s) for s in seeds]
+        t2i, i2t = (mean_se([r["final"][k] for r in rows]) for k in ("t2i_r1", "i2t_r1"))
+        gaps = [r["final"]["t2i_r1"] - c for r, c in zip(rows, clip)]
+        lead = mean_se(gaps)
+        for b in range(2):
+            blocks = [r["mechanism"]["blocks"][b] for r in rows]
+            cells = [mean_se([100 * x["on_detail"][e] for x in blocks]) for e in DETAILS]
+            cells.append(mean_se([100 * x["distinct_share"] for x in blocks]))
+            cells.append(mean_se([100 * x.get("entity_pairs_sharing", math.nan) for x in blocks]))
+            head = (f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {lead[0]:+.1f} ± "
+                    f"{lead[1]:.1f} ({', '.join(f'{g:+.1f}' for g in gaps)}) |") if b == 0 else "| | | | |"
+            print(head + f" {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
 
 
 def retrieval_table(runs: dict, kinds, seeds) -> None:
