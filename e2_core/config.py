@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Tuple
 FASHIONGEN_ENTITIES = ("subcategory", "brand", "description", "season", "composition")
 
 COMPAT_MODES = ("native", "reference")
-TOKEN_ATTENTION = ("one-way", "full", "picks-only")
+TOKEN_ATTENTION = ("one-way", "full", "picks-only", "isolated")
 
 
 @dataclass
@@ -53,7 +53,8 @@ class E2Config:
     # read them, so CLIP's computation is untouched until the last layer (E2 starts where its CLIP is);
     # "full": every token attends to every token, as in the paper. "picks-only": one-way, and the selection tokens
     # do not read the patches either (only CLS and each other), so what they hold of the image's details is
-    # what their picks brought in. Checkpoints saved before this field
+    # what their picks brought in. "isolated": as picks-only, and the tokens read no CLS either, before or after the
+    # fusion blocks: their regional embeddings hold nothing of the image but their picks. Checkpoints saved before this field
     # existed were trained with "full" and load as such.
     token_attention: str = "one-way"
     # "native", or "reference" to reproduce the authors' forward pass exactly (token order,

@@ -115,7 +115,7 @@ class E2VisionTransformer(nn.Module):
             hidden.append(x)
 
         # one-way: CLS and patches do not read the selection tokens before the last layers (CLIP's path unchanged)
-        mask = None if self.config.token_attention == "full" else self._attention_mask(x)
+        mask = self._attention_mask(x.shape[1], x)
         x = run_layers(transformer, x, 0, first, hidden, mask)
         tokens, picked_1, logits_1 = self.fusion[0](x[:, :num_tokens], x[:, num_tokens + 1:])
         x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
@@ -124,25 +124,35 @@ class E2VisionTransformer(nn.Module):
         tokens, picked_2, logits_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
         if self.training and self.patch_gate > 0:  # the patches fade out of the last layers (set_patch_gate)
             x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
-            fade = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-            fade[:, num_tokens + 1:] = math.log(self.patch_gate)
-            x = run_layers(transformer, x, second, None, hidden, fade)[:, :num_tokens + 1]
+            mask = self._attention_mask(x.shape[1], x, after_fusion=True)
+            mask = x.new_zeros(x.shape[1], x.shape[1]) if mask is None else mask
+            mask[:, num_tokens + 1:] += math.log(self.patch_gate)
+            x = run_layers(transformer, x, second, None, hidden, mask)[:, :num_tokens + 1]
         else:
             x = torch.cat([tokens, x[:, num_tokens:num_tokens + 1]], dim=1)  # patches dropped
-            x = run_layers(transformer, x, second, None, hidden)  # CLS now sees only the selected regions
+            # CLS now sees only the selected regions
+            x = run_layers(transformer, x, second, None, hidden, self._attention_mask(x.shape[1], x, after_fusion=True))
         image_features = self.trunk.ln_post(x[:, num_tokens]) @ self.proj_cls.to(x.dtype)
         regional_features = self.regional_heads(x[:, :num_tokens]) if regional else None
         return E2VisionOutput(image_features, regional_features, torch.stack([picked_1, picked_2], dim=1),
                               torch.stack([logits_1, logits_2], dim=1), None if hidden is None else tuple(hidden))
 
-    def _attention_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Additive attention mask (L, L) before fusion block 2: rows of CLS and patches may not attend to the
-        selection tokens; with ``token_attention="picks-only"`` the tokens' rows may not attend to the patches."""
-        num_tokens, length = self.config.num_tokens, x.shape[1]
-        mask = torch.zeros(length, length, dtype=x.dtype, device=x.device)
-        mask[num_tokens:, :num_tokens] = float("-inf")
-        if self.config.token_attention == "picks-only":
+    def _attention_mask(self, length: int, like: torch.Tensor, after_fusion: bool = False) -> Optional[torch.Tensor]:
+        """Additive attention mask (L, L) over [tokens, CLS, patches...] (``token_attention``; None: no mask).
+
+        Before fusion block 2 (one-way, picks-only, isolated) the rows of CLS and patches may not attend to the
+        selection tokens; the tokens' rows may not attend to the patches (picks-only), nor to CLS (isolated), and
+        after fusion block 2 (isolated) not to CLS either."""
+        attention, num_tokens = self.config.token_attention, self.config.num_tokens
+        if attention == "full" or (after_fusion and attention != "isolated"):
+            return None
+        mask = like.new_zeros(length, length)
+        if not after_fusion:
+            mask[num_tokens:, :num_tokens] = float("-inf")
+        if attention in ("picks-only", "isolated"):
             mask[:num_tokens, num_tokens + 1:] = float("-inf")
+        if attention == "isolated":
+            mask[:num_tokens, num_tokens] = float("-inf")
         return mask
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

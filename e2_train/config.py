@@ -125,7 +125,7 @@ class TrainConfig:
         multi_positive: items sharing an entity value are positives of each other
         global_weight: weight of the global loss against the mean regional loss (the paper's: 0.5; 0.8 measured better, see the README)
         entity_weights: weights of the regional losses in their mean, as NAME=W,... (unnamed entities weigh 1; e.g. season=0 for an entity the images cannot show)
-        token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP), full (the paper's) or picks-only (one-way, and the tokens read no patch but the ones they pick)
+        token_attention: for an E2 built on a CLIP: one-way (CLS and patches do not read the selection tokens before fusion block 2, so E2 starts as its CLIP), full (the paper's), picks-only (one-way, and the tokens read no patch but the ones they pick) or isolated (picks-only, and the tokens read no CLS either: nothing of the image but their picks)
         tokens_per_entity: for an E2 built on a CLIP: selection tokens per tag entity (the paper's: 2)
         fusion_layers: for an E2 built on a CLIP: the ViT layers run before fusion block 1 and before block 2 (not set: the paper's 8 and 11 of 12, scaled to the depth)
         gumbel_tau: for an E2 built on a CLIP: Gumbel-softmax temperature of the selection's gradient at the start of each stage
@@ -160,7 +160,7 @@ class TrainConfig:
     multi_positive: bool = False
     global_weight: float = 0.8
     entity_weights: Optional[Union[str, Dict[str, float]]] = None
-    token_attention: Literal["one-way", "full", "picks-only"] = "one-way"
+    token_attention: Literal["one-way", "full", "picks-only", "isolated"] = "one-way"
     tokens_per_entity: int = 2
     fusion_layers: Optional[List[int]] = None
     gumbel_tau: float = 2.0

@@ -63,7 +63,7 @@ def test_one_way_attention_leaves_clip_untouched_until_fusion_block_2():
 
 @pytest.mark.parametrize("block_type", ["default", "custom"])
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("attention", ["one-way", "picks-only"])
+@pytest.mark.parametrize("attention", ["one-way", "picks-only", "isolated"])
 def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train, attention):
     # open_clip's default block casts masks to floats and its custom block reads booleans: both must mask, in
     # the fused inference path and with autograd.
@@ -84,11 +84,20 @@ def test_one_way_mask_holds_in_both_open_clip_blocks(block_type, train, attentio
         clip_states = run_layers(visual.trunk.transformer, visual.trunk._embeds(images), 0, visual.fusion_layers[1])
     e2_states = out.hidden_states[visual.fusion_layers[1]][:, model.config.num_tokens:]
     torch.testing.assert_close(e2_states, clip_states, atol=1e-5, rtol=1e-5)
-    if attention == "picks-only":  # and the tokens read CLS and each other, no patch
+    if attention != "one-way":  # and the tokens read no patch (picks-only: they read CLS; isolated: not even CLS)
         x = out.hidden_states[0].detach().requires_grad_(True)
-        num_tokens = model.config.num_tokens
-        run_layers(visual.trunk.transformer, x, 0, 1, attn_mask=visual._attention_mask(x))[:, :num_tokens].sum().backward()
-        assert x.grad[:, num_tokens + 1:].abs().max() == 0 and x.grad[:, :num_tokens + 1].abs().min() > 0
+        num_tokens, reads = model.config.num_tokens, model.config.num_tokens + (attention == "picks-only")
+        mask = visual._attention_mask(x.shape[1], x)
+        run_layers(visual.trunk.transformer, x, 0, 1, attn_mask=mask)[:, :num_tokens].sum().backward()
+        assert x.grad[:, reads:].abs().max() == 0 and x.grad[:, :reads].abs().min() > 0
+
+    # after fusion block 2 ([tokens, CLS]): only isolated tokens are kept from CLS; CLS reads the tokens in every mode
+    after = visual._attention_mask(model.config.num_tokens + 1, out.image_features, after_fusion=True)
+    if attention == "isolated":
+        assert torch.isinf(after[:-1, -1]).all() and (after[-1] == 0).all() and (after[:-1, :-1] == 0).all()
+    else:
+        assert after is None
+
 
 def test_checkpoints_saved_before_token_attention_existed_load_with_full_attention():
     saved = e2_core.E2Config().to_dict()
