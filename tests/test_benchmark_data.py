@@ -78,3 +78,26 @@ def test_the_second_generator_writes_a_catalog_the_registry_reads(tmp_path):
                          ("season", next(s for s in other.SEASONS if s != item.season))):
         share = changed_pixels(other.draw(item), other.draw(replace(item, **{field: value}))).mean()
         assert 0 < share < 0.01, (field, share)
+
+
+def test_the_variant_table_reads_each_variants_saved_runs(tmp_path, capsys):
+    import json
+
+    from e2_vs_clipft import compare_variants
+
+    def block(brand, season, sharing):
+        return {"on_detail": {"brand": brand, "season": season}, "distinct_share": 0.5,
+                "entity_pairs_sharing": sharing}
+
+    for kind, t2i, brand in (("clip-ft", 50.0, None), ("e2", 53.0, 0.4), ("e2-lever", 49.0, 0.1)):
+        for seed, shift in ((0, 0.0), (1, 2.0)):
+            record = {"final": {"t2i_r1": t2i + shift, "i2t_r1": t2i}}
+            if brand is not None:
+                record["mechanism"] = {"selection_chance": {"brand": 0.068, "season": 0.041},
+                                       "blocks": [block(0.9, 0.2, 0.1), block(brand, 0.05, 0.3)]}
+            (tmp_path / kind).mkdir(exist_ok=True)
+            (tmp_path / kind / f"seed{seed}-results.json").write_text(json.dumps(record))
+    compare_variants(tmp_path, ["e2", "e2-lever"], [0, 1])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e2")]
+    assert rows[0].startswith("| e2 | 54.0 ± 1.0 | 53.0 ± 0.0 | +3.0 ± 0.0 (+3.0, +3.0) | 1 | 90.0 ± 0.0% |")
+    assert rows[1].startswith("| e2-lever | 50.0 ± 1.0 | 49.0 ± 0.0 | -1.0 ± 0.0 (-1.0, -1.0) |")
