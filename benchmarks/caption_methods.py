@@ -24,6 +24,11 @@ dataset about 20 min at 300 fine-tuning steps (CLIP-FT 300, E2 90 + 300), captio
 
     python benchmarks/caption_methods.py --seeds 0 1 2 --out runs/bench-caption
     python benchmarks/caption_methods.py --datasets other --seeds 0 --workers 0   # one seed, one core
+    python benchmarks/caption_methods.py --datasets products   # other_products.py's catalog and its runs' encoders
+
+``products``: the catalog of ``benchmarks/other_products.py`` (its 4,000 training and 1,000 validation items) with that
+benchmark's CLIP-FT and E2 of each seed (``--products-encoder`` / ``--products-baseline`` take ``{seed}``), so run
+it first.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ from pathlib import Path
 
 from e2_caption import caption
 from e2_train.demo import DEMO, demo_root, finetune, pretrain_clip
+
+import other_products  # the second generator's benchmark, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from other_data import write_catalog  # noqa: E402  (the tests' second data writer)
@@ -65,7 +72,14 @@ def mean_se(values):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--datasets", nargs="+", default=["synthetic", "other"], choices=["synthetic", "other"])
+    parser.add_argument("--datasets", nargs="+", default=["synthetic", "other"],
+                        choices=["synthetic", "other", "products"],
+                        help="products: benchmarks/other_products.py's catalog, with that benchmark's encoders")
+    parser.add_argument("--products-encoder", default=None, help="E2 on 'products', '{seed}' replaced by each seed "
+                        "(default: other_products.py's E2 of that seed at the recipe's steps)")
+    parser.add_argument("--products-baseline", default=None, help="CLIP-FT on 'products', as --products-encoder")
+    parser.add_argument("--products-root", default=None,
+                        help="the catalog of 'products' (default: other_products.py's, written there if absent)")
     parser.add_argument("--epochs", type=int, default=8, help="decoder epochs (the task's min_steps floor applies)")
     parser.add_argument("--images", type=int, default=1000, help="validation images scored")
     parser.add_argument("--other-train", type=int, default=1200, help="training products of the second dataset")
@@ -97,11 +111,19 @@ def main() -> None:
                 print(f"writing the second dataset to {root} ...", flush=True)
                 write_catalog(root, train=args.other_train, validation=args.other_validation)
             data = dict(dataset="catalog", data_root=str(root))
+        elif dataset == "products":  # the benchmark's catalog at its default sizes (no new images if present)
+            root = Path(args.products_root) if args.products_root else other_products.default_out() / "data-4000-1000"
+            other_products.write(root, {"train": 4000, "validation": 1000})
+            data = dict(dataset="catalog", data_root=str(root))
         runs = []
         for seed in args.seeds:
             run = out / f"{dataset}-seed{seed}"
             encoders = dict(encoder=args.encoder, baseline=args.baseline)
-            if trained:
+            if dataset == "products":
+                encoders = {role: (given or str(other_products.best_checkpoint(kind, "{seed}"))).format(seed=seed)
+                            for role, given, kind in (("encoder", args.products_encoder, "e2"),
+                                                      ("baseline", args.products_baseline, "clip-ft"))}
+            elif trained:
                 encoders = other_encoders(root, out / f"encoders-{name}-{args.finetune_steps}steps", seed,
                                           args.finetune_steps, args.device, args.workers)
             begun = time.time()
@@ -116,12 +138,12 @@ def main() -> None:
         def metric(name, role, key):
             return [side(r, role)["methods"][name]["metrics"].get(key, math.nan) for r in runs]
 
-        labels = {role: ("CLIP-FT" if role == "baseline" else "E2") if trained else
+        labels = {role: ("CLIP-FT" if role == "baseline" else "E2") if trained or dataset == "products" else
                   next(label for label, r in runs[0]["encoders"].items() if r["role"] == role)
                   for role in ("baseline", "encoder")}
         entry = side(runs[0], "baseline")["methods"][args.methods[0]]
         used = (f"CLIP-FT and E2 fine-tuned on its training split ({args.finetune_steps} steps per seed)" if trained
-                else " and ".join(side(runs[0], role)["source"] for role in ("baseline", "encoder")))
+                else " and ".join(side(runs[0], role)["source"] for role in ("baseline", "encoder")))  # seed 0's
         print(f"\n{dataset}: {entry['trained_on']['captions']} training captions, {entry['trained_on']['epochs']} "
               f"epochs, decoder {args.decoder}, seeds {args.seeds}, encoders: {used}; "
               f"{entry['notes'][0] if entry['notes'] else ''}")

@@ -9,6 +9,11 @@ E2 - CLIP-FT per method with its value on each seed (target: E2 >= CLIP-FT on me
 
     python benchmarks/cir_methods.py --triplets 100 --seeds 0 1 2 --out runs/bench-cir
     python benchmarks/cir_methods.py --option searle.oti_steps=30    # a method setting, as ``run cir --option``
+    python benchmarks/cir_methods.py --data other    # benchmarks/other_products.py's items, its runs' encoders
+
+``--data other`` writes the triplets with ``other_products.write_fashioniq`` (another generator and vocabulary; every
+image of an item none of its encoders trained on) and reads them as real FashionIQ (``--dataset fashioniq``); its
+encoders default to that benchmark's CLIP-FT and E2 of each seed (``--encoder``/``--baseline`` take ``{seed}``).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import math
 import statistics
 from pathlib import Path
 
+import other_products
 from e2_data.synthetic import write_fashioniq
 from e2_cir import cir
 from e2_cir.methods import METHODS
@@ -31,8 +37,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--triplets", type=int, default=100, help="triplets per category and split")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--encoder", default="demo:e2")
-    parser.add_argument("--baseline", default="demo:clip-ft")
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "other"],
+                        help="whose products: the package's generator, or benchmarks/other_products.py's (read as "
+                             "FashionIQ: --dataset fashioniq)")
+    parser.add_argument("--encoder", default=None, help="'{seed}' in it is replaced by each seed (default: demo:e2; "
+                        "--data other: other_products.py's E2 of that seed)")
+    parser.add_argument("--baseline", default=None, help="'{seed}' in it is replaced by each seed (default: "
+                        "demo:clip-ft; --data other: other_products.py's CLIP-FT of that seed)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--option", nargs="*", default=[], help="METHOD.NAME=VALUE settings (as run cir --option)")
     parser.add_argument("--device", default="auto")
@@ -40,25 +51,34 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
+    if args.data == "synthetic":
+        encoder, baseline = args.encoder or "demo:e2", args.baseline or "demo:clip-ft"
+    else:  # the second generator's benchmark's own runs, which read its vocabulary
+        encoder = args.encoder or str(other_products.best_checkpoint("e2", "{seed}"))
+        baseline = args.baseline or str(other_products.best_checkpoint("clip-ft", "{seed}"))
     runs = []
     for seed in args.seeds:
-        data = out / f"fashioniq-{args.triplets}-seed{seed}"
+        data = out / f"{'' if args.data == 'synthetic' else 'other-'}fashioniq-{args.triplets}-seed{seed}"
         if not (data / "captions" / "cap.toptee.val.json").is_file():
-            print(f"writing {args.triplets} synthetic triplets per category and split to {data} ...", flush=True)
-            write_fashioniq(data, args.triplets, seed=seed)
+            print(f"writing {args.triplets} {args.data} triplets per category and split to {data} ...", flush=True)
+            (write_fashioniq if args.data == "synthetic" else other_products.write_fashioniq)(
+                data, args.triplets, seed=seed)
         trained = [m for m in args.methods if METHODS[m].trains]
         given = {o.split("=")[0] for o in args.option}
         seeds = [f"{m}.seed={seed}" for m in trained if f"{m}.seed" not in given]
-        run = out / f"run-seed{seed}"
-        cir(dataset="synthetic-fashioniq", data_root=str(data), method=args.methods, encoder=args.encoder,
-            baseline=args.baseline, option=args.option + seeds, out=run, networks=out / "networks",
-            device=args.device, figure_queries=0)
+        run = out / f"{'' if args.data == 'synthetic' else 'other-'}run-seed{seed}"
+        cir(dataset="synthetic-fashioniq" if args.data == "synthetic" else "fashioniq", data_root=str(data),
+            method=args.methods, encoder=encoder.format(seed=seed), baseline=baseline.format(seed=seed),
+            option=args.option + seeds, out=run, networks=out / "networks", device=args.device, figure_queries=0)
         runs.append(json.loads((run / "results.json").read_text()))
-    labels = list(runs[0]["encoders"])
-    base, e2 = labels[0], labels[1]
+    # an encoder by its role and its kind's name ("CLIP-FT", "E2"): its label also names its checkpoint, per seed
+    labels = {role: next(label.split(" (")[0] for label, e in runs[0]["encoders"].items() if e["role"] == role)
+              for role in ("baseline", "encoder")}
+    base, e2 = labels["baseline"], labels["encoder"]
 
     def score(name, label, key):
-        return [r["encoders"][label]["methods"][name][key] for r in runs]
+        role = "baseline" if label == base else "encoder"
+        return [next(e for e in r["encoders"].values() if e["role"] == role)["methods"][name][key] for r in runs]
 
     print(f"\n{args.triplets} triplets per category, seeds {args.seeds}; mean over dress, shirt, toptee "
           f"(mean ± standard error over seeds){'; settings ' + ' '.join(args.option) if args.option else ''}")

@@ -25,7 +25,7 @@ import argparse
 import itertools
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -215,6 +215,83 @@ def write(root: Path, splits: Dict[str, int], offset: int = 0) -> Path:
     return root
 
 
+# FashionIQ's three categories, each one of this generator's garments
+FASHIONIQ_GARMENTS = {"dress": "jumpsuit", "shirt": "hoodie", "toptee": "puffer vest"}
+_CHANGES = {  # attribute -> two ways to say the target's value, as FashionIQ's two annotators might
+    "colour": ("make it {}", "is {} instead"),
+    "fabric": ("woven in {}", "same cut but {}"),
+    "brand": ("by {}", "carries the {} mark"),
+    "place": ("with the mark at the {}", "mark moved to the {}"),
+}
+
+
+def write_fashioniq(root: Path, triplets: int = 100, seed: int = 0, distractors: int = 2,
+                    splits=("train", "val")) -> Dict[str, int]:
+    """A FashionIQ folder (``captions/cap.{cat}.{split}.json``, ``image_splits/split.{cat}.{split}.json``,
+    ``images/<name>.png``) of this generator's items: ``triplets`` per category and split. A target differs from
+    its reference in one or two of colour, fabric, brand and mark place, each change said in one relative
+    caption (one change: said twice, worded two ways); the gallery adds ``distractors`` per triplet equal to the
+    target but for its season or mark place, which only the reference photo tells apart. Every image is of an item
+    past the first third of the fixed order (the benchmark's training and pre-training items are in it);
+    references are from the last third, disjoint between splits. ``seed`` draws other triplets. Returns the
+    number of triplets per ``split/category``."""
+    root = Path(root)
+    for folder in ("captions", "image_splits", "images"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    names, everything = brands(), items()
+    by_key = {astuple(i)[1:]: i for i in everything}  # attributes -> the item (and its number)
+    values = {"colour": tuple(COLOURS), "fabric": tuple(FABRICS), "brand": range(NUM_BRANDS), "place": PLACES}
+    rng = random.Random(f"other-fashioniq:{seed}")
+    held_out = len(everything) // 3  # the benchmark's training and pre-training items come before
+    counts = {}
+    for category, garment in FASHIONIQ_GARMENTS.items():
+        pool = rng.sample([i for i in everything[2 * held_out:] if i.garment == garment], triplets * len(splits))
+        for s, split in enumerate(splits):
+            gallery, rows = {}, []
+            for reference in pool[s * triplets:(s + 1) * triplets]:
+                while True:  # until the target and distractors are all held out too
+                    target, changes = reference, []
+                    for attribute in rng.sample(list(_CHANGES), rng.choice([1, 2])):
+                        value = rng.choice([v for v in values[attribute] if v != getattr(target, attribute)])
+                        target = replace(target, **{attribute: value})
+                        changes.append((attribute, names[value] if attribute == "brand" else value))
+                    target = by_key[astuple(target)[1:]]
+                    options = [replace(target, season=v) for v in SEASONS if v != target.season]
+                    options += [replace(target, place=v) for v in PLACES if v != target.place]
+                    options = [by_key[astuple(o)[1:]] for o in options]
+                    options = [o for o in options if o.number >= held_out]
+                    if target.number >= held_out and len(options) >= distractors:
+                        break
+                others = rng.sample(options, distractors)
+                way = rng.randrange(2)
+                captions = [_CHANGES[attribute][way].format(value) for attribute, value in changes]
+                if len(changes) == 1:
+                    captions.append(_CHANGES[changes[0][0]][1 - way].format(changes[0][1]))
+                for item in (reference, target, *others):
+                    gallery[f"op{item.number:05d}"] = item
+                rows.append({"candidate": f"op{reference.number:05d}", "target": f"op{target.number:05d}",
+                             "captions": captions})
+            for name, item in gallery.items():
+                if not (root / "images" / f"{name}.png").is_file():
+                    draw(item).save(root / "images" / f"{name}.png")
+            (root / "captions" / f"cap.{category}.{split}.json").write_text(
+                json.dumps(rows, indent=1, ensure_ascii=False), encoding="utf-8")
+            (root / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(sorted(gallery)))
+            counts[f"{split}/{category}"] = len(rows)
+    return counts
+
+
+def default_out() -> Path:
+    return cache_root() / "other-products"
+
+
+def best_checkpoint(kind: str, seed, steps: int = DEMO.finetune_steps, out: Path = None) -> Path:
+    """Where ``main`` (its default sizes) leaves the best checkpoint of ``kind`` fine-tuned with ``seed``."""
+    out = Path(out) if out else default_out()
+    return out / f"data-4000-1000-{steps}steps" / kind / f"seed{seed}" / ("stage2" if kind == "e2" else "finetune") \
+        / "best"
+
+
 # --- the benchmark --------------------------------------------------------------------------------
 
 PROBED = {"brand": None, "season": tuple(SEASONS), "composition": tuple(FABRICS), "place": PLACES,
@@ -242,7 +319,7 @@ def probe(encoder, data, device, count: int = 200) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(cache_root() / "other-products"))
+    parser.add_argument("--out", default=None, help="default: E2_PLUGINS_CACHE's other-products")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--finetune-steps", type=int, default=DEMO.finetune_steps)
     parser.add_argument("--train-items", type=int, default=4000)
@@ -253,7 +330,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    out, device = Path(args.out), str(e2_core.runtime.resolve_device(args.device))
+    out = Path(args.out) if args.out else default_out()
+    device = str(e2_core.runtime.resolve_device(args.device))
     common = dict(device=args.device, workers=args.workers, progress=False)
     sizes = {"train": args.train_items, "validation": args.validation_items}
     data_root = write(out / f"data-{args.train_items}-{args.validation_items}", sizes)

@@ -101,3 +101,42 @@ def test_the_variant_table_reads_each_variants_saved_runs(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e2")]
     assert rows[0].startswith("| e2 | 54.0 ± 1.0 | 53.0 ± 0.0 | +3.0 ± 0.0 (+3.0, +3.0) | 1 | 90.0 ± 0.0% |")
     assert rows[1].startswith("| e2-lever | 50.0 ± 1.0 | 49.0 ± 0.0 | -1.0 ± 0.0 (-1.0, -1.0) |")
+
+
+def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_trained_on(tmp_path):
+    from dataclasses import astuple
+
+    import other_products as other
+
+    counts = other.write_fashioniq(tmp_path, triplets=6, seed=3, distractors=2)
+    assert counts == {f"{s}/{c}": 6 for s in ("train", "val") for c in ("dress", "shirt", "toptee")}
+    by_number, names = {i.number: i for i in other.items()}, other.brands()
+    item = lambda name: by_number[int(name[2:])]  # noqa: E731
+    fields = ("colour", "fabric", "brand", "place")
+    references = {}
+    for category, garment in other.FASHIONIQ_GARMENTS.items():
+        for split in ("train", "val"):
+            data = open_dataset("fashioniq", str(tmp_path), split, kind="triplets", category=category)
+            assert len(data.triplets) == 6 and not data.dropped and not data.missing_images
+            references[split] = {t.reference for t in data.triplets}
+            for triplet in data.triplets:
+                ref, target = item(triplet.reference), item(triplet.target)
+                changed = [f for f in fields if getattr(ref, f) != getattr(target, f)]
+                assert 1 <= len(changed) <= 2 and ref.garment == target.garment == garment
+                assert ref.season == target.season
+                said = " | ".join(triplet.captions)
+                for f in changed:  # each change is said, in the vocabulary's own spelling
+                    value = getattr(target, f)
+                    assert (names[value] if f == "brand" else value) in said, (f, said)
+                assert len(triplet.captions) == 2
+            for name in data.gallery:  # no image of an item the benchmark trains or pre-trains on
+                assert item(name).number >= len(by_number) // 3
+            assert Path(data.image_path(data.gallery[0])).suffix == ".png"
+        assert not references["train"] & references["val"]
+    # the last target's distractors: the same garment, colour, brand and fabric, one of season and mark place apart
+    twins = [item(n) for n in data.gallery if astuple(item(n))[1:5] == astuple(target)[1:5] and item(n) != target]
+    assert len(twins) >= 2
+    assert all((t.season != target.season) + (t.place != target.place) == 1 for t in twins)
+    assert other.write_fashioniq(tmp_path / "again", triplets=6, seed=3) == counts
+    again = (tmp_path / "again" / "captions" / "cap.toptee.val.json").read_text(encoding="utf-8")
+    assert again == (tmp_path / "captions" / "cap.toptee.val.json").read_text(encoding="utf-8")
