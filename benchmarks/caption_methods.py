@@ -120,9 +120,8 @@ def main() -> None:
             run = out / f"{dataset}-seed{seed}"
             encoders = dict(encoder=args.encoder, baseline=args.baseline)
             if dataset == "products":
-                encoders = {role: (given or str(other_products.best_checkpoint(kind, "{seed}"))).format(seed=seed)
-                            for role, given, kind in (("encoder", args.products_encoder, "e2"),
-                                                      ("baseline", args.products_baseline, "clip-ft"))}
+                encoders = dict(encoder=other_products.trained_encoder("e2", seed, args.products_encoder),
+                                baseline=other_products.trained_encoder("clip-ft", seed, args.products_baseline))
             elif trained:
                 encoders = other_encoders(root, out / f"encoders-{name}-{args.finetune_steps}steps", seed,
                                           args.finetune_steps, args.device, args.workers)

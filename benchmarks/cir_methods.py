@@ -51,25 +51,25 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    if args.data == "synthetic":
-        encoder, baseline = args.encoder or "demo:e2", args.baseline or "demo:clip-ft"
-    else:  # the second generator's benchmark's own runs, which read its vocabulary
-        encoder = args.encoder or str(other_products.best_checkpoint("e2", "{seed}"))
-        baseline = args.baseline or str(other_products.best_checkpoint("clip-ft", "{seed}"))
-    runs = []
+    runs, synthetic = [], args.data == "synthetic"
     for seed in args.seeds:
-        data = out / f"{'' if args.data == 'synthetic' else 'other-'}fashioniq-{args.triplets}-seed{seed}"
+        if synthetic:
+            encoders = dict(encoder=(args.encoder or "demo:e2").format(seed=seed),
+                            baseline=(args.baseline or "demo:clip-ft").format(seed=seed))
+        else:  # the second generator's benchmark's own runs, which read its vocabulary
+            encoders = dict(encoder=other_products.trained_encoder("e2", seed, args.encoder),
+                            baseline=other_products.trained_encoder("clip-ft", seed, args.baseline))
+        data = out / f"{'' if synthetic else 'other-'}fashioniq-{args.triplets}-seed{seed}"
         if not (data / "captions" / "cap.toptee.val.json").is_file():
             print(f"writing {args.triplets} {args.data} triplets per category and split to {data} ...", flush=True)
-            (write_fashioniq if args.data == "synthetic" else other_products.write_fashioniq)(
-                data, args.triplets, seed=seed)
+            (write_fashioniq if synthetic else other_products.write_fashioniq)(data, args.triplets, seed=seed)
         trained = [m for m in args.methods if METHODS[m].trains]
         given = {o.split("=")[0] for o in args.option}
         seeds = [f"{m}.seed={seed}" for m in trained if f"{m}.seed" not in given]
-        run = out / f"{'' if args.data == 'synthetic' else 'other-'}run-seed{seed}"
-        cir(dataset="synthetic-fashioniq" if args.data == "synthetic" else "fashioniq", data_root=str(data),
-            method=args.methods, encoder=encoder.format(seed=seed), baseline=baseline.format(seed=seed),
-            option=args.option + seeds, out=run, networks=out / "networks", device=args.device, figure_queries=0)
+        run = out / f"{'' if synthetic else 'other-'}run-seed{seed}"
+        cir(dataset="synthetic-fashioniq" if synthetic else "fashioniq", data_root=str(data), method=args.methods,
+            option=args.option + seeds, out=run, networks=out / "networks", device=args.device, figure_queries=0,
+            **encoders)
         runs.append(json.loads((run / "results.json").read_text()))
     # an encoder by its role and its kind's name ("CLIP-FT", "E2"): its label also names its checkpoint, per seed
     labels = {role: next(label.split(" (")[0] for label, e in runs[0]["encoders"].items() if e["role"] == role)

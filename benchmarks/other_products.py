@@ -292,6 +292,18 @@ def best_checkpoint(kind: str, seed, steps: int = DEMO.finetune_steps, out: Path
         / "best"
 
 
+def trained_encoder(kind: str, seed: int, given: str = None) -> str:
+    """``given`` with ``{seed}`` replaced, or else this benchmark's ``kind`` of ``seed`` at the recipe's steps,
+    for the downstream benchmarks; exits saying what to run when that run is missing."""
+    if given:
+        return given.format(seed=seed)
+    path = best_checkpoint(kind, seed)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path}: no such checkpoint: run `python benchmarks/other_products.py --seeds {seed}` "
+                         "first, or name the encoders (their '{seed}' replaced by each seed)")
+    return str(path)
+
+
 # --- the benchmark --------------------------------------------------------------------------------
 
 PROBED = {"brand": None, "season": tuple(SEASONS), "composition": tuple(FABRICS), "place": PLACES,

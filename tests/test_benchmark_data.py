@@ -140,3 +140,17 @@ def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_train
     assert other.write_fashioniq(tmp_path / "again", triplets=6, seed=3) == counts
     again = (tmp_path / "again" / "captions" / "cap.toptee.val.json").read_text(encoding="utf-8")
     assert again == (tmp_path / "captions" / "cap.toptee.val.json").read_text(encoding="utf-8")
+
+
+def test_the_downstream_benchmarks_take_each_seeds_encoder_or_say_what_to_run(tmp_path, monkeypatch):
+    import other_products as other
+
+    assert other.trained_encoder("e2", 2, "runs/e2/seed{seed}/stage2/best") == "runs/e2/seed2/stage2/best"
+    monkeypatch.setenv("E2_PLUGINS_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"clip-ft/seed1/finetune/best: no such checkpoint: run `python "
+                                         r"benchmarks/other_products.py --seeds 1` first"):
+        other.trained_encoder("clip-ft", 1)
+    best = other.best_checkpoint("e2", 1)
+    best.mkdir(parents=True)
+    (best / "config.json").write_text("{}")
+    assert other.trained_encoder("e2", 1) == str(best) and str(best).startswith(str(tmp_path))
