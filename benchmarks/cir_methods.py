@@ -52,6 +52,7 @@ def main() -> None:
 
     out = Path(args.out)
     runs, synthetic = [], args.data == "synthetic"
+    tag = "" if synthetic else "other-"
     for seed in args.seeds:
         if synthetic:
             encoders = dict(encoder=(args.encoder or "demo:e2").format(seed=seed),
@@ -59,14 +60,14 @@ def main() -> None:
         else:  # the second generator's benchmark's own runs, which read its vocabulary
             encoders = dict(encoder=other_products.trained_encoder("e2", seed, args.encoder),
                             baseline=other_products.trained_encoder("clip-ft", seed, args.baseline))
-        data = out / f"{'' if synthetic else 'other-'}fashioniq-{args.triplets}-seed{seed}"
+        data = out / f"{tag}fashioniq-{args.triplets}-seed{seed}"
         if not (data / "captions" / "cap.toptee.val.json").is_file():
             print(f"writing {args.triplets} {args.data} triplets per category and split to {data} ...", flush=True)
             (write_fashioniq if synthetic else other_products.write_fashioniq)(data, args.triplets, seed=seed)
         trained = [m for m in args.methods if METHODS[m].trains]
         given = {o.split("=")[0] for o in args.option}
         seeds = [f"{m}.seed={seed}" for m in trained if f"{m}.seed" not in given]
-        run = out / f"{'' if synthetic else 'other-'}run-seed{seed}"
+        run = out / f"{tag}run-seed{seed}"
         cir(dataset="synthetic-fashioniq" if synthetic else "fashioniq", data_root=str(data), method=args.methods,
             option=args.option + seeds, out=run, networks=out / "networks", device=args.device, figure_queries=0,
             **encoders)
@@ -76,8 +77,7 @@ def main() -> None:
               for role in ("baseline", "encoder")}
     base, e2 = labels["baseline"], labels["encoder"]
 
-    def score(name, label, key):
-        role = "baseline" if label == base else "encoder"
+    def score(name, role, key):
         return [next(e for e in r["encoders"].values() if e["role"] == role)["methods"][name][key] for r in runs]
 
     print(f"\n{args.triplets} triplets per category, seeds {args.seeds}; mean over dress, shirt, toptee "
@@ -86,8 +86,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     met = []
     for name in args.methods:
-        cells = [mean_se(score(name, label, key)) for key in ("mean R@10", "mean R@50") for label in (base, e2)]
-        gaps = [e - b for e, b in zip(score(name, e2, "mean R@10"), score(name, base, "mean R@10"))]
+        cells = [mean_se(score(name, role, key)) for key in ("mean R@10", "mean R@50")
+                 for role in ("baseline", "encoder")]
+        gaps = [e - b for e, b in zip(score(name, "encoder", "mean R@10"), score(name, "baseline", "mean R@10"))]
         gap = mean_se(gaps)
         met.append(gap[0] >= 0)
         print(f"| {name} | {runs[0]['conventions'][name]} | "

@@ -235,6 +235,9 @@ def write_fashioniq(root: Path, triplets: int = 100, seed: int = 0, distractors:
     past the first third of the fixed order (the benchmark's training and pre-training items are in it);
     references are from the last third, disjoint between splits. ``seed`` draws other triplets. Returns the
     number of triplets per ``split/category``."""
+    if not 0 <= distractors <= len(SEASONS) - 1 + len(PLACES) - 1:
+        raise ValueError(f"distractors: at most {len(SEASONS) + len(PLACES) - 2} per triplet (a target has that many "
+                         f"season and mark-place twins), got {distractors}")
     root = Path(root)
     for folder in ("captions", "image_splits", "images"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -285,11 +288,15 @@ def default_out() -> Path:
     return cache_root() / "other-products"
 
 
+def runs_folder(out: Path, data_name: str, steps: int) -> Path:
+    """Where ``main`` keeps the fine-tuning runs (``KIND/seedN``) on the data folder ``data_name``."""
+    return Path(out) / f"{data_name}-{steps}steps"
+
+
 def best_checkpoint(kind: str, seed, steps: int = DEMO.finetune_steps, out: Path = None) -> Path:
     """Where ``main`` (its default sizes) leaves the best checkpoint of ``kind`` fine-tuned with ``seed``."""
-    out = Path(out) if out else default_out()
-    return out / f"data-4000-1000-{steps}steps" / kind / f"seed{seed}" / ("stage2" if kind == "e2" else "finetune") \
-        / "best"
+    run = runs_folder(out or default_out(), "data-4000-1000", steps) / kind / f"seed{seed}"
+    return run / ("stage2" if kind == "e2" else "finetune") / "best"
 
 
 def trained_encoder(kind: str, seed: int, given: str = None) -> str:
@@ -364,7 +371,7 @@ def main() -> None:
             step0 = retrieval_r1(initial, val, device, errors=False)
             probe0 = probe(initial, val, device, args.probe_products)
         for seed in args.seeds:
-            folder = out / f"{data_root.name}-{args.finetune_steps}steps" / kind
+            folder = runs_folder(out, data_root.name, args.finetune_steps) / kind
             result_file = folder / f"seed{seed}-results.json"
             if result_file.is_file():
                 runs[f"{kind}/seed{seed}"] = json.loads(result_file.read_text())

@@ -137,6 +137,8 @@ def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_train
     twins = [item(n) for n in data.gallery if astuple(item(n))[1:5] == astuple(target)[1:5] and item(n) != target]
     assert len(twins) >= 2
     assert all((t.season != target.season) + (t.place != target.place) == 1 for t in twins)
+    with pytest.raises(ValueError, match="distractors: at most 5 per triplet"):
+        other.write_fashioniq(tmp_path / "many", triplets=1, distractors=6)
     assert other.write_fashioniq(tmp_path / "again", triplets=6, seed=3) == counts
     again = (tmp_path / "again" / "captions" / "cap.toptee.val.json").read_text(encoding="utf-8")
     assert again == (tmp_path / "captions" / "cap.toptee.val.json").read_text(encoding="utf-8")
