@@ -112,7 +112,7 @@ def main() -> None:
                 write_catalog(root, train=args.other_train, validation=args.other_validation)
             data = dict(dataset="catalog", data_root=str(root))
         elif dataset == "products":  # the benchmark's catalog at its default sizes (no new images if present)
-            root = Path(args.products_root) if args.products_root else other_products.default_out() / "data-4000-1000"
+            root = Path(args.products_root) if args.products_root else other_products.catalog_root()
             other_products.write(root, {"train": 4000, "validation": 1000})
             data = dict(dataset="catalog", data_root=str(root))
         runs = []

@@ -11,6 +11,10 @@ E2 - CLIP-FT per method with its value on each seed (target: E2 >= CLIP-FT on me
     python benchmarks/cir_methods.py --option searle.oti_steps=30    # a method setting, as ``run cir --option``
     python benchmarks/cir_methods.py --data other    # benchmarks/other_products.py's items, its runs' encoders
 
+``--train-captions descriptions`` trains the caption-trained methods (LinCIR; SEARLE's regulariser) on the product
+descriptions of the encoders' own training items, which describe images as LinCIR's CC3M captions do, instead of the
+FashionIQ training split's relative captions (the default, which describe changes); a caption file is taken too.
+
 ``--data other`` writes the triplets with ``other_products.write_fashioniq`` (another generator and vocabulary; every
 image of an item none of its encoders trained on) and reads them as real FashionIQ (``--dataset fashioniq``); its
 encoders default to that benchmark's CLIP-FT and E2 of each seed (``--encoder``/``--baseline`` take ``{seed}``).
@@ -27,10 +31,23 @@ import other_products
 from e2_data.synthetic import write_fashioniq
 from e2_cir import cir
 from e2_cir.methods import METHODS
+from e2_core.registry import get_dataset
+from e2_data import default_synthetic_root
 
 
 def mean_se(values):
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def write_descriptions(path: Path, dataset: str, root) -> Path:
+    """The training split's product descriptions (the text where a product has none), one per line, written once."""
+    if not path.is_file():
+        products = get_dataset(dataset).open(root, "train")
+        tags = [products.product(i).tags for i in range(len(products))]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(" ".join((t.get("description") or t["text"]).split()) + "\n" for t in tags),
+                        encoding="utf-8")
+    return path
 
 
 def main() -> None:
@@ -46,6 +63,12 @@ def main() -> None:
                         "demo:clip-ft; --data other: other_products.py's CLIP-FT of that seed)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--option", nargs="*", default=[], help="METHOD.NAME=VALUE settings (as run cir --option)")
+    parser.add_argument("--train-captions", default=None,
+                        help="the caption-trained methods' captions: 'descriptions' (the encoders' training products' "
+                             "descriptions) or a caption file; default: the training split's relative captions")
+    parser.add_argument("--products-root", default=None,
+                        help="--data other: the catalog folder its encoders trained on, for --train-captions "
+                             "descriptions (default: other_products.py's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench-cir")
     args = parser.parse_args()
@@ -53,6 +76,10 @@ def main() -> None:
     out = Path(args.out)
     runs, synthetic = [], args.data == "synthetic"
     tag = "" if synthetic else "other-"
+    captions = args.train_captions
+    if captions == "descriptions":
+        captions = write_descriptions(out / f"{tag}descriptions.txt", *(
+            ("synthetic", default_synthetic_root()) if synthetic else ("catalog", args.products_root or other_products.catalog_root())))
     for seed in args.seeds:
         if synthetic:
             encoders = dict(encoder=(args.encoder or "demo:e2").format(seed=seed),
@@ -67,9 +94,9 @@ def main() -> None:
         trained = [m for m in args.methods if METHODS[m].trains]
         given = {o.split("=")[0] for o in args.option}
         seeds = [f"{m}.seed={seed}" for m in trained if f"{m}.seed" not in given]
-        run = out / f"{tag}run-seed{seed}"
+        run = out / f"{tag}run-seed{seed}{'-captions' if captions else ''}"
         cir(dataset="synthetic-fashioniq" if synthetic else "fashioniq", data_root=str(data), method=args.methods,
-            option=args.option + seeds, out=run, networks=out / "networks", device=args.device, figure_queries=0,
+            option=args.option + seeds, train_captions=captions, out=run, networks=out / "networks", device=args.device, figure_queries=0,
             **encoders)
         runs.append(json.loads((run / "results.json").read_text()))
     # an encoder by its role and its kind's name ("CLIP-FT", "E2"): its label also names its checkpoint, per seed
@@ -81,7 +108,8 @@ def main() -> None:
         return [next(e for e in r["encoders"].values() if e["role"] == role)["methods"][name][key] for r in runs]
 
     print(f"\n{args.triplets} triplets per category, seeds {args.seeds}; mean over dress, shirt, toptee "
-          f"(mean ± standard error over seeds){'; settings ' + ' '.join(args.option) if args.option else ''}")
+          f"(mean ± standard error over seeds){'; settings ' + ' '.join(args.option) if args.option else ''}"
+          f"{f'; caption-trained methods on {captions}' if captions else ''}")
     print(f"| method | convention | {base} R@10 | {e2} R@10 | {base} R@50 | {e2} R@50 | E2 - {base}, R@10 | per seed |")
     print("|---|---|---|---|---|---|---|---|")
     met = []

@@ -288,6 +288,11 @@ def default_out() -> Path:
     return cache_root() / "other-products"
 
 
+def catalog_root(out: Path = None, train: int = 4000, validation: int = 1000) -> Path:
+    """Where ``main`` writes the catalog of ``train`` + ``validation`` items the encoders are fine-tuned on."""
+    return Path(out or default_out()) / f"data-{train}-{validation}"
+
+
 def runs_folder(out: Path, data_name: str, steps: int) -> Path:
     """Where ``main`` keeps the fine-tuning runs (``KIND/seedN``) on the data folder ``data_name``."""
     return Path(out) / f"{data_name}-{steps}steps"
@@ -295,7 +300,7 @@ def runs_folder(out: Path, data_name: str, steps: int) -> Path:
 
 def best_checkpoint(kind: str, seed, steps: int = DEMO.finetune_steps, out: Path = None) -> Path:
     """Where ``main`` (its default sizes) leaves the best checkpoint of ``kind`` fine-tuned with ``seed``."""
-    run = runs_folder(out or default_out(), "data-4000-1000", steps) / kind / f"seed{seed}"
+    run = runs_folder(out or default_out(), catalog_root().name, steps) / kind / f"seed{seed}"
     return run / ("stage2" if kind == "e2" else "finetune") / "best"
 
 
@@ -353,7 +358,7 @@ def main() -> None:
     device = str(e2_core.runtime.resolve_device(args.device))
     common = dict(device=args.device, workers=args.workers, progress=False)
     sizes = {"train": args.train_items, "validation": args.validation_items}
-    data_root = write(out / f"data-{args.train_items}-{args.validation_items}", sizes)
+    data_root = write(catalog_root(out, args.train_items, args.validation_items), sizes)
     # the start: a CLIP pre-trained from scratch, with the demo recipe, on items the fine-tuning data does not hold
     # (as the synthetic benchmark's start is, on its own generator's)
     later = write(out / "pretrain-data", {"train": DEMO.pretrain_products, "validation": 256},

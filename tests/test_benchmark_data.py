@@ -156,3 +156,18 @@ def test_the_downstream_benchmarks_take_each_seeds_encoder_or_say_what_to_run(tm
     best.mkdir(parents=True)
     (best / "config.json").write_text("{}")
     assert other.trained_encoder("e2", 1) == str(best) and str(best).startswith(str(tmp_path))
+
+
+def test_the_cir_benchmark_trains_on_the_training_products_descriptions_one_per_line(tmp_path):
+    import other_products as other
+    from cir_methods import write_descriptions
+    from e2_core.data.base import read_captions
+
+    root = other.write(tmp_path / "data", {"train": 6, "validation": 2})
+    path = write_descriptions(tmp_path / "descriptions.txt", "catalog", str(root))
+    train = open_dataset("catalog", str(root), "train")
+    expected = [train.product(i).tags["description"] for i in range(len(train))]
+    assert read_captions(path) == expected and len(path.read_text().splitlines()) == 6
+    assert all("\n" not in d and d.endswith(".") for d in expected)
+    path.write_text("kept\n")  # written once: a second call reads what is there
+    assert read_captions(write_descriptions(path, "catalog", str(root))) == ["kept"]
