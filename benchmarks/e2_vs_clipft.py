@@ -259,7 +259,7 @@ def mean_se(values):
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity", "fusion_layers")  # the levers that shape the step-0 model too
+E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity", "fusion_layers", "pick_carry")  # the levers that shape the step-0 model too
 
 
 def main() -> None:
@@ -280,6 +280,9 @@ def main() -> None:
                         help="E2 variant lever: ViT layers before fusion block 1 and block 2 (demo model: 4 5)")
     parser.add_argument("--gumbel-tau", type=float, nargs=2, default=None, metavar=("START", "END"),
                         help="E2 variant lever: the selection's Gumbel temperature schedule (default 2.0 0.5)")
+    parser.add_argument("--pick-carry", type=float, default=None,
+                        help="E2 variant lever: fusion block 2 picks from its logits plus this times block 1's "
+                             "(default 0)")
     parser.add_argument("--patch-sharing-weight", type=float, default=None,
                         help="E2 variant lever: penalty on different entities' tokens picking one patch (default 0)")
     parser.add_argument("--fade-patches", action="store_const", const=True, default=None,
@@ -323,7 +326,7 @@ def main() -> None:
     tau = dict(zip(("gumbel_tau", "gumbel_tau_end"), args.gumbel_tau or (None, None)))
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
                                 ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
-                                ("fusion_layers", args.fusion_layers), *tau.items(),
+                                ("fusion_layers", args.fusion_layers), ("pick_carry", args.pick_carry), *tau.items(),
                                 ("patch_sharing_weight", args.patch_sharing_weight),
                                 ("fade_patches", args.fade_patches))
               if v is not None}

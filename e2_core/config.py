@@ -57,6 +57,10 @@ class E2Config:
     # fusion blocks: their regional embeddings hold nothing of the image but their picks. Checkpoints saved before this field
     # existed were trained with "full" and load as such.
     token_attention: str = "one-way"
+    # Fusion block 2 picks from its own selection logits plus ``pick_carry`` times fusion block 1's (detached; the
+    # same patches, each token its own): with 0 the two blocks pick independently (the paper); above it block 2
+    # re-reads the patch block 1 chose, a layer deeper, unless its own logits outweigh that.
+    pick_carry: float = 0.0
     # "native", or "reference" to reproduce the authors' forward pass exactly (token order,
     # the dropped last token, the last group sharing the previous group's LayerNorm).
     compat: str = "native"
@@ -76,6 +80,8 @@ class E2Config:
             raise ValueError(f"E2Config.tokens_per_entity must be >= 1, got {self.tokens_per_entity}")
         if self.gumbel_noise_end < 0:
             raise ValueError(f"E2Config.gumbel_noise_end must be >= 0, got {self.gumbel_noise_end}")
+        if self.pick_carry < 0:
+            raise ValueError(f"E2Config.pick_carry must be >= 0, got {self.pick_carry}")
         if self.value_init not in ("identity", "random"):
             raise ValueError(f"E2Config.value_init must be 'identity' or 'random', got {self.value_init!r}")
         if self.token_attention not in TOKEN_ATTENTION:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,13 @@ class FusionBlock(nn.Module):
         # q·(Wk p) = (q Wk)·p: fold the key projection into the T queries, never project all N patches
         return (self.q(tokens) @ self.k.weight) @ patches.transpose(1, 2) * self.logit_scale
 
-    def forward(self, tokens: torch.Tensor, patches: torch.Tensor
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor, prior: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T), selection
-        logits (B, T, N)."""
+        logits (B, T, N); ``prior`` (B, T, N), when given, is added to the logits before the pick."""
         logits = self.logits(tokens, patches)
+        if prior is not None:
+            logits = logits + prior
         # (one-hot @ P) Wv = one-hot @ (P Wv): only the chosen patches go through Wv
         if self.training or self.stochastic_eval:
             weights = straight_through_pick(logits.float(), self.tau, self.noise).to(patches.dtype)

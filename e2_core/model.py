@@ -121,7 +121,8 @@ class E2VisionTransformer(nn.Module):
         x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
 
         x = run_layers(transformer, x, first, second, hidden, mask)
-        tokens, picked_2, logits_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:])
+        carried = self.config.pick_carry * logits_1.detach() if self.config.pick_carry else None
+        tokens, picked_2, logits_2 = self.fusion[1](x[:, :num_tokens], x[:, num_tokens + 1:], carried)
         if self.training and self.patch_gate > 0:  # the patches fade out of the last layers (set_patch_gate)
             x = torch.cat([tokens, x[:, num_tokens:]], dim=1)
             mask = self._attention_mask(x.shape[1], x, after_fusion=True)

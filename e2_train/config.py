@@ -131,6 +131,7 @@ class TrainConfig:
         gumbel_tau: for an E2 built on a CLIP: Gumbel-softmax temperature of the selection's gradient at the start of each stage
         gumbel_tau_end: for an E2 built on a CLIP: that temperature at the end of each stage (cosine schedule)
         gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (0: ends on evaluation's argmax; 1: the paper's sampling throughout)
+        pick_carry: for an E2 built on a CLIP: fusion block 2 picks from its own selection logits plus this times block 1's (0: independent picks, the paper's)
         patch_sharing_weight: E2: weight of a penalty on different entities' selection tokens picking the same patch (0: none, the paper's)
         fade_patches: E2: in stage 1 the layers after fusion block 2 still see the image patches, faded out over the stage (attention bias log g, g from 1 to 0 on a cosine), so the last layer reads them early on
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
@@ -166,6 +167,7 @@ class TrainConfig:
     gumbel_tau: float = 2.0
     gumbel_tau_end: float = 0.5
     gumbel_noise_end: float = 0.0
+    pick_carry: float = 0.0
     patch_sharing_weight: float = 0.0
     fade_patches: bool = False
     lora_rank: int = 0
@@ -186,7 +188,7 @@ class TrainConfig:
                        tokens_per_entity=self.tokens_per_entity, max_steps=self.max_steps)
         check_at_least(0, warmup_steps=self.warmup_steps, eval_every=self.eval_every, workers=self.workers,
                        weight_decay=self.weight_decay, lora_rank=self.lora_rank, gumbel_noise_end=self.gumbel_noise_end,
-                       patch_sharing_weight=self.patch_sharing_weight)
+                       patch_sharing_weight=self.patch_sharing_weight, pick_carry=self.pick_carry)
         if self.gumbel_tau <= 0 or self.gumbel_tau_end <= 0:
             raise ValueError(f"gumbel_tau and gumbel_tau_end must be > 0, got {self.gumbel_tau}, {self.gumbel_tau_end}")
         if self.fusion_layers is not None:

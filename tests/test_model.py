@@ -222,3 +222,33 @@ def test_the_patch_gate_lets_training_fade_the_patches_out_of_the_last_layers(ti
     assert torch.allclose(visual.forward_features(images).image_features, out[0.0].image_features, atol=1e-5)
     with pytest.raises(ValueError, match=r"patch gate must be in \[0, 1\], got 2"):
         visual.set_patch_gate(2)
+
+
+def test_pick_carry_adds_block_1s_logits_to_block_2s_and_zero_keeps_the_independent_picks(tiny_model):
+    images = torch.randn(3, 3, 64, 64)
+    state = tiny_model.state_dict()
+    visual = tiny_model.visual.eval()
+    plain = visual.forward_features(images)
+    logits_1, logits_2 = plain.selection_logits.unbind(1)
+    assert (plain.selected_patches[:, 0] != plain.selected_patches[:, 1]).any()  # independent picks differ somewhere
+    for carry in (0.5, 1e4):
+        torch.manual_seed(0)
+        carried = e2_core.create_e2(TINY, pick_carry=carry).eval()
+        carried.load_state_dict(state)
+        out = carried.visual.forward_features(images)
+        assert torch.allclose(out.selection_logits[:, 0], logits_1, atol=1e-5)
+        assert torch.allclose(out.selection_logits[:, 1], logits_2 + carry * logits_1, atol=1e-4)
+        assert torch.equal(out.selected_patches[:, 1], out.selection_logits[:, 1].argmax(-1))
+    assert torch.equal(out.selected_patches[:, 1], plain.selected_patches[:, 0])  # a large carry: block 1's patch
+    torch.manual_seed(0)
+    assert torch.equal(e2_core.create_e2(TINY, pick_carry=0.0).visual.eval().forward_features(images).image_features,
+                       plain.image_features)
+    def block_2s_gradient_on_block_1(model):  # through the tokens block 1 fused, and the carried logits if any
+        model.train().visual.set_gumbel_temperature(1.0, noise=0.0)
+        logits = model.visual.forward_features(images).selection_logits[:, 1]
+        return torch.autograd.grad(logits.sum(), model.visual.fusion[0].q.weight)[0]
+
+    # block 1's logits are carried without a gradient: block 2's picks train block 1 no more than without the carry
+    assert torch.allclose(block_2s_gradient_on_block_1(carried), block_2s_gradient_on_block_1(tiny_model), atol=1e-5)
+    with pytest.raises(ValueError, match="pick_carry must be >= 0"):
+        E2Config(pick_carry=-1)
