@@ -171,3 +171,19 @@ def test_the_cir_benchmark_trains_on_the_training_products_descriptions_one_per_
     assert all("\n" not in d and d.endswith(".") for d in expected)
     path.write_text("kept\n")  # written once: a second call reads what is there
     assert read_captions(write_descriptions(path, "catalog", str(root))) == ["kept"]
+
+
+def test_the_inversion_check_ranks_each_reference_by_its_own_pseudo_word_prompt():
+    from types import SimpleNamespace
+
+    import torch
+    from cir_inversion import reference_kept
+
+    gallery = torch.randn(30, 8)
+    data = SimpleNamespace(gallery=[f"g{i}" for i in range(30)],
+                           triplets=[SimpleNamespace(reference=f"g{i}") for i in (3, 7, 11, 29)])
+    encoder = SimpleNamespace(device="cpu")
+    for sign, kept, cosine in ((1.0, 100.0, 1.0), (-1.0, 0.0, -1.0)):  # the word says the image, or its opposite
+        method = SimpleNamespace(network=lambda x: x, encode_texts=lambda e, texts, words, s=sign: s * words)
+        result = reference_kept(method, encoder, data, gallery)
+        assert result["kept"] == kept and abs(result["cosine"] - cosine) < 1e-5
