@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -27,11 +26,9 @@ from e2_cir.methods import METHODS
 from e2_cir.methods.base import load_network
 from e2_eval.fashioniq import embed_names
 
+from cir_methods import mean_se
+
 PROMPT = "a photo of $"
-
-
-def mean_se(values):
-    return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
 @torch.no_grad()
@@ -50,6 +47,9 @@ def reference_kept(method, encoder, data, gallery: torch.Tensor) -> dict:
 
 def inspect(run: Path, device: str) -> dict:
     """``{(method, role): {"kept", "cosine", "R@10"}}`` of one run folder, means over its categories."""
+    if not (run / "results.json").is_file():
+        raise SystemExit(f"{run / 'results.json'}: no such file: give the folders of finished composed-retrieval runs "
+                         "(the --out of `e2-plugins run cir`, or cir_methods.py's RUNS/run-seedN)")
     results = json.loads((run / "results.json").read_text())
     rows = {}
     for label, entry in results["encoders"].items():
@@ -60,7 +60,8 @@ def inspect(run: Path, device: str) -> dict:
         encoder = load_encoder(entry["source"], device=device)
         categories = [c for c in ("dress", "shirt", "toptee") if c in next(iter(methods.values()))]
         data = {c: load_fashioniq(results["data_root"], c, "val") for c in categories}
-        galleries = {c: embed_names(encoder, d.gallery, d, run / "embeddings", normalize=False) for c, d in data.items()}
+        galleries = {c: embed_names(encoder, d.gallery, d, run / "embeddings", normalize=False)
+                     for c, d in data.items()}
         for name, scored in methods.items():
             method = METHODS[name]()
             load_network(method, encoder, Path(scored["notes"]["network"]["file"]))

@@ -22,6 +22,7 @@ encoders default to that benchmark's CLIP-FT and E2 of each seed (``--encoder``/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -42,7 +43,10 @@ def mean_se(values):
 def write_descriptions(path: Path, dataset: str, root) -> Path:
     """The training split's product descriptions (the text where a product has none), one per line, written once."""
     if not path.is_file():
-        products = get_dataset(dataset).open(root, "train")
+        reader = get_dataset(dataset)
+        if reader.prepare is not None:  # the package's products, generated on first use
+            reader.prepare(str(root))
+        products = reader.open(str(root), "train")
         tags = [products.product(i).tags for i in range(len(products))]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(" ".join((t.get("description") or t["text"]).split()) + "\n" for t in tags),
@@ -77,9 +81,11 @@ def main() -> None:
     runs, synthetic = [], args.data == "synthetic"
     tag = "" if synthetic else "other-"
     captions = args.train_captions
-    if captions == "descriptions":
-        captions = write_descriptions(out / f"{tag}descriptions.txt", *(
-            ("synthetic", default_synthetic_root()) if synthetic else ("catalog", args.products_root or other_products.catalog_root())))
+    if captions == "descriptions":  # one file per products folder, so that another folder is never read stale
+        dataset, root = (("synthetic", default_synthetic_root()) if synthetic
+                         else ("catalog", Path(args.products_root or other_products.catalog_root())))
+        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+        captions = write_descriptions(out / f"{tag}descriptions-{key}.txt", dataset, root)
     for seed in args.seeds:
         if synthetic:
             encoders = dict(encoder=(args.encoder or "demo:e2").format(seed=seed),
@@ -96,8 +102,8 @@ def main() -> None:
         seeds = [f"{m}.seed={seed}" for m in trained if f"{m}.seed" not in given]
         run = out / f"{tag}run-seed{seed}{'-captions' if captions else ''}"
         cir(dataset="synthetic-fashioniq" if synthetic else "fashioniq", data_root=str(data), method=args.methods,
-            option=args.option + seeds, train_captions=captions, out=run, networks=out / "networks", device=args.device, figure_queries=0,
-            **encoders)
+            option=args.option + seeds, train_captions=captions, out=run, networks=out / "networks",
+            device=args.device, figure_queries=0, **encoders)
         runs.append(json.loads((run / "results.json").read_text()))
     # an encoder by its role and its kind's name ("CLIP-FT", "E2"): its label also names its checkpoint, per seed
     labels = {role: next(label.split(" (")[0] for label, e in runs[0]["encoders"].items() if e["role"] == role)
