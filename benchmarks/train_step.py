@@ -4,6 +4,8 @@ Each repeat times one CLIP-FT step, one E2 step (forward, loss, backward, Adam) 
 entity strings encoded as one batch padded to the longest (instead of length buckets), side by side.
 
     python benchmarks/train_step.py --model ViT-B-32 --batch-size 64
+
+``--pick-carry W`` adds an E2 whose fusion block 2 picks with block 1's logits carried (``E2Config.pick_carry``).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--precision", default="amp", choices=["amp", "amp_fp16", "fp32"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--pick-carry", type=float, default=None, help="also time an E2 with this pick carry")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of one step per model here")
     args = parser.parse_args()
@@ -38,6 +41,11 @@ def main() -> None:
     torch.manual_seed(0)
     clip = open_clip.create_model(args.model, output_dict=True).to(device).train()
     e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model).to(device).train()
+    models = {"E2": e2, "E2, one entity batch": e2}
+    carry = f"E2, pick carry {args.pick_carry:g}"
+    if args.pick_carry is not None:
+        models[carry] = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(pick_carry=args.pick_carry),
+                                        args.model).to(device).train()
     b = args.batch_size
     images = torch.randn(b, 3, *clip.visual.image_size, device=device)
     tokenizer = e2_core.get_tokenizer(args.model)
@@ -55,7 +63,7 @@ def main() -> None:
     e2_loss = e2_core.RegionalContrastiveLoss(e2.entities)
     fused = device.type == "cuda"
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-6, fused=fused)
-                  for name, m in (("CLIP-FT", clip), ("E2", e2), ("E2, one entity batch", e2))}
+                  for name, m in {"CLIP-FT": clip, **models}.items()}
 
     def step(name):
         with autocast(device, args.precision):
@@ -63,7 +71,8 @@ def main() -> None:
                 loss = clip_loss(clip.encode_image(images, normalize=True),
                                  text_tower(clip, text, normalize=True), clip.logit_scale.exp())
             else:
-                loss = e2_loss(**e2(images, text, entity_text if name == "E2" else one_batch))["loss"]
+                entities = one_batch if name == "E2, one entity batch" else entity_text
+                loss = e2_loss(**models[name](images, text, entities))["loss"]
         optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
         optimizers[name].step()
@@ -93,11 +102,17 @@ def main() -> None:
           f"E2 {1000 * median['E2']:.1f} ms, E2 / CLIP-FT = {ratio:.3f} (medians of {args.repeats}; "
           f"per-repeat ratios {low:.3f}-{high:.3f}, quartiles); with the entity strings as one padded batch "
           f"{1000 * median['E2, one entity batch']:.1f} ms, {unbucketed:.3f}")
+    if args.pick_carry is not None:
+        carry_low, _, carry_high = quartiles([c / e for e, c in zip(seconds["E2"], seconds[carry])])
+        print(f"{carry}: {1000 * median[carry]:.1f} ms, / E2 = {median[carry] / median['E2']:.3f} "
+              f"(per-repeat ratios {carry_low:.3f}-{carry_high:.3f}, quartiles)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch_size": b, "device": where, "precision": precision,
                        "clip_ft_s": median["CLIP-FT"], "e2_s": median["E2"], "ratio": ratio,
-                       "repeat_ratio_quartiles": [low, high], "one_entity_batch_ratio": unbucketed}, f, indent=2)
+                       "repeat_ratio_quartiles": [low, high], "one_entity_batch_ratio": unbucketed,
+                       **({"pick_carry": args.pick_carry, "pick_carry_s": median[carry]}
+                          if args.pick_carry is not None else {})}, f, indent=2)
 
 
 if __name__ == "__main__":
