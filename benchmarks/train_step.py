@@ -42,8 +42,8 @@ def main() -> None:
     clip = open_clip.create_model(args.model, output_dict=True).to(device).train()
     e2 = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(), args.model).to(device).train()
     models = {"E2": e2, "E2, one entity batch": e2}
-    carry = f"E2, pick carry {args.pick_carry:g}"
-    if args.pick_carry is not None:
+    carry = None if args.pick_carry is None else f"E2, pick carry {args.pick_carry:g}"
+    if carry:
         models[carry] = e2_core.E2Model(copy.deepcopy(clip), e2_core.E2Config(pick_carry=args.pick_carry),
                                         args.model).to(device).train()
     b = args.batch_size
@@ -102,7 +102,7 @@ def main() -> None:
           f"E2 {1000 * median['E2']:.1f} ms, E2 / CLIP-FT = {ratio:.3f} (medians of {args.repeats}; "
           f"per-repeat ratios {low:.3f}-{high:.3f}, quartiles); with the entity strings as one padded batch "
           f"{1000 * median['E2, one entity batch']:.1f} ms, {unbucketed:.3f}")
-    if args.pick_carry is not None:
+    if carry:
         carry_low, _, carry_high = quartiles([c / e for e, c in zip(seconds["E2"], seconds[carry])])
         print(f"{carry}: {1000 * median[carry]:.1f} ms, / E2 = {median[carry] / median['E2']:.3f} "
               f"(per-repeat ratios {carry_low:.3f}-{carry_high:.3f}, quartiles)")
@@ -112,7 +112,7 @@ def main() -> None:
                        "clip_ft_s": median["CLIP-FT"], "e2_s": median["E2"], "ratio": ratio,
                        "repeat_ratio_quartiles": [low, high], "one_entity_batch_ratio": unbucketed,
                        **({"pick_carry": args.pick_carry, "pick_carry_s": median[carry]}
-                          if args.pick_carry is not None else {})}, f, indent=2)
+                          if carry else {})}, f, indent=2)
 
 
 if __name__ == "__main__":
