@@ -223,7 +223,12 @@ def _run_stage(stage: Stage, method: TrainingMethod, cfg: TrainConfig, ctx, trai
                           f"{log.skipped_file}")
         if not (folder / "best").is_dir():  # no evaluator: the last model is the result
             _save_model(method, folder / "best")
-        (folder / "done.json").write_text(json.dumps({"steps": step, "best": best, "skipped": log.skipped_count}))
+        (folder / "done.json").write_text(json.dumps({
+            "steps": step, "best": best if math.isfinite(best) else None, "skipped": log.skipped_count,
+            # where it ran: on a CPU the thread count changes the floating-point sums, so a run repeated with
+            # another count (OMP_NUM_THREADS) is another run
+            "device": ctx.device.type, "processes": ctx.world_size, "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__}))
     log.close()
     distributed.barrier(ctx)
     return folder / "best"

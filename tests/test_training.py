@@ -24,6 +24,9 @@ def test_loss_decreases(tmp_path, data_root):
     history = losses(tmp_path / "run" / "stage2")
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < sum(history[:3]) / 3 - 0.1, history
+    done = json.loads((tmp_path / "run" / "stage2" / "done.json").read_text(), parse_constant=pytest.fail)
+    assert done["steps"] == 12 and done["best"] is None  # no evaluator; strict JSON, no -Infinity
+    assert done["device"] == "cpu" and done["processes"] == 1 and done["cpu_threads"] == torch.get_num_threads()
 
 
 def test_two_stages_train_what_they_should(tmp_path, data_root):
