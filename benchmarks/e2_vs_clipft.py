@@ -86,8 +86,9 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     """Per entity: regional InfoNCE on validation batches (chance: ln(batch)). Per fusion block, where the
     entity's selection tokens land: the share on a patch holding its detail (brand: the mark; season: the
     hang-tag) against the share of patches that hold it, the share on pure background (no garment pixel, no detail)
-    against the background's share of patches, how many distinct patches an image's tokens pick, and how often two
-    tokens of different entities pick the same patch."""
+    against the background's share of patches, how many distinct patches an image's tokens pick, how often two
+    tokens of different entities pick the same patch, and the share of all picks on the one grid position picked
+    most (high: tokens picking a place whatever the image shows)."""
     from e2_core.data import E2Collate
 
     encoder.eval().to(device)
@@ -97,7 +98,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     per_entity, num_tokens = model.config.tokens_per_entity, model.config.num_tokens
     losses = {e: [] for e in model.entities}
     blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
-               "distinct": [], "shared": [0, 0]} for _ in range(2)]
+               "distinct": [], "shared": [0, 0], "positions": collections.Counter()} for _ in range(2)]
     entity = torch.arange(num_tokens) // per_entity
     other_entity = entity[:, None] != entity[None, :]  # token pairs of different entities
     chance = {e: [0, 0] for e in (*DETAILS, "background")}
@@ -119,6 +120,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
                 _count(chance[name], mask)
             for block, tally in zip(picked[row], blocks):
                 tally["distinct"].append(len(set(block.tolist())) / num_tokens)
+                tally["positions"].update(block.tolist())
                 _count(tally["shared"], (block[:, None] == block[None, :])[other_entity])
                 for k, entity in enumerate(model.entities):
                     tokens = block[k * per_entity:(k + 1) * per_entity]
@@ -130,7 +132,8 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     share = lambda counts: {e: h / max(n, 1) for e, (h, n) in counts.items()}  # noqa: E731
     per_block = [{"on_detail": share(t["detail"]), "on_background": share(t["background"]),
                   "distinct_share": statistics.mean(t["distinct"]), "training_pick_agrees": statistics.mean(seen),
-                  "entity_pairs_sharing": t["shared"][0] / max(t["shared"][1], 1)}
+                  "entity_pairs_sharing": t["shared"][0] / max(t["shared"][1], 1),
+                  "top_position_share": max(t["positions"].values()) / sum(t["positions"].values())}
                  for t, seen in zip(blocks, agreement)]
     return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
             "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
@@ -259,7 +262,7 @@ def mean_se(values):
     return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity", "fusion_layers", "pick_carry")  # the levers that shape the step-0 model too
+E2CONFIG_LEVERS = ("token_attention", "tokens_per_entity", "fusion_layers", "pick_carry", "centre_positions")  # the levers that shape the step-0 model too
 
 
 def main() -> None:
@@ -283,6 +286,9 @@ def main() -> None:
     parser.add_argument("--pick-carry", type=float, default=None,
                         help="E2 variant lever: fusion block 2 picks from its logits plus this times block 1's "
                              "(default 0)")
+    parser.add_argument("--centre-positions", action="store_const", const=True, default=None,
+                        help="E2 variant lever: the selection logits read each patch less its position's mean over "
+                             "the images")
     parser.add_argument("--patch-sharing-weight", type=float, default=None,
                         help="E2 variant lever: penalty on different entities' tokens picking one patch (default 0)")
     parser.add_argument("--fade-patches", action="store_const", const=True, default=None,
@@ -327,6 +333,7 @@ def main() -> None:
     levers = {k: v for k, v in (("token_attention", args.token_attention), ("global_weight", args.global_weight),
                                 ("entity_weights", args.entity_weights), ("tokens_per_entity", args.tokens_per_entity),
                                 ("fusion_layers", args.fusion_layers), ("pick_carry", args.pick_carry), *tau.items(),
+                                ("centre_positions", args.centre_positions),
                                 ("patch_sharing_weight", args.patch_sharing_weight),
                                 ("fade_patches", args.fade_patches))
               if v is not None}
@@ -388,7 +395,7 @@ def main() -> None:
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
-                if kind == e2_kind and "entity_pairs_sharing" not in record["mechanism"].get("blocks", [{}])[0]:
+                if kind == e2_kind and "top_position_share" not in record["mechanism"].get("blocks", [{}])[0]:
                     # measured before the entity pairs sharing a patch (or the picks' agreement...) existed
                     record["mechanism"] = mechanism(model, val, device, mark_cell=args.mark_cell)
                     record["mechanism_step0"] = mechanism(initial, val, device, mark_cell=args.mark_cell)
@@ -431,11 +438,12 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
     print(f"\nWhere the selection tokens land, per fusion block (seeds {seeds}, mean ± standard error): on the "
           f"entity's detail (chance: mark {100 * chance['brand']:.1f}%, tag {100 * chance['season']:.1f}%), on pure "
           f"background (chance {100 * chance['background']:.1f}%), distinct patches per image / tokens, token pairs of "
-          "different entities on one patch, and how often a training pass (Gumbel noise 1) picks evaluation's patch")
+          "different entities on one patch, how often a training pass (Gumbel noise 1) picks evaluation's patch, "
+          "and the share of picks on the grid position picked most")
     print("| model | block | " + " | ".join(f"{e} on its detail" for e in DETAILS) + " | "
           + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches | entities "
-          "sharing a patch | training pick = evaluation's |")
-    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 3))
+          "sharing a patch | training pick = evaluation's | picks on the top position |")
+    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 4))
     for label, field in (("step 0", "mechanism_step0"), ("final", "mechanism")):
         blocks = [r[field]["blocks"] for r in e2_rows]
         for b in range(2):
@@ -444,6 +452,7 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
             cells.append(mean_se([100 * x[b]["distinct_share"] for x in blocks]))
             cells.append(mean_se([100 * x[b]["entity_pairs_sharing"] for x in blocks]))
             cells.append(mean_se([100 * x[b]["training_pick_agrees"] for x in blocks]))
+            cells.append(mean_se([100 * x[b]["top_position_share"] for x in blocks]))
             print(f"| E2, {label} | {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
     print(f"\nWhat a patch's state holds after each layer up to fusion block 2 (seeds {seeds}): how often the nearest "
           "other image's state has the same brand (chance 3.1%), for a patch on the mark and a background patch; "
@@ -485,8 +494,9 @@ def compare_variants(out: Path, kinds, seeds) -> None:
     print(f"{seeds}: mean ± standard error; chance: brand on the mark {100 * chance['brand']:.1f}%, season on the "
           f"tag {100 * chance['season']:.1f}%")
     print("| E2 variant | T2I R@1 | I2T R@1 | E2 − CLIP-FT, T2I (per seed) | block | brand on the mark | season on the "
-          "tag | distinct patches / tokens | token pairs of different entities on one patch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "tag | distinct patches / tokens | token pairs of different entities on one patch | picks on the top "
+          "position |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in kinds:
         rows = [load(kind, s) for s in seeds]
         t2i, i2t = (mean_se([r["final"][k] for r in rows]) for k in ("t2i_r1", "i2t_r1"))
@@ -497,6 +507,7 @@ def compare_variants(out: Path, kinds, seeds) -> None:
             cells = [mean_se([100 * x["on_detail"][e] for x in blocks]) for e in DETAILS]
             cells.append(mean_se([100 * x["distinct_share"] for x in blocks]))
             cells.append(mean_se([100 * x.get("entity_pairs_sharing", math.nan) for x in blocks]))
+            cells.append(mean_se([100 * x.get("top_position_share", math.nan) for x in blocks]))
             head = (f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {lead[0]:+.1f} ± "
                     f"{lead[1]:.1f} ({', '.join(f'{g:+.1f}' for g in gaps)}) |") if b == 0 else "| | | | |"
             print(head + f" {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")

@@ -61,6 +61,9 @@ class E2Config:
     # same patches, each token its own): with 0 the two blocks pick independently (the paper); above it block 2
     # re-reads the patch block 1 chose, a layer deeper, unless its own logits outweigh that.
     pick_carry: float = 0.0
+    # The fusion blocks' selection logits read each patch less its position's mean over the images (the batch's
+    # in training, a running mean in evaluation), so a token cannot prefer a grid position for its own sake.
+    centre_positions: bool = False
     # "native", or "reference" to reproduce the authors' forward pass exactly (token order,
     # the dropped last token, the last group sharing the previous group's LayerNorm).
     compat: str = "native"

@@ -26,11 +26,13 @@ class SelectionTokens(nn.Module):
 class FusionBlock(nn.Module):
     """Hard attention from selection tokens (queries) to patch tokens (keys/values).
 
-    Each token picks one patch, ``v = Wv·patch``, and becomes ``(v + token) / 2``.
+    Each token picks one patch, ``v = Wv·patch``, and becomes ``(v + token) / 2``. With ``num_patches`` the
+    picks compare content, not places: the selection logits read each patch less its position's mean over the
+    images (the batch's in training, a running mean of it in evaluation), so no patch is picked for where it is.
     """
 
     def __init__(self, width: int, query_init_scale: float = 1.0, value_init: str = "random",
-                 logit_scale: float | None = None):
+                 logit_scale: float | None = None, num_patches: Optional[int] = None, momentum: float = 0.1):
         super().__init__()
         self.q = nn.Linear(width, width, bias=False)
         self.k = nn.Linear(width, width, bias=False)
@@ -46,6 +48,20 @@ class FusionBlock(nn.Module):
         self.tau = 1.0
         self.noise = 1.0
         self.stochastic_eval = False
+        self.momentum = momentum
+        self.register_buffer("position_mean", None if num_patches is None else torch.zeros(num_patches, width))
+
+    def centred(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patches less their position's mean over images, when the block centres positions (else unchanged)."""
+        if self.position_mean is None:
+            return patches
+        if self.training and patches.shape[0] > 1:
+            mean = patches.mean(dim=0)
+            with torch.no_grad():
+                self.position_mean.lerp_(mean.float(), self.momentum)
+        else:
+            mean = self.position_mean.to(patches.dtype)
+        return patches - mean
 
     def logits(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Selection logits (B, T, N) of each token over the patches."""
@@ -56,7 +72,7 @@ class FusionBlock(nn.Module):
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, T, W), patches (B, N, W) -> fused tokens (B, T, W), chosen patch index (B, T), selection
         logits (B, T, N); ``prior`` (B, T, N), when given, is added to the logits before the pick."""
-        logits = self.logits(tokens, patches)
+        logits = self.logits(tokens, self.centred(patches))
         if prior is not None:
             logits = logits + prior
         # (one-hot @ P) Wv = one-hot @ (P Wv): only the chosen patches go through Wv

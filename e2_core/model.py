@@ -48,8 +48,9 @@ class E2VisionTransformer(nn.Module):
         self.fusion_layers = config.resolve_fusion_layers(len(trunk.transformer.resblocks))
         self.selection_tokens = SelectionTokens(config.num_tokens, width)
         logit_scale = reference.selection_logit_scale(config)
+        num_patches = trunk.grid_size[0] * trunk.grid_size[1] if config.centre_positions else None
         self.fusion = nn.ModuleList(
-            FusionBlock(width, config.query_init_scale, config.value_init, logit_scale) for _ in range(2))
+            FusionBlock(width, config.query_init_scale, config.value_init, logit_scale, num_patches) for _ in range(2))
         # Global head: a new projection that starts as CLIP's (which it replaces), so the
         # global embedding is in CLIP's joint space from step 0.
         self.proj_cls = nn.Parameter(trunk.proj.detach().clone())

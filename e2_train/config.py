@@ -132,6 +132,7 @@ class TrainConfig:
         gumbel_tau_end: for an E2 built on a CLIP: that temperature at the end of each stage (cosine schedule)
         gumbel_noise_end: for an E2 built on a CLIP: scale of the Gumbel noise in the training's patch picks at the end of each stage, from 1 at its start (0: ends on evaluation's argmax; 1: the paper's sampling throughout)
         pick_carry: for an E2 built on a CLIP: fusion block 2 picks from its own selection logits plus this times block 1's (0: independent picks, the paper's)
+        centre_positions: for an E2 built on a CLIP: the selection logits read each patch less its position's mean over the images, so no patch is picked for where it is (off: the paper's)
         patch_sharing_weight: E2: weight of a penalty on different entities' selection tokens picking the same patch (0: none, the paper's)
         fade_patches: E2: in stage 1 the layers after fusion block 2 still see the image patches, faded out over the stage (attention bias log g, g from 1 to 0 on a cosine), so the last layer reads them early on
         lora_rank: LoRA rank for the stages that train everything (0: full fine-tuning)
@@ -168,6 +169,7 @@ class TrainConfig:
     gumbel_tau_end: float = 0.5
     gumbel_noise_end: float = 0.0
     pick_carry: float = 0.0
+    centre_positions: bool = False
     patch_sharing_weight: float = 0.0
     fade_patches: bool = False
     lora_rank: int = 0

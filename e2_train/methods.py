@@ -91,7 +91,8 @@ class E2Training(TrainingMethod):
 
     name = "e2"
     own_settings = ("token_attention", "tokens_per_entity", "fusion_layers", "gumbel_tau", "gumbel_tau_end",
-                    "gumbel_noise_end", "pick_carry", "patch_sharing_weight", "fade_patches")
+                    "gumbel_noise_end", "pick_carry", "centre_positions", "patch_sharing_weight",
+                    "fade_patches")
     # stage 2: the added parts keep stage 1's learning rate (new_lr), ten times the CLIP's (see the README)
     default_stages = (Stage("stage1", lr=5e-4, epochs=5.0, trains="new"),
                       Stage("stage2", lr=5e-5, epochs=20.0, trains="all", new_lr=5e-4))
@@ -102,7 +103,7 @@ class E2Training(TrainingMethod):
             config = E2Config(token_attention=cfg.token_attention, tokens_per_entity=cfg.tokens_per_entity,
                               fusion_layers=cfg.fusion_layers, gumbel_tau=cfg.gumbel_tau,
                               gumbel_tau_end=cfg.gumbel_tau_end, gumbel_noise_end=cfg.gumbel_noise_end,
-                              pick_carry=cfg.pick_carry)
+                              pick_carry=cfg.pick_carry, centre_positions=cfg.centre_positions)
             model = E2Model(model, config.replace(entities=tuple(entities)) if entities else config, arch)
         elif entities and tuple(entities) != model.entities:
             raise ValueError(f"the start is an E2 model with entities {list(model.entities)}, but the dataset's "

@@ -85,22 +85,28 @@ def test_the_variant_table_reads_each_variants_saved_runs(tmp_path, capsys):
 
     from e2_vs_clipft import compare_variants
 
-    def block(brand, season, sharing):
-        return {"on_detail": {"brand": brand, "season": season}, "distinct_share": 0.5,
-                "entity_pairs_sharing": sharing}
+    def block(brand, season, sharing, top):
+        saved = {"on_detail": {"brand": brand, "season": season}, "distinct_share": 0.5,
+                 "entity_pairs_sharing": sharing, "top_position_share": top}
+        if top is None:  # results saved before the share existed
+            del saved["top_position_share"]
+        return saved
 
-    for kind, t2i, brand in (("clip-ft", 50.0, None), ("e2", 53.0, 0.4), ("e2-lever", 49.0, 0.1)):
+    saved_runs = (("clip-ft", 50.0, None, None), ("e2", 53.0, 0.4, 0.25), ("e2-lever", 49.0, 0.1, None))
+    for kind, t2i, brand, top in saved_runs:
         for seed, shift in ((0, 0.0), (1, 2.0)):
             record = {"final": {"t2i_r1": t2i + shift, "i2t_r1": t2i}}
             if brand is not None:
                 record["mechanism"] = {"selection_chance": {"brand": 0.068, "season": 0.041},
-                                       "blocks": [block(0.9, 0.2, 0.1), block(brand, 0.05, 0.3)]}
+                                       "blocks": [block(0.9, 0.2, 0.1, top), block(brand, 0.05, 0.3, top)]}
             (tmp_path / kind).mkdir(exist_ok=True)
             (tmp_path / kind / f"seed{seed}-results.json").write_text(json.dumps(record))
     compare_variants(tmp_path, ["e2", "e2-lever"], [0, 1])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e2")]
     assert rows[0].startswith("| e2 | 54.0 ± 1.0 | 53.0 ± 0.0 | +3.0 ± 0.0 (+3.0, +3.0) | 1 | 90.0 ± 0.0% |")
+    assert rows[0].endswith("| 10.0 ± 0.0% | 25.0 ± 0.0% |")  # token pairs on one patch, the top position
     assert rows[1].startswith("| e2-lever | 50.0 ± 1.0 | 49.0 ± 0.0 | -1.0 ± 0.0 (-1.0, -1.0) |")
+    assert rows[1].endswith("| nan ± nan% |")
 
 
 def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_trained_on(tmp_path):

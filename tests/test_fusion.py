@@ -93,3 +93,44 @@ def test_temperature_schedule():
     assert all(a >= b for a, b in zip(values, values[1:]))
     with pytest.raises(ValueError):
         TemperatureSchedule(1, 1, 0)
+
+
+def _place_and_detail(images=16, n=6, width=8, place=3, seed=0):
+    """Patches where one place is strong in every image and each image's detail is a weaker mark elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    patches = 0.05 * torch.randn(images, n, width, generator=g)
+    detail = (place + 1 + torch.arange(images) % (n - 1)) % n  # never the place
+    patches[:, place, 0] += 3.0  # the place: the same in every image
+    patches[torch.arange(images), detail, 0] += 2.0  # the detail: weaker, and where it is varies
+    return patches, detail
+
+
+def test_centred_positions_pick_the_detail_not_the_place_every_image_shares():
+    torch.manual_seed(0)
+    patches, detail = _place_and_detail()
+    tokens = torch.zeros(len(patches), 1, 8)
+    plain, centred = FusionBlock(8, value_init="identity"), FusionBlock(8, value_init="identity", num_patches=6,
+                                                                       momentum=1.0)
+    for block in (plain, centred):
+        with torch.no_grad():
+            block.q.weight.zero_(), block.k.weight.copy_(torch.eye(8))
+        block.q.weight.data[0, 0] = 1.0  # the query reads channel 0: one unit per unit of it
+        tokens[..., 0] = 10.0
+    assert (plain.eval()(tokens, patches)[1][:, 0] == 3).all()  # without centring: the place, in every image
+    centred.train().noise = 0.0  # training's pick on the argmax, to compare with evaluation's
+    assert torch.equal(centred(tokens, patches)[1][:, 0], detail)  # the batch's mean removed: the detail
+    assert torch.allclose(centred.position_mean, patches.mean(dim=0))  # momentum 1: the last batch's mean
+    assert torch.equal(centred.eval()(tokens[:2], patches[:2])[1][:, 0], detail[:2])  # evaluation: the running mean
+
+
+def test_centred_positions_keep_a_running_mean_and_a_lone_training_image_reads_it():
+    block = FusionBlock(4, num_patches=3, momentum=0.5).train()
+    tokens = torch.randn(2, 1, 4)
+    first, second = torch.ones(2, 3, 4), 3 * torch.ones(2, 3, 4)
+    block(tokens, first), block(tokens, second)
+    assert torch.allclose(block.position_mean, torch.full((3, 4), 0.5 * (0.5 * 1) + 0.5 * 3))  # 0 -> 0.5 -> 1.75
+    before = block.position_mean.clone()
+    _, _, logits = block(tokens[:1], second[:1])  # one image: its own mean would erase it; the running mean does not
+    assert torch.equal(block.position_mean, before)
+    assert torch.allclose(logits, block.logits(tokens[:1], second[:1] - before))
+    assert FusionBlock(4).position_mean is None and "position_mean" not in FusionBlock(4).state_dict()

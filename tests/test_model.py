@@ -224,6 +224,24 @@ def test_the_patch_gate_lets_training_fade_the_patches_out_of_the_last_layers(ti
         visual.set_patch_gate(2)
 
 
+def test_centre_positions_gives_both_blocks_a_position_mean_that_a_checkpoint_keeps(tiny_model, tmp_path):
+    torch.manual_seed(0)
+    model = e2_core.create_e2(TINY, centre_positions=True)
+    assert [tuple(b.position_mean.shape) for b in model.visual.fusion] == [(16, 64), (16, 64)]  # 4 x 4 patches
+    assert not any("position_mean" in name for name in tiny_model.state_dict())  # off: the paper's blocks, as saved
+    model.train().visual.set_gumbel_temperature(1.0, noise=0.0)
+    model.visual.forward_features(torch.randn(4, 3, 64, 64))  # a training pass moves the running means
+    assert all(b.position_mean.abs().sum() > 0 for b in model.visual.fusion)
+    e2_core.save_pretrained(model, tmp_path / "ckpt")
+    loaded = e2_core.create_e2(None, pretrained=tmp_path / "ckpt")
+    assert loaded.config.centre_positions
+    for a, b in zip(model.visual.fusion, loaded.visual.fusion):
+        assert torch.equal(a.position_mean, b.position_mean)
+    images = torch.randn(3, 3, 64, 64)
+    assert torch.equal(model.eval().visual.forward_features(images).selected_patches,
+                       loaded.eval().visual.forward_features(images).selected_patches)
+
+
 def test_pick_carry_adds_block_1s_logits_to_block_2s_and_zero_keeps_the_independent_picks(tiny_model):
     images = torch.randn(3, 3, 64, 64)
     state = tiny_model.state_dict()
