@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import statistics
@@ -87,8 +88,9 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     entity's selection tokens land: the share on a patch holding its detail (brand: the mark; season: the
     hang-tag) against the share of patches that hold it, the share on pure background (no garment pixel, no detail)
     against the background's share of patches, how many distinct patches an image's tokens pick, how often two
-    tokens of different entities pick the same patch, and the share of all picks on the one grid position picked
-    most (high: tokens picking a place whatever the image shows)."""
+    tokens of different entities pick the same patch, the share of all picks on the one grid position picked
+    most (high: tokens picking a place whatever the image shows), and what the model reads through the block's
+    picks: T2I R@1 and the regional losses with them replaced by random patches (:func:`random_picks`)."""
     from e2_core.data import E2Collate
 
     encoder.eval().to(device)
@@ -96,7 +98,6 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     collate = E2Collate(encoder.tokenizer, data.spec)
     products = catalog(0)
     per_entity, num_tokens = model.config.tokens_per_entity, model.config.num_tokens
-    losses = {e: [] for e in model.entities}
     blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
                "distinct": [], "shared": [0, 0], "positions": collections.Counter()} for _ in range(2)]
     entity = torch.arange(num_tokens) // per_entity
@@ -108,12 +109,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
         out[2].float().softmax(-1).amax(-1).mean().item())) for block, seen in zip(model.visual.fusion, agreement)]
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
-        vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
-        entity_text = model.encode_entity_text(b.entity_text, normalize=True)
-        for k, entity in enumerate(model.entities):
-            losses[entity].append(contrastive_loss(vision.regional_features[:, k], entity_text[:, k],
-                                                   model.logit_scale.exp()).item())
-        picked = vision.selected_patches.cpu()  # (batch, block, token)
+        picked = model.encode_image_regions(b.images).selected_patches.cpu()  # (batch, block, token)
         for row, index in enumerate(b.indices):
             where = patch_regions(model, products[int(data.product_ids[index])], mark_cell)
             for name, mask in where.items():
@@ -129,15 +125,54 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
                         _count(tally["detail"][entity], where[entity][tokens])
     for hook in hooks:
         hook.remove()
+    with_random_picks = []
+    for block in model.visual.fusion:
+        with random_picks(block):
+            with_random_picks.append({"t2i_r1": retrieval_r1(encoder, data, device, errors=False)["t2i_r1"],
+                                      "regional_loss": regional_losses(model, data, collate, device, batch)})
     share = lambda counts: {e: h / max(n, 1) for e, (h, n) in counts.items()}  # noqa: E731
     per_block = [{"on_detail": share(t["detail"]), "on_background": share(t["background"]),
                   "distinct_share": statistics.mean(t["distinct"]), "training_pick_agrees": statistics.mean(seen),
                   "entity_pairs_sharing": t["shared"][0] / max(t["shared"][1], 1),
-                  "top_position_share": max(t["positions"].values()) / sum(t["positions"].values())}
-                 for t, seen in zip(blocks, agreement)]
-    return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
+                  "top_position_share": max(t["positions"].values()) / sum(t["positions"].values()),
+                  "random_picks": random_t}
+                 for t, seen, random_t in zip(blocks, agreement, with_random_picks)]
+    return {"regional_loss": regional_losses(model, data, collate, device, batch), "loss_chance": math.log(batch),
             "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
             "blocks": per_block, "layers": patch_contents(encoder, data, device, mark_cell=mark_cell)}
+
+
+@torch.no_grad()
+def regional_losses(model, data, collate, device, batch: int = 64) -> dict:
+    """Per entity: the regional InfoNCE loss, mean over the validation batches (chance: ln(batch))."""
+    losses = {e: [] for e in model.entities}
+    for start in range(0, len(data) - batch + 1, batch):
+        b = collate([data[i] for i in range(start, start + batch)]).to(device)
+        regional = model.encode_image_regions(b.images, normalize=True).regional_features
+        entity_text = model.encode_entity_text(b.entity_text, normalize=True)
+        for k, entity in enumerate(model.entities):
+            losses[entity].append(contrastive_loss(regional[:, k], entity_text[:, k], model.logit_scale.exp()).item())
+    return {e: statistics.mean(v) for e, v in losses.items()}
+
+
+@contextlib.contextmanager
+def random_picks(block, seed: int = 0):
+    """Within: fusion ``block`` joins each token with a uniformly random patch of its image instead of the one it
+    picks (the logits it returns, which a later block may carry, stay its own). What a model loses then is what
+    it reads through that block's picks."""
+    generator, own = torch.Generator().manual_seed(seed), block.forward
+
+    def forward(tokens, patches, prior=None):
+        logits = own(tokens, patches, prior)[2]
+        index = torch.randint(patches.shape[1], tokens.shape[:2], generator=generator).to(patches.device)
+        picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return block.fuse(tokens, picked), index, logits
+
+    block.forward = forward
+    try:
+        yield
+    finally:
+        del block.forward
 
 
 @torch.no_grad()
@@ -395,8 +430,8 @@ def main() -> None:
                     record["probe_step0"] = probe0
                 if not {"t2i_errors", "sample100_sumr"} <= set(record["final"]):  # measured before these existed
                     record["final"] = retrieval_r1(model, val, device)
-                if kind == e2_kind and "top_position_share" not in record["mechanism"].get("blocks", [{}])[0]:
-                    # measured before the entity pairs sharing a patch (or the picks' agreement...) existed
+                if kind == e2_kind and "random_picks" not in record["mechanism"].get("blocks", [{}])[0]:
+                    # measured before the picks' reliance (or the top position, the pairs sharing a patch...) existed
                     record["mechanism"] = mechanism(model, val, device, mark_cell=args.mark_cell)
                     record["mechanism_step0"] = mechanism(initial, val, device, mark_cell=args.mark_cell)
                 result_file.write_text(json.dumps(record, indent=2))
@@ -439,11 +474,13 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
           f"entity's detail (chance: mark {100 * chance['brand']:.1f}%, tag {100 * chance['season']:.1f}%), on pure "
           f"background (chance {100 * chance['background']:.1f}%), distinct patches per image / tokens, token pairs of "
           "different entities on one patch, how often a training pass (Gumbel noise 1) picks evaluation's patch, "
-          "and the share of picks on the grid position picked most")
+          "the share of picks on the grid position picked most, and with the block's picks replaced by random "
+          "patches: T2I R@1 and the brand's regional loss")
     print("| model | block | " + " | ".join(f"{e} on its detail" for e in DETAILS) + " | "
           + " | ".join(f"{e} on background" for e in mech["regional_loss"]) + " | distinct patches | entities "
-          "sharing a patch | training pick = evaluation's | picks on the top position |")
-    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 4))
+          "sharing a patch | training pick = evaluation's | picks on the top position | T2I R@1, picks random | "
+          "brand loss, picks random |")
+    print("|---|---|" + "---|" * (len(DETAILS) + len(mech["regional_loss"]) + 6))
     for label, field in (("step 0", "mechanism_step0"), ("final", "mechanism")):
         blocks = [r[field]["blocks"] for r in e2_rows]
         for b in range(2):
@@ -453,7 +490,10 @@ def report(results: dict, seeds, n_val: int, e2_kind: str = "e2", kinds=("clip-f
             cells.append(mean_se([100 * x[b]["entity_pairs_sharing"] for x in blocks]))
             cells.append(mean_se([100 * x[b]["training_pick_agrees"] for x in blocks]))
             cells.append(mean_se([100 * x[b]["top_position_share"] for x in blocks]))
-            print(f"| E2, {label} | {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
+            t2i = mean_se([x[b]["random_picks"]["t2i_r1"] for x in blocks])
+            brand = mean_se([x[b]["random_picks"]["regional_loss"]["brand"] for x in blocks])
+            print(f"| E2, {label} | {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells)
+                  + f" | {t2i[0]:.1f} ± {t2i[1]:.1f} | {brand[0]:.2f} ± {brand[1]:.2f} |")
     print(f"\nWhat a patch's state holds after each layer up to fusion block 2 (seeds {seeds}): how often the nearest "
           "other image's state has the same brand (chance 3.1%), for a patch on the mark and a background patch; "
           "how alike an image's patches are (mean cosine)")
@@ -495,8 +535,8 @@ def compare_variants(out: Path, kinds, seeds) -> None:
           f"tag {100 * chance['season']:.1f}%")
     print("| E2 variant | T2I R@1 | I2T R@1 | E2 − CLIP-FT, T2I (per seed) | block | brand on the mark | season on the "
           "tag | distinct patches / tokens | token pairs of different entities on one patch | picks on the top "
-          "position |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "position | T2I R@1, this block's picks random |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in kinds:
         rows = [load(kind, s) for s in seeds]
         t2i, i2t = (mean_se([r["final"][k] for r in rows]) for k in ("t2i_r1", "i2t_r1"))
@@ -508,9 +548,11 @@ def compare_variants(out: Path, kinds, seeds) -> None:
             cells.append(mean_se([100 * x["distinct_share"] for x in blocks]))
             cells.append(mean_se([100 * x.get("entity_pairs_sharing", math.nan) for x in blocks]))
             cells.append(mean_se([100 * x.get("top_position_share", math.nan) for x in blocks]))
+            shuffled = mean_se([x.get("random_picks", {}).get("t2i_r1", math.nan) for x in blocks])
             head = (f"| {kind} | {t2i[0]:.1f} ± {t2i[1]:.1f} | {i2t[0]:.1f} ± {i2t[1]:.1f} | {lead[0]:+.1f} ± "
                     f"{lead[1]:.1f} ({', '.join(f'{g:+.1f}' for g in gaps)}) |") if b == 0 else "| | | | |"
-            print(head + f" {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells) + " |")
+            print(head + f" {b + 1} | " + " | ".join(f"{m:.1f} ± {e:.1f}%" for m, e in cells)
+                  + f" | {shuffled[0]:.1f} ± {shuffled[1]:.1f} |")
 
 
 def retrieval_table(runs: dict, kinds, seeds) -> None:

@@ -82,7 +82,11 @@ class FusionBlock(nn.Module):
         else:
             index = logits.argmax(dim=-1)
             picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return (self.v(picked) + tokens) / 2, index, logits
+        return self.fuse(tokens, picked), index, logits
+
+    def fuse(self, tokens: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """Each token (B, T, W) joined with the patch it picked (B, T, W): ``(Wv·patch + token) / 2``."""
+        return (self.v(picked) + tokens) / 2
 
 
 def straight_through_pick(logits: torch.Tensor, tau: float, noise: float = 1.0) -> torch.Tensor:

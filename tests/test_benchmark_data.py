@@ -87,9 +87,9 @@ def test_the_variant_table_reads_each_variants_saved_runs(tmp_path, capsys):
 
     def block(brand, season, sharing, top):
         saved = {"on_detail": {"brand": brand, "season": season}, "distinct_share": 0.5,
-                 "entity_pairs_sharing": sharing, "top_position_share": top}
-        if top is None:  # results saved before the share existed
-            del saved["top_position_share"]
+                 "entity_pairs_sharing": sharing, "top_position_share": top, "random_picks": {"t2i_r1": 40.0}}
+        if top is None:  # results saved before the share and the random picks' score existed
+            del saved["top_position_share"], saved["random_picks"]
         return saved
 
     saved_runs = (("clip-ft", 50.0, None, None), ("e2", 53.0, 0.4, 0.25), ("e2-lever", 49.0, 0.1, None))
@@ -104,9 +104,40 @@ def test_the_variant_table_reads_each_variants_saved_runs(tmp_path, capsys):
     compare_variants(tmp_path, ["e2", "e2-lever"], [0, 1])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e2")]
     assert rows[0].startswith("| e2 | 54.0 ± 1.0 | 53.0 ± 0.0 | +3.0 ± 0.0 (+3.0, +3.0) | 1 | 90.0 ± 0.0% |")
-    assert rows[0].endswith("| 10.0 ± 0.0% | 25.0 ± 0.0% |")  # token pairs on one patch, the top position
+    # token pairs on one patch, the top position, T2I R@1 with the block's picks random
+    assert rows[0].endswith("| 10.0 ± 0.0% | 25.0 ± 0.0% | 40.0 ± 0.0 |")
     assert rows[1].startswith("| e2-lever | 50.0 ± 1.0 | 49.0 ± 0.0 | -1.0 ± 0.0 (-1.0, -1.0) |")
-    assert rows[1].endswith("| nan ± nan% |")
+    assert rows[1].endswith("| nan ± nan% | nan ± nan |")
+
+
+def test_random_picks_join_each_token_with_a_random_patch_and_give_the_block_back(tiny_model):
+    import torch
+
+    from e2_vs_clipft import random_picks
+
+    vision = tiny_model.eval().visual
+    images = torch.randn(2, 3, *vision.image_size, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = vision.fusion[1].register_forward_hook(lambda block, args, out: seen.append((args, out)))
+    with torch.no_grad():
+        own = vision.forward_features(images)
+        with random_picks(vision.fusion[1], seed=1):
+            shuffled = vision.forward_features(images)
+        with random_picks(vision.fusion[1], seed=1):
+            repeated = vision.forward_features(images)
+        after = vision.forward_features(images)
+    hook.remove()
+    assert torch.equal(after.selected_patches, own.selected_patches)  # the block is given back
+    assert torch.equal(after.image_features, own.image_features)
+    assert torch.equal(shuffled.selected_patches[:, 0], own.selected_patches[:, 0])  # block 1 untouched
+    assert (shuffled.selected_patches[:, 1] != own.selected_patches[:, 1]).any()
+    assert shuffled.selected_patches[:, 1].unique().numel() > 8  # spread over the grid, not one place
+    assert torch.equal(shuffled.selection_logits, own.selection_logits)  # it returns its own logits
+    assert torch.equal(repeated.selected_patches, shuffled.selected_patches)  # the seed fixes the patches
+    assert not torch.allclose(shuffled.image_features, own.image_features)
+    (tokens, patches, _), (fused, index, _) = seen[1]
+    chosen = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    assert torch.equal(fused, vision.fusion[1].fuse(tokens, chosen))  # each token joined with its random patch
 
 
 def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_trained_on(tmp_path):
