@@ -37,6 +37,7 @@ from PIL import Image
 import e2_core
 from e2_core import registry
 from e2_core.config import TOKEN_ATTENTION
+from e2_core.fusion import patches_at
 from e2_core.data import default_synthetic_root, open_dataset
 from e2_data.synthetic import COLOURS, COMPOSITIONS, MARK_CELL, MARK_PLACES, SEASONS, brand_names, catalog, \
     garment_mask, layout, render, write_fashiongen
@@ -98,6 +99,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
     collate = E2Collate(encoder.tokenizer, data.spec)
     products = catalog(0)
     per_entity, num_tokens = model.config.tokens_per_entity, model.config.num_tokens
+    losses = {e: [] for e in model.entities}
     blocks = [{"detail": {e: [0, 0] for e in DETAILS}, "background": {e: [0, 0] for e in model.entities},
                "distinct": [], "shared": [0, 0], "positions": collections.Counter()} for _ in range(2)]
     entity = torch.arange(num_tokens) // per_entity
@@ -109,7 +111,10 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
         out[2].float().softmax(-1).amax(-1).mean().item())) for block, seen in zip(model.visual.fusion, agreement)]
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
-        picked = model.encode_image_regions(b.images).selected_patches.cpu()  # (batch, block, token)
+        vision = model.encode_image_regions(b.images, normalize=True)  # one pass: features and selections
+        for entity, loss in batch_regional_losses(model, b, vision.regional_features).items():
+            losses[entity].append(loss)
+        picked = vision.selected_patches.cpu()  # (batch, block, token)
         for row, index in enumerate(b.indices):
             where = patch_regions(model, products[int(data.product_ids[index])], mark_cell)
             for name, mask in where.items():
@@ -137,7 +142,7 @@ def mechanism(encoder, data, device, batch: int = 64, mark_cell: float = MARK_CE
                   "top_position_share": max(t["positions"].values()) / sum(t["positions"].values()),
                   "random_picks": random_t}
                  for t, seen, random_t in zip(blocks, agreement, with_random_picks)]
-    return {"regional_loss": regional_losses(model, data, collate, device, batch), "loss_chance": math.log(batch),
+    return {"regional_loss": {e: statistics.mean(v) for e, v in losses.items()}, "loss_chance": math.log(batch),
             "selection_hit_rate": per_block[1]["on_detail"], "selection_chance": share(chance),
             "blocks": per_block, "layers": patch_contents(encoder, data, device, mark_cell=mark_cell)}
 
@@ -149,10 +154,16 @@ def regional_losses(model, data, collate, device, batch: int = 64) -> dict:
     for start in range(0, len(data) - batch + 1, batch):
         b = collate([data[i] for i in range(start, start + batch)]).to(device)
         regional = model.encode_image_regions(b.images, normalize=True).regional_features
-        entity_text = model.encode_entity_text(b.entity_text, normalize=True)
-        for k, entity in enumerate(model.entities):
-            losses[entity].append(contrastive_loss(regional[:, k], entity_text[:, k], model.logit_scale.exp()).item())
+        for entity, loss in batch_regional_losses(model, b, regional).items():
+            losses[entity].append(loss)
     return {e: statistics.mean(v) for e, v in losses.items()}
+
+
+def batch_regional_losses(model, b, regional: torch.Tensor) -> dict:
+    """Per entity: the regional InfoNCE loss of one collated batch ``b`` whose regional embeddings are ``regional``."""
+    entity_text = model.encode_entity_text(b.entity_text, normalize=True)
+    return {entity: contrastive_loss(regional[:, k], entity_text[:, k], model.logit_scale.exp()).item()
+            for k, entity in enumerate(model.entities)}
 
 
 @contextlib.contextmanager
@@ -165,8 +176,7 @@ def random_picks(block, seed: int = 0):
     def forward(tokens, patches, prior=None):
         logits = own(tokens, patches, prior)[2]
         index = torch.randint(patches.shape[1], tokens.shape[:2], generator=generator).to(patches.device)
-        picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return block.fuse(tokens, picked), index, logits
+        return block.fuse(tokens, patches_at(patches, index)), index, logits
 
     block.forward = forward
     try:

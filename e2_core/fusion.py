@@ -81,12 +81,17 @@ class FusionBlock(nn.Module):
             index, picked = weights.detach().argmax(dim=-1), weights @ patches
         else:
             index = logits.argmax(dim=-1)
-            picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            picked = patches_at(patches, index)
         return self.fuse(tokens, picked), index, logits
 
     def fuse(self, tokens: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         """Each token (B, T, W) joined with the patch it picked (B, T, W): ``(Wv·patch + token) / 2``."""
         return (self.v(picked) + tokens) / 2
+
+
+def patches_at(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """patches (B, N, W), index (B, T) -> the indexed patch of each token (B, T, W)."""
+    return patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
 
 
 def straight_through_pick(logits: torch.Tensor, tau: float, noise: float = 1.0) -> torch.Tensor:

@@ -113,6 +113,7 @@ def test_the_variant_table_reads_each_variants_saved_runs(tmp_path, capsys):
 def test_random_picks_join_each_token_with_a_random_patch_and_give_the_block_back(tiny_model):
     import torch
 
+    from e2_core.fusion import patches_at
     from e2_vs_clipft import random_picks
 
     vision = tiny_model.eval().visual
@@ -136,8 +137,7 @@ def test_random_picks_join_each_token_with_a_random_patch_and_give_the_block_bac
     assert torch.equal(repeated.selected_patches, shuffled.selected_patches)  # the seed fixes the patches
     assert not torch.allclose(shuffled.image_features, own.image_features)
     (tokens, patches, _), (fused, index, _) = seen[1]
-    chosen = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    assert torch.equal(fused, vision.fusion[1].fuse(tokens, chosen))  # each token joined with its random patch
+    assert torch.equal(fused, vision.fusion[1].fuse(tokens, patches_at(patches, index)))  # each token joined with its random patch
 
 
 def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_trained_on(tmp_path):
