@@ -184,6 +184,11 @@ class TrainConfig:
         if self.stages is not None:
             self.stages = [s if isinstance(s, Stage) else Stage.parse(s) if isinstance(s, str) else Stage(**s)
                            for s in self.stages]
+            names = [s.name for s in self.stages]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:  # each stage keeps its run in OUT/NAME: a repeated name would find the first one's done
+                raise ValueError(f"stages: each stage needs a name of its own (its run folder), but {repeated} "
+                                 f"repeat in {names}; e.g. stage1:steps=90 stage2:steps=300")
         if isinstance(self.entity_weights, str):
             self.entity_weights = parse_weights(self.entity_weights)
         check_at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, checkpoint_every=self.checkpoint_every,

@@ -441,6 +441,9 @@ def test_a_bad_stage_on_the_command_line_says_which_keys_exist(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--stages", "stage2:new_lr=fast"])
     assert "new_lr='fast' is not a float" in capsys.readouterr().err
+    # each stage's run is OUT/NAME: a repeated name would find the first one's run done and skip the second
+    assert main(["train", "--stages", "stage1:steps=2", "stage1:steps=4"]) == 2
+    assert "['stage1'] repeat in ['stage1', 'stage1']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, value, least", [("max_steps", 0, 1), ("warmup_steps", -5, 0), ("eval_every", -1, 0),
