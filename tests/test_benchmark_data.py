@@ -137,7 +137,8 @@ def test_random_picks_join_each_token_with_a_random_patch_and_give_the_block_bac
     assert torch.equal(repeated.selected_patches, shuffled.selected_patches)  # the seed fixes the patches
     assert not torch.allclose(shuffled.image_features, own.image_features)
     (tokens, patches, _), (fused, index, _) = seen[1]
-    assert torch.equal(fused, vision.fusion[1].fuse(tokens, patches_at(patches, index)))  # each token joined with its random patch
+    # each token is joined with its random patch
+    assert torch.equal(fused, vision.fusion[1].fuse(tokens, patches_at(patches, index)))
 
 
 def test_the_second_generator_writes_fashioniq_triplets_its_encoders_never_trained_on(tmp_path):
